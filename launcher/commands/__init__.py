@@ -1,0 +1,1 @@
+"""One module per `launcher` subcommand: HELP, configure(parser), run(args) -> int."""

@@ -1,0 +1,17 @@
+"""`launcher status` (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import argparse
+
+from launcher.errors import UserError
+
+HELP = "status (not implemented yet)"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rest", nargs="*")
+
+
+def run(args: argparse.Namespace) -> int:
+    raise UserError("launcher status is not implemented yet")

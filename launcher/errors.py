@@ -1,0 +1,24 @@
+"""Errors in the user's terms. Anything raised as a UserError exits with code 2 and no traceback."""
+
+from __future__ import annotations
+
+USAGE_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad spec, missing file, wrong option). Printed as is, exit code 2."""
+
+    exit_code = USAGE_EXIT_CODE
+
+
+class SpecError(UserError):
+    """One or more problems in a job spec, all reported at once.
+
+    Each problem is already formatted as ``file:line:col: key.path: message``.
+    """
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        count = len(self.problems)
+        header = f"{count} problem{'s' if count != 1 else ''} in the job spec:"
+        super().__init__("\n".join([header, *(f"  {p}" for p in self.problems)]))

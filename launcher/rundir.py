@@ -1,0 +1,254 @@
+"""The run-directory contract: the single owner of every file name, plus atomic writes.
+
+The run directory is the only thing that passes between submit, train and collect (DESIGN.md).
+Names here are public: users' scripts, the tests and the collector read them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+
+class RunState(str, Enum):
+    PLANNED = "PLANNED"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    PREEMPTED = "PREEMPTED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file of one run: ``<experiment>/runs/<run_name>/``."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def run_yaml(self) -> Path:
+        return self.root / "run.yaml"
+
+    @property
+    def ds_config(self) -> Path:
+        return self.root / "ds_config.json"
+
+    @property
+    def status_json(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def metrics_jsonl(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def eval_jsonl(self) -> Path:
+        """Eval loss / BLEU at eval steps during training (the final numbers are in result.json)."""
+        return self.root / "eval.jsonl"
+
+    @property
+    def samples_jsonl(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def result_json(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def rank_log(self, rank: int) -> Path:
+        return self.logs / f"rank{rank}.log"
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """Files of one experiment: ``<output_dir>/<experiment>/``."""
+
+    root: Path
+
+    @property
+    def spec_yaml(self) -> Path:
+        return self.root / "spec.yaml"
+
+    @property
+    def plan_json(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def manifest_json(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def summary_md(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def summary_csv(self) -> Path:
+        return self.root / "summary.csv"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def loss_png(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def memory_png(self) -> Path:
+        return self.root / "memory.png"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def logs(self) -> Path:
+        """Scheduler logs of experiment-level jobs (the collector job)."""
+        return self.root / "logs"
+
+    def run(self, name: str) -> RunPaths:
+        return RunPaths(self.runs_dir / name)
+
+    def run_dirs(self) -> list[RunPaths]:
+        """Every run directory, sorted by name (finished or not)."""
+        if not self.runs_dir.is_dir():
+            return []
+        return [RunPaths(p) for p in sorted(self.runs_dir.iterdir()) if p.is_dir()]
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Enum):
+        return value.value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _clean_floats(value: Any) -> Any:
+    """JSON has no NaN/inf: store them as null so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean_floats(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean_floats(v) for v in value]
+    return value
+
+
+def to_json(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(_clean_floats(obj), indent=indent, ensure_ascii=False, default=_json_default)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over the target.
+
+    Readers see the old file or the new one, never a half-written one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, to_json(obj) + "\n")
+
+
+def append_jsonl(path: Path, obj: Any) -> None:
+    """Append one line and flush it to disk (a crash loses at most the line being written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(to_json(obj, indent=None) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def iter_jsonl(path: Path, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the well-formed objects of a JSONL file; a torn or corrupt line is reported in ``skipped``."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                if skipped is not None:
+                    skipped.append(f"{path}:{number}: not valid JSON, skipped")
+                continue
+            if isinstance(obj, dict):
+                yield obj
+
+
+# --- status.json -------------------------------------------------------------------------------
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_status(paths: RunPaths, state: RunState, reason: str | None = None, **extra: Any) -> None:
+    """Record the run's state; extra keys (job_id, attempt, step...) are kept alongside."""
+    payload: dict[str, Any] = {"state": state.value, "updated_at": utc_now(), "reason": reason}
+    payload.update(extra)
+    write_json_atomic(paths.status_json, payload)
+
+
+def read_status(paths: RunPaths) -> dict[str, Any]:
+    """The run's status; a missing or unreadable file reads as PLANNED with a reason."""
+    try:
+        data = read_json(paths.status_json)
+    except FileNotFoundError:
+        return {"state": RunState.PLANNED.value, "updated_at": None, "reason": None}
+    except (json.JSONDecodeError, OSError) as exc:
+        return {"state": RunState.PLANNED.value, "updated_at": None, "reason": f"unreadable status: {exc}"}
+    if not isinstance(data, dict) or data.get("state") not in RunState.__members__:
+        return {"state": RunState.PLANNED.value, "updated_at": None, "reason": "status.json has no valid state"}
+    return data
