@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 Precision = Literal["bf16", "fp16", "fp32"]
 BuiltinModel = Literal["tiny-glm"]
@@ -86,9 +86,9 @@ class TrainingSpec(StrictModel):
 
 
 class EvalSpec(StrictModel):
-    bleu_tokenize: Literal["zh", "13a", "intl", "char", "none", "ja-mecab", "ko-mecab", "flores101", "flores200"] = (
-        "zh"
-    )
+    bleu_tokenize: Literal[
+        "zh", "13a", "intl", "char", "none", "ja-mecab", "ko-mecab", "flores101", "flores200"
+    ] = "zh"
     max_new_tokens: int = Field(default=128, ge=1)
     num_samples: int | None = Field(default=200, ge=1)
     """Eval examples to generate for BLEU; None = the whole eval set."""
@@ -174,6 +174,8 @@ class ClusterSpec(StrictModel):
     cpus_per_task: int = Field(default=4, ge=1)
     gpu_mem_gib: float = Field(default=80, gt=0)
     """GPU memory of the partition's cards; the plan checks each run fits in it."""
+    max_gpus_per_node: int = Field(default=8, ge=1)
+    """GPUs per node of the partition: ``resources: auto`` fills a node before it uses a second one."""
     exclusive: bool = False
     extra_sbatch: dict[str, str | int | bool] = Field(default_factory=dict)
     """Additional sbatch options by name, e.g. {reservation: llm}. Values are quoted, never raw lines."""
@@ -209,6 +211,30 @@ class JobSpec(StrictModel):
     local: LocalSpec = Field(default_factory=LocalSpec)
     baseline: str | None = None
     """Run name the collector compares against; default: the first run."""
+
+    # Where each key came from (set by load_spec) and the warnings validation found.
+    _source: Any = PrivateAttr(default=None)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def source_map(self) -> Any:
+        """The ``launcher.yaml_source.SourceMap`` of the file this spec was loaded from (or None)."""
+        return self._source
+
+    @property
+    def spec_warnings(self) -> list[str]:
+        """Problems that are not errors at plan time (e.g. data files missing on this machine)."""
+        return list(self._warnings)
+
+
+def load_spec(path: Path, *, check_paths: bool = False) -> JobSpec:
+    """Load and validate a job spec; every problem is raised at once as a SpecError (file:line:col).
+
+    ``check_paths``: data/model paths that do not exist are errors (submit) instead of warnings (plan).
+    """
+    from launcher.spec_check import load_and_check
+
+    return load_and_check(Path(path), check_paths=check_paths)
 
 
 class ResolvedResources(StrictModel):

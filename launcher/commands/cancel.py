@@ -1,17 +1,26 @@
-"""`launcher cancel` (placeholder until its issue lands)."""
+"""`launcher cancel EXP [RUN...]`: cancel runs through their backend and record CANCELLED."""
 
 from __future__ import annotations
 
 import argparse
 
-from launcher.errors import UserError
-
-HELP = "cancel (not implemented yet)"
+HELP = "cancel an experiment's runs (all, or the named ones)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs="*")
+    parser.add_argument("experiment", help="the experiment directory (<output_dir>/<experiment>) or its spec")
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="run names (default: every unfinished run)")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("launcher cancel is not implemented yet")
+    from launcher.status import resolve_experiment, resolve_run_names
+    from launcher.submit import cancel_runs
+
+    exp = resolve_experiment(args.experiment)
+    names = resolve_run_names(exp, list(args.runs)) if args.runs else None
+    cancelled = cancel_runs(exp, names)
+    if cancelled:
+        print(f"cancelled: {', '.join(cancelled)}")
+    else:
+        print("nothing to cancel: every selected run has already ended")
+    return 0

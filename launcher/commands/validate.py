@@ -1,17 +1,31 @@
-"""`launcher validate` (placeholder until its issue lands)."""
+"""`launcher validate SPEC`: every problem in a job spec at once, as file:line:col: key: message."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from launcher.errors import UserError
-
-HELP = "validate (not implemented yet)"
+HELP = "check a job spec: every problem at once, with file:line, the key and the fix (exit 2 if any)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs="*")
+    parser.add_argument("spec", type=Path, help="the job spec (jobs/*.yaml)")
+    parser.add_argument(
+        "--check-paths",
+        action="store_true",
+        help="treat data/model paths missing on this machine as errors (as submit does), not warnings",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("launcher validate is not implemented yet")
+    from launcher.plan import build_plan
+    from launcher.spec import load_spec
+
+    spec = load_spec(args.spec, check_paths=args.check_paths)
+    runs = build_plan(spec, args.spec)
+    for warning in spec.spec_warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    methods = sorted({r.method.method for r in runs})
+    print(f"{args.spec}: ok ({len(runs)} run{'s' if len(runs) != 1 else ''}: {', '.join(methods)})")
+    return 0

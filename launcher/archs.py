@@ -1,0 +1,326 @@
+"""Model architectures for planning: exact parameter names and sizes without any weights.
+
+Two sources, both exact:
+- a local model directory: ``config.json`` is instantiated on the meta device (no memory, no weights);
+- otherwise a bundled description (``launcher/archs/<name>.json``) of a well-known model, expanded here
+  into the same per-parameter listing by family (chatglm, chatglm2, llama, glm).
+
+The memory model and the method checks (freeze patterns, LoRA targets) read only ``ArchInfo``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ARCH_DIR = Path(__file__).parent / "archs"
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    """Module name relative to its transformer layer (``self_attn.q_proj``)."""
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    intermediate_size: int
+    layer_prefix: str
+    """Parameter-name prefix of the layer list: layer i's parameters are ``{layer_prefix}.{i}.<name>``."""
+    layer_params: tuple[tuple[str, int], ...]
+    """(name relative to the layer, number of elements) for one transformer layer."""
+    layer_linears: tuple[Linear, ...]
+    other_params: tuple[tuple[str, int], ...]
+    """Embeddings, final norm, output head (full names)."""
+    output_module: str | None
+    """The LM head's module name (never a LoRA target for 'all-linear'); None when tied."""
+    source: str = ""
+
+    @property
+    def params_per_layer(self) -> int:
+        return sum(n for _, n in self.layer_params)
+
+    @property
+    def total_params(self) -> int:
+        return self.num_layers * self.params_per_layer + sum(n for _, n in self.other_params)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def param_names(self) -> Iterator[tuple[str, int]]:
+        for i in range(self.num_layers):
+            for name, numel in self.layer_params:
+                yield f"{self.layer_prefix}.{i}.{name}", numel
+        yield from self.other_params
+
+    def linear_modules(self) -> Iterator[tuple[str, Linear]]:
+        """(full module name, shape) of every linear layer inside the transformer layers."""
+        for i in range(self.num_layers):
+            for lin in self.layer_linears:
+                yield f"{self.layer_prefix}.{i}.{lin.name}", lin
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "total_params": self.total_params,
+            "source": self.source,
+        }
+
+
+# --- bundled descriptions -------------------------------------------------------------------------
+
+
+def bundled_arch_names() -> list[str]:
+    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+
+
+def _lin(name: str, fan_in: int, fan_out: int, bias: bool) -> tuple[Linear, list[tuple[str, int]]]:
+    params = [(f"{name}.weight", fan_in * fan_out)]
+    if bias:
+        params.append((f"{name}.bias", fan_out))
+    return Linear(name, fan_in, fan_out), params
+
+
+def _build(
+    desc: dict[str, Any], layer_spec: list[tuple[str, int, int, bool]], norms: list[tuple[str, int]]
+) -> Any:
+    linears: list[Linear] = []
+    params: list[tuple[str, int]] = list(norms)
+    for name, fan_in, fan_out, bias in layer_spec:
+        lin, p = _lin(name, fan_in, fan_out, bias)
+        linears.append(lin)
+        params.extend(p)
+    return tuple(linears), tuple(params)
+
+
+def arch_from_description(desc: dict[str, Any]) -> ArchInfo:
+    """Expand a compact description (hidden size, layers, heads, vocab, family) into every parameter."""
+    family = desc["family"]
+    h = int(desc["hidden_size"])
+    layers = int(desc["num_layers"])
+    heads = int(desc["num_attention_heads"])
+    kv_heads = int(desc.get("num_key_value_heads", heads))
+    head_dim = int(desc.get("head_dim", h // heads))
+    ffn = int(desc["intermediate_size"])
+    vocab = int(desc["vocab_size"])
+    tied = bool(desc.get("tie_word_embeddings", False))
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    if family == "chatglm":  # ChatGLM-6B (v1): LayerNorm with bias, fused QKV, GeLU MLP, all with bias
+        prefix, emb, final, head = (
+            "transformer.layers",
+            "transformer.word_embeddings",
+            "transformer.final_layernorm",
+            "lm_head",
+        )
+        spec = [
+            ("attention.query_key_value", h, 3 * h, True),
+            ("attention.dense", h, h, True),
+            ("mlp.dense_h_to_4h", h, ffn, True),
+            ("mlp.dense_4h_to_h", ffn, h, True),
+        ]
+        norms = [
+            (f"{n}.{w}", h)
+            for n in ("input_layernorm", "post_attention_layernorm")
+            for w in ("weight", "bias")
+        ]
+        final_params = [(f"{final}.weight", h), (f"{final}.bias", h)]
+    elif family == "chatglm2":  # ChatGLM2/3-6B: RMSNorm, multi-query fused QKV with bias, SwiGLU
+        prefix, emb, final = (
+            "transformer.encoder.layers",
+            "transformer.embedding.word_embeddings",
+            "transformer.encoder.final_layernorm",
+        )
+        head = "transformer.output_layer"
+        spec = [
+            ("self_attention.query_key_value", h, q_dim + 2 * kv_dim, True),
+            ("self_attention.dense", q_dim, h, False),
+            ("mlp.dense_h_to_4h", h, 2 * ffn, False),
+            ("mlp.dense_4h_to_h", ffn, h, False),
+        ]
+        norms = [("input_layernorm.weight", h), ("post_attention_layernorm.weight", h)]
+        final_params = [(f"{final}.weight", h)]
+    elif family in ("llama", "glm"):  # transformers' LlamaForCausalLM / Qwen2ForCausalLM / GlmForCausalLM
+        prefix, emb, final, head = "model.layers", "model.embed_tokens", "model.norm", "lm_head"
+        qkv_bias = bool(desc.get("attention_bias", family == "glm"))
+        attn = [
+            ("self_attn.q_proj", h, q_dim, qkv_bias),
+            ("self_attn.k_proj", h, kv_dim, qkv_bias),
+            ("self_attn.v_proj", h, kv_dim, qkv_bias),
+            ("self_attn.o_proj", q_dim, h, bool(desc.get("o_bias", False))),
+        ]
+        if family == "glm":
+            mlp = [("mlp.gate_up_proj", h, 2 * ffn, False), ("mlp.down_proj", ffn, h, False)]
+        else:
+            mlp = [
+                ("mlp.gate_proj", h, ffn, False),
+                ("mlp.up_proj", h, ffn, False),
+                ("mlp.down_proj", ffn, h, False),
+            ]
+        spec = attn + mlp
+        norms = [("input_layernorm.weight", h), ("post_attention_layernorm.weight", h)]
+        final_params = [(f"{final}.weight", h)]
+    else:
+        raise ValueError(f"unknown architecture family {family!r}")
+    linears, layer_params = _build(desc, spec, norms)
+    other = [(f"{emb}.weight", vocab * h), *final_params]
+    if not tied:
+        other.append((f"{head}.weight", vocab * h))
+    return ArchInfo(
+        name=str(desc.get("name", family)),
+        num_layers=layers,
+        hidden_size=h,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        intermediate_size=ffn,
+        layer_prefix=prefix,
+        layer_params=layer_params,
+        layer_linears=linears,
+        other_params=tuple(other),
+        output_module=None if tied else head,
+        source=str(desc.get("source", "")),
+    )
+
+
+@functools.cache
+def bundled_arch(name: str) -> ArchInfo:
+    path = ARCH_DIR / f"{name}.json"
+    if not path.is_file():
+        raise KeyError(name)
+    return arch_from_description(json.loads(path.read_text(encoding="utf-8")))
+
+
+def guess_bundled_name(model_path: str) -> str | None:
+    """``/models/chatglm-6b`` -> ``chatglm-6b`` when a bundled description has that name."""
+    base = Path(model_path.rstrip("/")).name.lower()
+    names = bundled_arch_names()
+    if base in names:
+        return base
+    for name in sorted(names, key=len, reverse=True):
+        if name in base:
+            return name
+    return None
+
+
+# --- exact counts from a local config.json -------------------------------------------------------
+
+
+_LAYER_RE = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+
+
+def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
+    """Read the parameter listing of an instantiated (meta-device) causal LM."""
+    import torch
+
+    params = list(model.named_parameters())
+    by_prefix: dict[str, int] = {}
+    for pname, p in params:
+        m = _LAYER_RE.match(pname)
+        if m:
+            by_prefix[m.group(1)] = by_prefix.get(m.group(1), 0) + p.numel()
+    if not by_prefix:
+        raise ValueError(f"{name}: no numbered transformer layers found")
+    prefix = max(by_prefix, key=lambda k: by_prefix[k])
+    layer_params: list[tuple[str, int]] = []
+    other: list[tuple[str, int]] = []
+    layer_ids: set[int] = set()
+    for pname, p in params:
+        m = _LAYER_RE.match(pname)
+        if m and m.group(1) == prefix:
+            layer_ids.add(int(m.group(2)))
+            if int(m.group(2)) == 0:
+                layer_params.append((m.group(3), p.numel()))
+        else:
+            other.append((pname, p.numel()))
+    linears: list[Linear] = []
+    for mname, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and mname.startswith(f"{prefix}.0."):
+            linears.append(Linear(mname[len(prefix) + 3 :], module.in_features, module.out_features))
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_module = None
+    if out is not None:
+        for mname, module in model.named_modules():
+            if module is out:
+                output_module = mname
+    cfg = model.config
+    hidden = int(getattr(cfg, "hidden_size", 0))
+    heads = int(getattr(cfg, "num_attention_heads", 1))
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // max(heads, 1))
+    return ArchInfo(
+        name=name,
+        num_layers=len(layer_ids),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        vocab_size=int(getattr(cfg, "vocab_size", 0)),
+        intermediate_size=int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "ffn_hidden_size", 0)),
+        layer_prefix=prefix,
+        layer_params=tuple(layer_params),
+        layer_linears=tuple(linears),
+        other_params=tuple(other),
+        output_module=output_module,
+        source=source,
+    )
+
+
+def arch_from_config(config: Any, name: str, source: str = "") -> ArchInfo:
+    """Instantiate a transformers config on the meta device (exact counts, no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    return arch_from_model(model, name, source)
+
+
+@functools.lru_cache(maxsize=32)
+def arch_from_model_dir(model_dir: str, trust_remote_code: bool = False) -> ArchInfo:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return arch_from_config(config, Path(model_dir).name, source=f"{model_dir}/config.json")
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_glm_arch() -> ArchInfo:
+    """The built-in tiny model's architecture, from its build settings (no need to build it)."""
+    from launcher import tiny
+
+    cfg = tiny.DEFAULT_CONFIG
+    try:
+        vocab = len(tiny._vocabulary(tiny._vocab_texts()))
+    except Exception:  # planning must not depend on the data generator; the count only sizes a tiny model
+        vocab = 4096
+    return arch_from_description(
+        {
+            "name": "tiny-glm",
+            "family": "glm",
+            "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.intermediate_size,
+            "vocab_size": vocab,
+            "source": "launcher.tiny.DEFAULT_CONFIG",
+        }
+    )

@@ -1,0 +1,546 @@
+"""The embedded default backend: every run on this machine, `world_size` rank processes each.
+
+Why the ranks are spawned here (torchrun-style env) rather than through submitit's LocalExecutor:
+submitit's local controller waits for *all* tasks of a job, so a rank that crashes leaves its
+siblings blocked in a gloo collective until the process-group timeout; its logs go to its own
+pickle folder, not `logs/rank{N}.log`; and its default 2-minute timeout kills real runs. Here the
+supervisor polls every rank, kills the siblings of a crashed rank at once (SIGKILL to each rank's
+process group), records FAILED with the rank, exit code and the last line of its log, and forwards
+Ctrl-C as SIGTERM so the trainer checkpoints and exits resumable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from launcher.backends.base import SubmittedRun
+from launcher.errors import UserError
+from launcher.rundir import (
+    ExperimentPaths,
+    RunPaths,
+    RunState,
+    read_json,
+    read_status,
+    utc_now,
+    write_json_atomic,
+    write_status,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from launcher.spec import JobSpec, RunConfig
+
+# = launcher.train.entry.PREEMPTED_EXIT_CODE; not imported because that module pulls in torch.
+PREEMPTED_EXIT_CODE = 3
+SUPERVISOR_FILE = "local.json"  # inside the run's logs/: supervisor pid, rank pids, cancel flag
+# Environment a rank must not inherit: the trainer prefers submitit/Slurm variables over RANK/WORLD_SIZE,
+# so a `launcher submit --backend local` typed inside a Slurm allocation would otherwise misroute ranks.
+_STRIP_ENV_PREFIXES = ("SLURM_", "SUBMITIT_")
+_STRIP_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port(exclude: set[int] | None = None) -> int:
+    """A TCP port the OS just reported free on 127.0.0.1 (not one handed out earlier by us)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if not exclude or port not in exclude:
+            return port
+    raise RuntimeError("no free TCP port found on 127.0.0.1")
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this machine lets us use: CUDA_VISIBLE_DEVICES if set, else torch's device count."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no torch / broken driver: plain CPU
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process start time (clock ticks since boot, /proc/PID/stat field 22); None off Linux."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def supervisor_job_id(pid: int | None = None) -> str:
+    """This process as a local "job id": 'PID@START' so a reused pid is never mistaken for it."""
+    pid = os.getpid() if pid is None else pid
+    ticks = _start_ticks(pid)
+    return f"{pid}@{ticks}" if ticks else str(pid)
+
+
+def job_alive(job_id: str) -> bool:
+    pid_text, _, ticks = job_id.partition("@")
+    if not pid_text.isdigit() or not pid_alive(int(pid_text)):
+        return False
+    return not ticks or _start_ticks(int(pid_text)) in (None, ticks)
+
+
+def last_log_line(path: Path, max_chars: int = 300) -> str:
+    """The last non-blank line of a log (usually the exception), for a FAILED reason."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 8192))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:max_chars] if lines else ""
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """Children get SIGTERM when the supervisor dies (even by SIGKILL): no orphaned ranks (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+    return preexec
+
+
+# --- supervisor state shared with `launcher cancel` / `launcher status` in other processes -------------
+
+
+def supervisor_file(paths: RunPaths) -> Path:
+    return paths.logs / SUPERVISOR_FILE
+
+
+def read_supervisor(paths: RunPaths) -> dict[str, Any]:
+    try:
+        data = read_json(supervisor_file(paths))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cancel_requested(paths: RunPaths) -> bool:
+    return bool(read_supervisor(paths).get("cancel_requested"))
+
+
+def _status_extras(paths: RunPaths) -> dict[str, Any]:
+    status = read_status(paths)
+    return {k: v for k, v in status.items() if k not in ("state", "updated_at", "reason")}
+
+
+# --- processes ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RankProcess:
+    rank: int
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes]
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or f"rank {self.rank}"
+
+
+@dataclass
+class ActiveRun:
+    run: RunConfig
+    paths: RunPaths
+    procs: list[RankProcess]
+    gpus: list[str]
+    started_at: float
+    first_exit_at: float | None = None
+    failure: str | None = None
+    exit_codes: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class QueuedRun:
+    run: RunConfig
+    paths: RunPaths
+
+
+class LocalBackend:
+    """Runs queued runs on this machine with a concurrency limit; `wait()` supervises them to the end."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        spec: JobSpec | None,
+        *,
+        train_command: Sequence[str] | None = None,
+        console: Console | None = None,
+        show_progress: bool | None = None,
+        poll_interval_s: float = 0.5,
+        stop_grace_s: float = 180.0,
+        sibling_exit_timeout_s: float = 300.0,
+    ) -> None:
+        self.spec = spec
+        # The rank command without its RUN_DIR argument; tests substitute a stand-in trainer.
+        self.train_command = list(train_command or [sys.executable, "-u", "-m", "launcher.train"])
+        self.console = console
+        self.show_progress = show_progress
+        self.poll_interval_s = poll_interval_s
+        self.stop_grace_s = stop_grace_s
+        self.sibling_exit_timeout_s = sibling_exit_timeout_s
+        self._queue: list[QueuedRun] = []
+        self._ports: set[int] = set()
+        self._gpus: list[str] | None = None
+
+    # --- Backend protocol --------------------------------------------------------------------------
+
+    def submit(self, exp: ExperimentPaths, runs: list[RunConfig], *, dry_run: bool) -> list[SubmittedRun]:
+        gpus = self._gpu_pool()
+        for run in runs:
+            if gpus and run.resources.world_size > len(gpus):
+                raise UserError(
+                    f"run {run.name!r} needs {run.resources.world_size} GPUs (nodes x gpus_per_node) "
+                    f"but this machine shows {len(gpus)}; lower resources.gpus_per_node / nodes, "
+                    "or use --backend slurm"
+                )
+        submitted = []
+        for run in runs:
+            paths = exp.run(run.name)
+            command = self.describe_command(paths, run)
+            job_id = None if dry_run else supervisor_job_id()
+            if not dry_run:
+                paths.logs.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(
+                    supervisor_file(paths),
+                    {"supervisor_pid": os.getpid(), "submitted_at": utc_now(), "cancel_requested": False},
+                )
+                write_status(paths, RunState.PENDING, None, backend=self.name, job_id=job_id)
+                self._queue.append(QueuedRun(run, paths))
+            submitted.append(SubmittedRun(run.name, run.run_id, self.name, job_id=job_id, command=command))
+        return submitted
+
+    def cancel(self, exp: ExperimentPaths, runs: list[SubmittedRun]) -> None:
+        """Ask the supervisor (maybe another process) to stop these runs; SIGTERM their ranks."""
+        for sub in runs:
+            paths = exp.run(sub.name)
+            info = read_supervisor(paths)
+            info["cancel_requested"] = True
+            write_json_atomic(supervisor_file(paths), info)
+            for pid in info.get("rank_pids") or []:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(pid), signal.SIGTERM)
+        deadline = time.monotonic() + 60.0
+        for sub in runs:
+            for pid in read_supervisor(exp.run(sub.name)).get("rank_pids") or []:
+                while pid_alive(int(pid)) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+
+    def live_states(self, runs: list[SubmittedRun]) -> dict[str, str]:
+        """A run whose supervising `launcher submit` process is gone can't be running: PREEMPTED
+        (a resubmit resumes it). Runs with a live supervisor: {} (their files are current)."""
+        states: dict[str, str] = {}
+        for sub in runs:
+            if sub.job_id and not job_alive(sub.job_id):
+                states[sub.name] = RunState.PREEMPTED.value
+        return states
+
+    # --- commands ----------------------------------------------------------------------------------
+
+    def rank_env(self, run: RunConfig, rank: int, port: int, gpus: list[str]) -> dict[str, str]:
+        world_size = run.resources.world_size
+        threads = run.local.cpu_threads_per_rank or max(
+            1, (os.cpu_count() or 1) // max(1, world_size * run.local.max_concurrent_runs)
+        )
+        env = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": str(threads),
+            "PYTHONUNBUFFERED": "1",
+        }
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        return env
+
+    def describe_command(self, paths: RunPaths, run: RunConfig) -> str:
+        """What each rank runs (printed by --dry-run); MASTER_PORT is picked free when the run starts."""
+        lines = []
+        for rank in range(run.resources.world_size):
+            env = self.rank_env(run, rank, 0, [])
+            env["MASTER_PORT"] = "<free port>"
+            env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
+            argv = shlex.join([*self.train_command, str(paths.root.resolve())])
+            lines.append(f"{env_text} {argv} > {shlex.quote(str(paths.rank_log(rank)))} 2>&1")
+        return "\n".join(lines)
+
+    def _gpu_pool(self) -> list[str]:
+        if self._gpus is None:
+            self._gpus = visible_gpus()
+        return self._gpus
+
+    def _child_env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(_STRIP_ENV_PREFIXES) and k not in _STRIP_ENV_KEYS
+        }
+        env.update(extra)
+        return env
+
+    def launch(self, queued: QueuedRun, gpus: list[str]) -> list[RankProcess]:
+        """Start one run's rank processes, each in its own session (Ctrl-C reaches only the supervisor)."""
+        run, paths = queued.run, queued.paths
+        port = free_port(self._ports)
+        self._ports.add(port)
+        paths.logs.mkdir(parents=True, exist_ok=True)
+        preexec = _pdeathsig_preexec()
+        procs: list[RankProcess] = []
+        for rank in range(run.resources.world_size):
+            log_path = paths.rank_log(rank)
+            # append: a resumed run keeps the earlier attempt's log; closed when the rank exits
+            log = open(log_path, "ab")  # noqa: SIM115
+            log.write(f"\n=== launcher local: rank {rank} started {utc_now()} ===\n".encode())
+            log.flush()
+            argv = [*self.train_command, str(paths.root.resolve())]
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._child_env(self.rank_env(run, rank, port, gpus)),
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+            procs.append(RankProcess(rank, popen, log_path, log))
+        info = read_supervisor(paths)
+        info.update(
+            {
+                "supervisor_pid": os.getpid(),
+                "rank_pids": [p.popen.pid for p in procs],
+                "master_port": port,
+                "gpus": gpus,
+                "started_at": utc_now(),
+            }
+        )
+        write_json_atomic(supervisor_file(paths), info)
+        return procs
+
+    # --- supervision -------------------------------------------------------------------------------
+
+    def wait(self, exp: ExperimentPaths) -> dict[str, str]:
+        """Run every queued run to its end; returns run name -> final state. Ctrl-C stops them resumably."""
+        from launcher.status import RunsProgress
+
+        queue = list(self._queue)
+        self._queue.clear()
+        states: dict[str, str] = {}
+        if not queue:
+            return states
+        max_concurrent = self.max_concurrent_runs(queue)
+        free_gpus = list(self._gpu_pool())
+        active: list[ActiveRun] = []
+        progress = RunsProgress([q.paths for q in queue], console=self.console, live=self.show_progress)
+        previous_sigterm = _raise_on_sigterm()
+        try:
+            with progress:
+                while queue or active:
+                    while queue and len(active) < max_concurrent:
+                        head = queue[0]
+                        if cancel_requested(head.paths):
+                            queue.pop(0)
+                            self._write_final(head.paths, RunState.CANCELLED, "cancelled before it started")
+                            states[head.run.name] = RunState.CANCELLED.value
+                            continue
+                        need = head.run.resources.world_size if self._gpu_pool() else 0
+                        if need > len(free_gpus):
+                            break  # wait for a running run to give its GPUs back
+                        gpus, free_gpus = free_gpus[:need], free_gpus[need:]
+                        queue.pop(0)
+                        procs = self.launch(head, gpus)
+                        active.append(ActiveRun(head.run, head.paths, procs, gpus, time.monotonic()))
+                    for item in list(active):
+                        if self._poll(item):
+                            active.remove(item)
+                            free_gpus.extend(item.gpus)
+                            states[item.run.name] = self._finalize(item, interrupted=False)
+                    progress.update()
+                    if queue or active:
+                        time.sleep(self.poll_interval_s)
+                progress.update()
+        except KeyboardInterrupt:
+            self._stop(active, queue, states)
+            raise
+        finally:
+            _restore_sigterm(previous_sigterm)
+        return states
+
+    def max_concurrent_runs(self, queue: list[QueuedRun]) -> int:
+        if self.spec is not None:
+            return self.spec.local.max_concurrent_runs
+        return queue[0].run.local.max_concurrent_runs
+
+    def _poll(self, item: ActiveRun) -> bool:
+        """Advance one run's bookkeeping; True when all its ranks have exited."""
+        now = time.monotonic()
+        for proc in item.procs:
+            code = proc.popen.poll()
+            if code is None or proc.rank in item.exit_codes:
+                continue
+            item.exit_codes[proc.rank] = code
+            item.first_exit_at = item.first_exit_at or now
+            if code not in (0, PREEMPTED_EXIT_CODE) and item.failure is None:
+                detail = last_log_line(proc.log_path)
+                item.failure = f"{proc.label} {_exit_text(code)}" + (f": {detail}" if detail else "")
+                self._kill(item, signal.SIGKILL)  # its siblings would block in a collective
+        alive = [p for p in item.procs if p.rank not in item.exit_codes]
+        if (
+            alive
+            and item.first_exit_at is not None
+            and now - item.first_exit_at > self.sibling_exit_timeout_s
+            and item.failure is None
+        ):
+            item.failure = (
+                f"{', '.join(p.label for p in alive)} still running "
+                f"{self.sibling_exit_timeout_s:.0f}s after another rank exited; killed"
+            )
+            self._kill(item, signal.SIGKILL)
+        if alive:
+            return False
+        for proc in item.procs:
+            proc.log.close()
+        return True
+
+    def _kill(self, item: ActiveRun, sig: signal.Signals) -> None:
+        for proc in item.procs:
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.popen.pid, sig)
+
+    def _write_final(self, paths: RunPaths, state: RunState, reason: str | None, **extra: Any) -> None:
+        write_status(paths, state, reason, **{**_status_extras(paths), **extra})
+
+    def _finalize(self, item: ActiveRun, *, interrupted: bool) -> str:
+        """Decide the run's final state from the ranks' exit codes and what the trainer recorded."""
+        status = read_status(item.paths)
+        recorded = status.get("state")
+        codes = {"exit_codes": {str(r): c for r, c in sorted(item.exit_codes.items())}}
+        if cancel_requested(item.paths):
+            self._write_final(item.paths, RunState.CANCELLED, "cancelled by user", **codes)
+            return RunState.CANCELLED.value
+        if item.failure is not None and not interrupted:
+            if recorded == RunState.FAILED.value and status.get("reason"):
+                reason = f"{status['reason']} ({item.failure.split(':')[0]})"
+            else:
+                reason = item.failure
+            self._write_final(item.paths, RunState.FAILED, reason, **codes)
+            return RunState.FAILED.value
+        if interrupted or PREEMPTED_EXIT_CODE in item.exit_codes.values():
+            if recorded in (RunState.COMPLETED.value, RunState.FAILED.value):
+                return str(recorded)
+            if recorded != RunState.PREEMPTED.value:
+                self._write_final(
+                    item.paths, RunState.PREEMPTED, "stopped; resumes from its last checkpoint", **codes
+                )
+            return RunState.PREEMPTED.value
+        if recorded != RunState.COMPLETED.value:
+            reason = (
+                f"all ranks exited 0 but the run recorded {recorded}, not COMPLETED "
+                f"(see {item.paths.rank_log(0)})"
+            )
+            self._write_final(item.paths, RunState.FAILED, reason, **codes)
+            return RunState.FAILED.value
+        return RunState.COMPLETED.value
+
+    def _stop(self, active: list[ActiveRun], queue: list[QueuedRun], states: dict[str, str]) -> None:
+        """Ctrl-C: SIGTERM every rank (the trainer checkpoints and exits), wait, then SIGKILL leftovers.
+        A second Ctrl-C skips the wait."""
+        out = self.console.print if self.console is not None else print
+        out(
+            f"stopping {len(active)} running run(s): ranks save a checkpoint and exit "
+            f"(up to {self.stop_grace_s:.0f}s; Ctrl-C again to kill now)"
+        )
+        for item in active:
+            self._kill(item, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_grace_s
+        try:
+            while any(p.popen.poll() is None for item in active for p in item.procs):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        for item in active:
+            self._kill(item, signal.SIGKILL)
+            for proc in item.procs:
+                proc.popen.wait()
+                item.exit_codes.setdefault(proc.rank, proc.popen.returncode)
+                proc.log.close()
+            states[item.run.name] = self._finalize(item, interrupted=True)
+        for queued in queue:
+            self._write_final(queued.paths, RunState.PLANNED, "not started: submit was interrupted")
+            states[queued.run.name] = RunState.PLANNED.value
+        out("stopped; run the same `launcher submit` again to resume from the checkpoints")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM to the supervisor takes the Ctrl-C path (children checkpoint, nothing orphaned)."""
+
+
+def _raise_on_sigterm() -> Any:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

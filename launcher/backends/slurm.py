@@ -1,0 +1,465 @@
+"""The Slurm backend: one submitit job array per resource shape, plus a dependent collector job.
+
+Runs that need the same allocation (nodes, GPUs, CPUs, memory, time, partition and the other sbatch
+options) share one array, so a sweep of N runs costs one ``sbatch`` call per shape instead of N; an
+array larger than the cluster's MaxArraySize is split. Every task of a run is one rank
+(``tasks_per_node = gpus_per_node``) executing :class:`launcher.backends.slurm_task.SlurmTask`.
+
+Spec strings reach the sbatch script only through submitit's quoting (``shlex.quote`` on every
+``#SBATCH`` value, which sbatch's own parser undoes); anything that quoting cannot make safe (a
+newline or control character, a ``%`` that sbatch would expand in a log path, an option name that is
+not an option name, an option the launcher owns) is rejected here with a UserError before anything is
+written or submitted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shlex
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launcher.backends.base import SubmittedRun
+from launcher.errors import UserError
+from launcher.rundir import ExperimentPaths, RunState, read_status, write_status
+
+if TYPE_CHECKING:
+    from launcher.spec import ClusterSpec, JobSpec, RunConfig
+
+DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default when `scontrol show config` cannot be read
+SCONTROL_TIMEOUT_S = 15.0
+SCANCEL_TIMEOUT_S = 30.0
+COLLECTOR_TIME_MIN = 30
+# sbatch options the launcher itself sets: a spec overriding them would break arrays, logs or requeue.
+RESERVED_SBATCH_OPTIONS = frozenset(
+    {
+        "array",
+        "output",
+        "error",
+        "open-mode",
+        "signal",
+        "dependency",
+        "wrap",
+        "parsable",
+        "hold",
+        "job-name",
+        "nodes",
+        "ntasks-per-node",
+        "ntasks",
+        "gpus-per-node",
+        "cpus-per-task",
+        "mem",
+        "time",
+        "partition",
+        "account",
+        "qos",
+        "constraint",
+        "exclusive",
+        "chdir",
+        "export",
+    }
+)
+_OPTION_NAME = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
+# Slurm names: partitions (comma lists allowed), accounts, QOS.
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+(?:,[A-Za-z0-9_.+-]+)*$")
+# Node features: names combined with & | , * [ ] ( ) and counts.
+_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,&|*\[\]():!=+-]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The environment every rank gets: flush logs at once, NCCL errors surface instead of hanging.
+NCCL_ENV_SETUP: tuple[str, ...] = (
+    "export PYTHONUNBUFFERED=1",
+    "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+    "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
+    "export TOKENIZERS_PARALLELISM=false",
+)
+
+
+# --- validation of spec strings ------------------------------------------------------------------
+
+
+def _describe(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def cluster_problems(cluster: ClusterSpec) -> list[str]:
+    """Everything in ``cluster:`` that cannot safely become an sbatch option (empty when all is well)."""
+    problems: list[str] = []
+    for key in ("partition", "account", "qos"):
+        value = getattr(cluster, key)
+        if value is not None and not _SLURM_NAME.match(value):
+            problems.append(
+                f"cluster.{key}: {_describe(value)} is not a Slurm name "
+                "(letters, digits, _ . + - and commas between names)"
+            )
+    if cluster.constraint is not None and not _CONSTRAINT.match(cluster.constraint):
+        problems.append(
+            f"cluster.constraint: {_describe(cluster.constraint)} is not a Slurm feature expression "
+            "(feature names joined by & | , with [ ] ( ) * and no spaces)"
+        )
+    for key, value in cluster.extra_sbatch.items():
+        name = key.replace("_", "-")
+        if not _OPTION_NAME.match(key):
+            problems.append(
+                f"cluster.extra_sbatch: {_describe(key)} is not an sbatch option name "
+                "(write it without dashes, e.g. reservation, mail-type)"
+            )
+        elif name in RESERVED_SBATCH_OPTIONS:
+            problems.append(
+                f"cluster.extra_sbatch.{key}: the launcher sets --{name} itself; "
+                "use the matching cluster/resources key instead"
+            )
+        if isinstance(value, str) and _CONTROL.search(value):
+            problems.append(
+                f"cluster.extra_sbatch.{key}: {_describe(value)} contains a newline or control character"
+            )
+    for number, line in enumerate(cluster.setup, start=1):
+        if _CONTROL.search(line.replace("\t", " ")):
+            problems.append(
+                f"cluster.setup[{number}]: {_describe(line)} contains a newline or control character; "
+                "give one shell line per list item"
+            )
+    return problems
+
+
+def path_problems(label: str, path: Path) -> list[str]:
+    """A path used in #SBATCH lines and srun arguments: quoting handles spaces and quotes, not these."""
+    text = str(path)
+    problems = []
+    if _CONTROL.search(text):
+        problems.append(f"{label}: {_describe(text)} contains a newline or control character")
+    if "%" in text:
+        problems.append(f"{label}: {_describe(text)} contains '%', which sbatch expands in log file names")
+    return problems
+
+
+def job_name(experiment: str, suffix: str = "") -> str:
+    """A job name made only of safe characters (squeue columns, log names)."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).strip("_") or "launcher"
+    return f"{base}{suffix}"[:100]
+
+
+# --- cluster facts -----------------------------------------------------------------------------------
+
+
+def parse_max_array_size(config_text: str) -> int | None:
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", config_text, flags=re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+@functools.lru_cache(maxsize=1)
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (array indexes go up to MaxArraySize - 1); read once per process."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "config"],
+            capture_output=True,
+            text=True,
+            timeout=SCONTROL_TIMEOUT_S,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return DEFAULT_MAX_ARRAY_SIZE
+    return parse_max_array_size(out) or DEFAULT_MAX_ARRAY_SIZE
+
+
+# --- shapes and executor parameters ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one allocation looks like; runs with equal shapes share a job array."""
+
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    mem_gb: int | None
+    time_min: int
+    partition: str | None
+    account: str | None
+    qos: str | None
+    constraint: str | None
+    exclusive: bool
+    extra_sbatch: tuple[tuple[str, str | int | bool], ...]
+    setup: tuple[str, ...]
+    signal_delay_s: int
+    array_parallelism: int | None
+    max_requeues: int
+
+    @classmethod
+    def of(cls, run: RunConfig) -> Shape:
+        c = run.cluster
+        return cls(
+            nodes=run.resources.nodes,
+            gpus_per_node=run.resources.gpus_per_node,
+            cpus_per_task=c.cpus_per_task,
+            mem_gb=c.mem_gb,
+            time_min=c.time_min,
+            partition=c.partition,
+            account=c.account,
+            qos=c.qos,
+            constraint=c.constraint,
+            exclusive=c.exclusive,
+            extra_sbatch=tuple(sorted(c.extra_sbatch.items())),
+            setup=tuple(c.setup),
+            signal_delay_s=c.signal_delay_s,
+            array_parallelism=c.array_parallelism,
+            max_requeues=c.max_requeues,
+        )
+
+    def executor_parameters(self, count: int, *, hold: bool = False) -> dict[str, Any]:
+        """submitit SlurmExecutor parameters for an array of ``count`` runs of this shape."""
+        additional: dict[str, Any] = {"requeue": True}
+        for key, value in self.extra_sbatch:
+            if value is False:
+                continue  # a false flag means "leave it out"
+            additional[key.replace("_", "-")] = value
+        if hold:
+            additional["hold"] = True
+        params: dict[str, Any] = {
+            "nodes": self.nodes,
+            "ntasks_per_node": self.gpus_per_node,  # one rank per GPU
+            "gpus_per_node": self.gpus_per_node,
+            "cpus_per_task": self.cpus_per_task,
+            "time": self.time_min,
+            "signal_delay_s": self.signal_delay_s,
+            "array_parallelism": min(count, self.array_parallelism or count),
+            "setup": [*NCCL_ENV_SETUP, f"export OMP_NUM_THREADS={self.cpus_per_task}", *self.setup],
+            "additional_parameters": additional,
+            # One failing rank ends the whole step instead of leaving the others hung in a collective.
+            "srun_args": ["--kill-on-bad-exit=1"],
+        }
+        optional = {
+            "mem": f"{self.mem_gb}GB" if self.mem_gb is not None else None,
+            "partition": self.partition,
+            "account": self.account,
+            "qos": self.qos,
+            "constraint": self.constraint,
+        }
+        params.update({k: v for k, v in optional.items() if v is not None})
+        if self.exclusive:
+            params["exclusive"] = True
+        return params
+
+
+def group_by_shape(runs: Sequence[RunConfig], max_size: int) -> list[tuple[Shape, list[RunConfig]]]:
+    """Runs grouped by shape (in first-seen order), each group cut into arrays of at most max_size."""
+    groups: dict[Shape, list[RunConfig]] = {}
+    for run in runs:
+        groups.setdefault(Shape.of(run), []).append(run)
+    chunks: list[tuple[Shape, list[RunConfig]]] = []
+    for shape, members in groups.items():
+        for start in range(0, len(members), max_size):
+            chunks.append((shape, members[start : start + max_size]))
+    return chunks
+
+
+def slurm_log_folder(exp: ExperimentPaths) -> Path:
+    """Where submitit keeps pickles, sbatch scripts and the scheduler logs of this experiment."""
+    return exp.logs / "slurm"
+
+
+def _python() -> str:
+    import sys
+
+    return shlex.quote(sys.executable)
+
+
+# --- the backend ---------------------------------------------------------------------------------------
+
+
+class SlurmBackend:
+    """Submits runs as submitit job arrays; status through squeue/sacct; cancel through scancel."""
+
+    name = "slurm"
+
+    def __init__(self, spec: JobSpec | None = None, *, hold: bool = False, with_collector: bool = True):
+        self.spec = spec
+        self.hold = hold
+        """Submit held (``--hold``): the benchmark submits 1,000 runs without running them."""
+        self.with_collector = with_collector
+        self.collector_job_id: str | None = None
+        self.sbatch_calls = 0
+        """sbatch calls made by this backend (the benchmark reports it)."""
+
+    # -- submit ------------------------------------------------------------------------------------
+
+    def check(self, exp: ExperimentPaths, runs: Sequence[RunConfig]) -> None:
+        problems = path_problems("output directory", exp.root.resolve())
+        seen: set[int] = set()
+        for run in runs:
+            if id(run.cluster) in seen:
+                continue
+            seen.add(id(run.cluster))
+            for problem in cluster_problems(run.cluster):
+                if problem not in problems:
+                    problems.append(problem)
+        if problems:
+            raise UserError(
+                "cannot submit to Slurm:\n" + "\n".join(f"  {p}" for p in problems) + "\n"
+                "Fix these values in the spec (they would be unsafe in an sbatch script)."
+            )
+
+    def submit(self, exp: ExperimentPaths, runs: list[RunConfig], *, dry_run: bool) -> list[SubmittedRun]:
+        if not runs:
+            return []
+        self.check(exp, runs)
+        folder = slurm_log_folder(ExperimentPaths(exp.root.resolve()))
+        chunks = group_by_shape(runs, max_array_size())
+        if dry_run:
+            return self._dry_run(exp, folder, chunks)
+        import submitit
+
+        from launcher.backends.slurm_task import SlurmTask, collect_task
+
+        exp_root = exp.root.resolve()
+        submitted: list[SubmittedRun] = []
+        array_ids: list[str] = []
+        for shape, members in chunks:
+            executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=shape.max_requeues)
+            executor.update_parameters(
+                job_name=job_name(members[0].experiment),
+                **shape.executor_parameters(len(members), hold=self.hold),
+            )
+            run_dirs = [str(exp_root / "runs" / run.name) for run in members]
+            task = SlurmTask(max_requeues=shape.max_requeues)
+            jobs = executor.map_array(task, run_dirs)
+            self.sbatch_calls += 1
+            for index, (run, job) in enumerate(zip(members, jobs, strict=True)):
+                is_array = len(members) > 1
+                array_job_id = job.job_id.split("_")[0]
+                script = folder / f"{array_job_id}_submission.sh"
+                item = SubmittedRun(
+                    name=run.name,
+                    run_id=run.run_id,
+                    backend=self.name,
+                    job_id=job.job_id,
+                    array_job_id=array_job_id if is_array else None,
+                    array_index=index if is_array else None,
+                    command=str(script) if script.exists() else None,
+                )
+                submitted.append(item)
+                write_status(
+                    exp.run(run.name),
+                    RunState.PENDING,
+                    job_id=item.job_id,
+                    array_job_id=item.array_job_id,
+                    array_index=item.array_index,
+                    attempt=0,
+                    max_requeues=shape.max_requeues,
+                )
+            array_ids.append(jobs[0].job_id.split("_")[0])
+        if self.with_collector:
+            self._submit_collector(exp_root, folder, runs[0], array_ids, submitit, collect_task)
+        return submitted
+
+    def _submit_collector(
+        self,
+        exp_root: Path,
+        folder: Path,
+        first: RunConfig,
+        array_ids: list[str],
+        submitit: Any,
+        collect_task: Any,
+    ) -> str:
+        """A 1-CPU job that waits for every array (afterany: whatever their outcome) and writes the table."""
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+        executor.update_parameters(**collector_parameters(first, array_ids, hold=self.hold))
+        job = executor.submit(collect_task, str(exp_root))
+        self.sbatch_calls += 1
+        self.collector_job_id = str(job.job_id)
+        return self.collector_job_id
+
+    def _dry_run(
+        self, exp: ExperimentPaths, folder: Path, chunks: list[tuple[Shape, list[RunConfig]]]
+    ) -> list[SubmittedRun]:
+        """Write the exact sbatch scripts submitit would submit, submit nothing."""
+        out_dir = folder / "dry-run"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        submitted: list[SubmittedRun] = []
+        for number, (shape, members) in enumerate(chunks):
+            text = render_array_script(folder, members[0].experiment, shape, len(members), hold=self.hold)
+            script = out_dir / f"array{number}.sbatch"
+            script.write_text(text, encoding="utf-8")
+            for index, run in enumerate(members):
+                submitted.append(
+                    SubmittedRun(
+                        name=run.name,
+                        run_id=run.run_id,
+                        backend=self.name,
+                        array_index=index if len(members) > 1 else None,
+                        command=str(script),
+                    )
+                )
+        if self.with_collector:
+            first = chunks[0][1][0]
+            ids = [f"<array{n}>" for n in range(len(chunks))]
+            (out_dir / "collector.sbatch").write_text(
+                render_script(folder, collector_parameters(first, ids, hold=self.hold)), encoding="utf-8"
+            )
+        return submitted
+
+    # -- cancel / live states ---------------------------------------------------------------------------
+
+    def cancel(self, exp: ExperimentPaths, runs: list[SubmittedRun]) -> None:
+        ids = [r.job_id for r in runs if r.job_id]
+        if ids:
+            try:
+                subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=SCANCEL_TIMEOUT_S)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise UserError(f"scancel failed: {exc}; nothing was marked CANCELLED") from exc
+        for run in runs:
+            paths = exp.run(run.name)
+            status = read_status(paths)
+            if RunState(status["state"]).is_final:
+                continue
+            extra = {k: v for k, v in status.items() if k not in ("state", "updated_at", "reason")}
+            write_status(paths, RunState.CANCELLED, reason="cancelled by the user (scancel)", **extra)
+
+    def live_states(self, runs: list[SubmittedRun]) -> dict[str, str]:
+        from launcher.backends.slurm_queries import query_job_states
+
+        job_ids = [r.job_id for r in runs if r.job_id]
+        states = query_job_states(job_ids)
+        out: dict[str, str] = {}
+        for run in runs:
+            if run.job_id and run.job_id in states and states[run.job_id] is not None:
+                out[run.name] = states[run.job_id].value  # type: ignore[union-attr]
+        return out
+
+
+def collector_parameters(first: RunConfig, array_ids: Iterable[str], *, hold: bool = False) -> dict[str, Any]:
+    c = first.cluster
+    params: dict[str, Any] = {
+        "job_name": job_name(first.experiment, "-collect"),
+        "nodes": 1,
+        "ntasks_per_node": 1,
+        "cpus_per_task": 1,
+        "time": COLLECTOR_TIME_MIN,
+        "dependency": "afterany:" + ":".join(array_ids),
+        "setup": list(NCCL_ENV_SETUP),
+    }
+    if hold:
+        params["additional_parameters"] = {"hold": True}
+    optional = {"partition": c.partition, "account": c.account, "qos": c.qos}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
+def render_script(folder: Path, params: dict[str, Any], map_count: int | None = None) -> str:
+    """The sbatch script submitit writes for these parameters (same function, nothing submitted)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = " ".join([_python(), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **params)
+
+
+def render_array_script(
+    folder: Path, experiment: str, shape: Shape, count: int, *, hold: bool = False
+) -> str:
+    params = {"job_name": job_name(experiment), **shape.executor_parameters(count, hold=hold)}
+    return render_script(folder, params, map_count=count if count > 1 else None)

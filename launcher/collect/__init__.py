@@ -1,0 +1,21 @@
+"""The collector: run dirs -> one comparison table (summary.md/.csv/.json), significance, plots.
+
+Modules, one job each: ``rows`` (a run dir -> a row, tolerant of damage), ``significance`` (sacrebleu's
+paired tests), ``groups`` (seed repeats), ``table`` (rich table and file formats), ``plots``.
+"""
+
+from __future__ import annotations
+
+from launcher.collect.collection import Collection, collect_experiment, sort_rows
+from launcher.collect.rows import RESULT_KEYS, SUMMARY_KEYS, RunRow
+from launcher.collect.table import print_summary
+
+__all__ = [
+    "RESULT_KEYS",
+    "SUMMARY_KEYS",
+    "Collection",
+    "RunRow",
+    "collect_experiment",
+    "print_summary",
+    "sort_rows",
+]

@@ -1,0 +1,354 @@
+"""Run dirs -> a Collection (rows, baseline comparison, seed groups, human review) -> summary files."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.collect.groups import SeedGroup, seed_groups
+from launcher.collect.rows import SUMMARY_KEYS, RunRow, read_row, read_run_yaml
+from launcher.errors import UserError
+from launcher.review import ReviewCounts, load_reviews
+from launcher.rundir import ExperimentPaths, RunPaths, RunState, read_json, write_json_atomic
+
+DEFAULT_TOKENIZE = "zh"
+DEFAULT_GPU_MEM_GIB = 80.0  # ClusterSpec's default
+_CACHE_NAME = ".collect_cache.json"
+_BLEU_MISMATCH = 0.01  # BLEU points; result.json and samples.jsonl must agree closer than this
+
+
+@dataclass
+class Collection:
+    """Everything the table, the files and the plots show for one experiment."""
+
+    exp: ExperimentPaths
+    rows: list[RunRow]
+    baseline: str | None
+    groups: list[SeedGroup] = field(default_factory=list)
+    reviews: list[ReviewCounts] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """Experiment-level problems; each row has its own ``warnings`` too."""
+    gpu_mem_gib: float | None = None
+    tokenize: str = DEFAULT_TOKENIZE
+
+    def row(self, name: str) -> RunRow:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """summary.json: one object per run dir."""
+        return [row.to_json() for row in self.rows]
+
+    def all_warnings(self) -> list[str]:
+        return self.warnings + [f"{row.name}: {w}" for row in self.rows for w in row.warnings]
+
+
+def sort_rows(rows: list[RunRow], key: str) -> list[RunRow]:
+    """Sort by a summary.json key (``-key`` for descending); runs without a value go last."""
+    descending = key.startswith("-")
+    name = key.lstrip("-+")
+    if name not in SUMMARY_KEYS:
+        close = difflib.get_close_matches(name, SUMMARY_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"--sort {key}: unknown key{hint}; valid keys: {', '.join(SUMMARY_KEYS)}")
+    present = [r for r in rows if r.get(name) is not None]
+    missing = [r for r in rows if r.get(name) is None]
+
+    def sort_value(row: RunRow) -> Any:
+        value = row.get(name)
+        if isinstance(value, int | float | str):
+            return (0, value) if not isinstance(value, str) else (1, value)
+        return (2, json.dumps(value, sort_keys=True, default=str))
+
+    return sorted(present, key=sort_value, reverse=descending) + missing
+
+
+def _run_dirs(exp: ExperimentPaths) -> list[RunPaths]:
+    # os.scandir gives the entry type without a stat per directory (10,000 runs in the budget).
+    try:
+        entries = [e for e in os.scandir(exp.runs_dir) if e.is_dir() and not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    return [RunPaths(Path(e.path)) for e in sorted(entries, key=lambda e: e.name)]
+
+
+def _read_spec(exp: ExperimentPaths, warnings: list[str]) -> dict[str, Any]:
+    """spec.yaml as a plain mapping (only baseline, eval and cluster are used)."""
+    try:
+        data = yaml.safe_load(exp.spec_yaml.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, yaml.YAMLError) as exc:
+        warnings.append(f"spec.yaml unreadable ({type(exc).__name__}): baseline and GPU size from defaults")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_plan(exp: ExperimentPaths, warnings: list[str]) -> dict[str, dict[str, Any]]:
+    """plan.json's run objects by name (launcher.plan writes it next to the run dirs)."""
+    try:
+        data = read_json(exp.plan_json)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        warnings.append(f"plan.json unreadable ({type(exc).__name__}): unfinished runs read from run.yaml")
+        return {}
+    runs = data.get("runs") if isinstance(data, dict) else data
+    if not isinstance(runs, list):
+        return {}
+    return {str(r["name"]): r for r in runs if isinstance(r, dict) and "name" in r}
+
+
+def _nested(mapping: dict[str, Any], *keys: str) -> Any:
+    value: Any = mapping
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _pick_baseline(
+    rows: list[RunRow], requested: str | None, spec_baseline: Any, warnings: list[str]
+) -> str | None:
+    names = [r.name for r in rows]
+    if not names:
+        return None
+    if requested is not None:
+        if requested in names:
+            return requested
+        close = difflib.get_close_matches(requested, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; runs: {', '.join(names[:20])}"
+        raise UserError(f"--baseline {requested}: no run of that name in this experiment{hint}")
+    if isinstance(spec_baseline, str) and spec_baseline:
+        if spec_baseline in names:
+            return spec_baseline
+        # The spec may name a method (run-name base) whose runs carry swept values in their names.
+        prefixed = [n for n in names if n.startswith(spec_baseline)]
+        if prefixed:
+            return prefixed[0]
+        warnings.append(
+            f"spec.yaml baseline {spec_baseline!r} matches no run; using the first run {names[0]!r}"
+        )
+    return names[0]
+
+
+def _fingerprint(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _tokenize_of(paths: RunPaths, fallback: str, warnings: list[str]) -> str:
+    config = read_run_yaml(paths, [])
+    value = _nested(config or {}, "eval", "bleu_tokenize")
+    return value if isinstance(value, str) else fallback
+
+
+def _apply_significance(
+    collection: Collection, rows_by_name: dict[str, RunRow], cache: dict[str, Any], use_cache: bool
+) -> dict[str, Any]:
+    """Fill bleu_delta / CI / p-values of every run with samples against the baseline run."""
+    from launcher.collect.significance import SamplesMismatch, align, compare_to_baseline, load_samples
+
+    base_name = collection.baseline
+    new_cache: dict[str, Any] = {}
+    if base_name is None:
+        return new_cache
+    base_row = rows_by_name[base_name]
+    base_paths = collection.exp.run(base_name)
+    base_fp = _fingerprint(base_paths.samples_jsonl)
+    candidates = [
+        r
+        for r in collection.rows
+        if r.name != base_name and _fingerprint(collection.exp.run(r.name).samples_jsonl)
+    ]
+    if base_fp is None or base_fp[0] == 0:
+        if candidates:
+            collection.warnings.append(
+                f"baseline {base_name!r} has no samples.jsonl (or it is empty): no BLEU deltas; "
+                "pick a finished run with --baseline NAME"
+            )
+        return new_cache
+    try:
+        base = load_samples(base_paths.samples_jsonl)
+    except SamplesMismatch as exc:
+        collection.warnings.append(f"baseline {base_name!r}: {exc}; no BLEU deltas")
+        return new_cache
+    base_row.warnings.extend(f"samples.jsonl: {s}" for s in base.skipped)
+    if len(base) == 0:
+        base_row.warnings.append("samples.jsonl has no usable example: no BLEU deltas against it")
+        return new_cache
+    tokenize = _tokenize_of(base_paths, collection.tokenize, base_row.warnings)
+    collection.tokenize = tokenize
+    base_row.values["n_samples"] = len(base)
+
+    systems: dict[str, list[str]] = {}
+    fingerprints: dict[str, Any] = {}
+    for row in candidates:
+        paths = collection.exp.run(row.name)
+        fp = {"base": base_fp, "sys": _fingerprint(paths.samples_jsonl), "tok": tokenize}
+        cached = cache.get(row.name)
+        if use_cache and isinstance(cached, dict) and cached.get("fp") == fp:
+            new_cache[row.name] = cached
+            continue
+        try:
+            samples = load_samples(paths.samples_jsonl)
+            row.warnings.extend(f"samples.jsonl: {s}" for s in samples.skipped)
+            if len(samples) == 0:
+                row.warnings.append("samples.jsonl has no usable example: no BLEU delta")
+                continue
+            systems[row.name] = align(base, samples, row.name)
+        except SamplesMismatch as exc:
+            row.warnings.append(f"samples do not match the baseline's, no BLEU delta: {exc}")
+            continue
+        run_tok = _tokenize_of(paths, tokenize, row.warnings)
+        if run_tok != tokenize:
+            row.warnings.append(
+                f"eval.bleu_tokenize is {run_tok!r}, the baseline's {tokenize!r}: compared with {tokenize!r}"
+            )
+        fingerprints[row.name] = fp
+    if systems:
+        results = compare_to_baseline(base.predictions, systems, base.references, tokenize=tokenize)
+        for name, res in results.items():
+            new_cache[name] = {
+                "fp": fingerprints[name],
+                "baseline_bleu": res.baseline_bleu,
+                "system_bleu": res.system_bleu,
+                "delta": res.delta,
+                "delta_ci": list(res.delta_ci),
+                "p_bootstrap": res.p_bootstrap,
+                "p_ar": res.p_approx_randomization,
+                "n": res.n_examples,
+            }
+    for name, entry in new_cache.items():
+        row = rows_by_name[name]
+        row.values["bleu_delta"] = entry["delta"]
+        row.values["bleu_delta_ci"] = entry["delta_ci"]
+        row.values["bleu_p_value"] = entry["p_bootstrap"]
+        row.values["bleu_p_value_ar"] = entry["p_ar"]
+        row.values["n_samples"] = entry["n"]
+        _check_bleu(row, entry["system_bleu"], tokenize)
+        _check_bleu(base_row, entry["baseline_bleu"], tokenize)
+    return new_cache
+
+
+def _check_bleu(row: RunRow, samples_bleu: float, tokenize: str) -> None:
+    """BLEU shown = result.json's; recomputed from samples when missing, flagged when they disagree."""
+    reported = row.get("bleu")
+    if reported is None:
+        row.values["bleu"] = samples_bleu
+        note = "bleu recomputed from samples.jsonl (result.json has none)"
+    elif abs(reported - samples_bleu) > _BLEU_MISMATCH:
+        note = (
+            f"result.json bleu {reported:.2f} differs from sacrebleu on samples.jsonl "
+            f"({samples_bleu:.2f}, tokenize={tokenize}); the delta uses samples.jsonl"
+        )
+    else:
+        return
+    if note not in row.warnings:
+        row.warnings.append(note)
+
+
+def _attach_reviews(collection: Collection, rows_by_name: dict[str, RunRow]) -> None:
+    for review in collection.reviews:
+        for me, other, win, loss in (
+            (review.run_a, review.run_b, review.wins_a, review.wins_b),
+            (review.run_b, review.run_a, review.wins_b, review.wins_a),
+        ):
+            row = rows_by_name.get(me)
+            if row is None:
+                collection.warnings.append(f"{review.path.name}: run {me!r} is not in this experiment")
+                continue
+            entries = row.values.get("review") or []
+            entries.append(
+                {"vs": other, "win": win, "tie": review.ties, "loss": loss, "unrated": review.unrated}
+            )
+            row.values["review"] = entries
+
+
+def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bool = True) -> Collection:
+    """Read every run dir of an experiment; with ``write``, also write summary.{md,csv,json} and the plots.
+
+    Never fails on a damaged run dir (its row says what is known, warnings say what was skipped);
+    raises UserError for a missing experiment or an unknown ``baseline``.
+    """
+    exp = ExperimentPaths(Path(exp_root))
+    if not exp.root.is_dir():
+        raise UserError(f"{exp.root}: no such experiment directory (the <output_dir>/<experiment> of a spec)")
+    if not exp.runs_dir.is_dir():
+        hint = (
+            " (that looks like a run dir; pass its experiment dir)"
+            if (exp.root / "run.yaml").exists()
+            else ""
+        )
+        raise UserError(f"{exp.root}: no runs/ directory{hint}; run `launcher submit SPEC` first")
+    warnings: list[str] = []
+    spec = _read_spec(exp, warnings)
+    plan = _read_plan(exp, warnings)
+    rows = [read_row(paths, plan.get(paths.name)) for paths in _run_dirs(exp)]
+    if not rows:
+        warnings.append(f"{exp.runs_dir} has no run directories")
+    rows_by_name = {r.name: r for r in rows}
+    gpu_mem = _nested(spec, "cluster", "gpu_mem_gib")
+    tokenize = _nested(spec, "eval", "bleu_tokenize")
+    collection = Collection(
+        exp=exp,
+        rows=rows,
+        baseline=_pick_baseline(rows, baseline, spec.get("baseline"), warnings),
+        warnings=warnings,
+        gpu_mem_gib=float(gpu_mem) if isinstance(gpu_mem, int | float) else None,
+        tokenize=tokenize if isinstance(tokenize, str) else DEFAULT_TOKENIZE,
+    )
+    if collection.gpu_mem_gib is None and rows:
+        config = read_run_yaml(exp.run(collection.baseline or rows[0].name), [])
+        value = _nested(config or {}, "cluster", "gpu_mem_gib")
+        collection.gpu_mem_gib = float(value) if isinstance(value, int | float) else DEFAULT_GPU_MEM_GIB
+    for row in rows:
+        row.values["baseline"] = row.name == collection.baseline
+
+    cache_path = exp.root / _CACHE_NAME
+    cache: dict[str, Any] = {}
+    try:
+        loaded = read_json(cache_path)
+        if isinstance(loaded, dict) and loaded.get("baseline") == collection.baseline:
+            cache = loaded.get("runs") or {}
+    except (OSError, ValueError):
+        pass
+    new_cache = _apply_significance(collection, rows_by_name, cache, use_cache=True)
+
+    collection.groups = seed_groups(rows)
+    for group in collection.groups:
+        for name in group.runs:
+            rows_by_name[name].values["group"] = group.to_json()
+    collection.reviews = load_reviews(exp.root, collection.warnings)
+    _attach_reviews(collection, rows_by_name)
+    for row in rows:
+        if row.get("state") == RunState.COMPLETED.value and row.get("bleu") is None:
+            row.warnings.append("no BLEU (result.json has none and no samples.jsonl)")
+        for key in ("train_loss_final", "eval_loss"):
+            value = row.get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                row.values[key] = None
+
+    if write:
+        from launcher.collect.table import write_summaries
+
+        write_summaries(collection)
+        from launcher.collect.plots import write_plots
+
+        write_plots(collection)
+        if new_cache or cache:
+            write_json_atomic(cache_path, {"baseline": collection.baseline, "runs": new_cache})
+    return collection

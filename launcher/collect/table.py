@@ -1,0 +1,324 @@
+"""The comparison table: cell formatting shared by the rich table, summary.md and summary.csv/json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from launcher.collect.groups import SeedGroup
+from launcher.collect.rows import SUMMARY_KEYS, RunRow
+from launcher.rundir import to_json, write_text_atomic
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from launcher.collect.collection import Collection
+
+SIGNIFICANCE_LEVEL = 0.05
+
+
+def fmt_num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def fmt_swept(swept: Any) -> str:
+    if not isinstance(swept, dict) or not swept:
+        return "-"
+    # The last part of a dotted key is enough on screen (training.max_source_length -> max_source_length).
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in swept.items())
+
+
+def fmt_delta(row: RunRow) -> str:
+    if row.get("baseline"):
+        return "baseline"
+    delta, ci = row.get("bleu_delta"), row.get("bleu_delta_ci")
+    if delta is None:
+        return "-"
+    text = f"{delta:+.2f}"
+    if isinstance(ci, list | tuple) and len(ci) == 2 and None not in ci:
+        text += f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+    return text
+
+
+def fmt_p(row: RunRow) -> str:
+    p_bs, p_ar = row.get("bleu_p_value"), row.get("bleu_p_value_ar")
+    if p_bs is None:
+        return "-"
+    star = "*" if p_bs < SIGNIFICANCE_LEVEL and (p_ar is None or p_ar < SIGNIFICANCE_LEVEL) else ""
+    text = f"{p_bs:.3f}"
+    if p_ar is not None:
+        text += f"/{p_ar:.3f}"
+    return text + star
+
+
+def fmt_mem(row: RunRow) -> str:
+    mem = row.get("peak_mem_gib")
+    if mem is None:
+        return "-"
+    kind = {"cuda_allocated": "GPU", "cpu_rss": "CPU RSS"}.get(
+        row.get("peak_mem_kind") or "", row.get("peak_mem_kind") or "?"
+    )
+    return f"{mem:.2f} ({kind})"
+
+
+def fmt_layout(row: RunRow) -> str:
+    nodes, gpus = row.get("nodes"), row.get("gpus_per_node")
+    if nodes is None and gpus is None:
+        return "-"
+    return f"{nodes if nodes is not None else '?'}x{gpus if gpus is not None else '?'}"
+
+
+def fmt_zero(row: RunRow) -> str:
+    stage = row.get("zero_stage")
+    if stage is None:
+        return "-"
+    parts = [str(stage)]
+    if row.get("offload_optimizer"):
+        parts.append("opt")
+    if row.get("offload_param"):
+        parts.append("param")
+    text = parts[0] + (" off:" + "+".join(parts[1:]) if len(parts) > 1 else "")
+    if row.get("gradient_checkpointing"):
+        text += " gc"
+    return text
+
+
+def fmt_frac(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "-"
+
+
+def fmt_review(row: RunRow) -> str:
+    entries = row.get("review") or []
+    return "; ".join(f"vs {e['vs']}: {e['win']}/{e['tie']}/{e['loss']}" for e in entries) or "-"
+
+
+def fmt_note(row: RunRow) -> str:
+    reason = row.get("reason")
+    note = str(reason) if reason and row.get("state") != "COMPLETED" else ""
+    if row.warnings:
+        note += ("; " if note else "") + f"{len(row.warnings)} warning(s)"
+    return note or ""
+
+
+# (header, formatter, right-aligned). The order is the issue's.
+COLUMNS: tuple[tuple[str, Callable[[RunRow], str], bool], ...] = (
+    ("run", lambda r: r.name, False),
+    ("method", lambda r: r.get("method") or "-", False),
+    ("swept", lambda r: fmt_swept(r.get("swept")), False),
+    ("state", lambda r: r.get("state") or "-", False),
+    ("steps", lambda r: fmt_num(r.get("steps")), True),
+    ("loss", lambda r: fmt_num(r.get("train_loss_final")), True),
+    ("min loss", lambda r: fmt_num(r.get("train_loss_min")), True),
+    ("eval loss", lambda r: fmt_num(r.get("eval_loss")), True),
+    ("BLEU", lambda r: fmt_num(r.get("bleu"), 2), True),
+    ("chrF", lambda r: fmt_num(r.get("chrf"), 2), True),
+    ("ΔBLEU [95% CI]", fmt_delta, True),
+    ("p bs/ar", fmt_p, True),
+    ("peak mem GiB", fmt_mem, True),
+    ("nodes x GPUs", fmt_layout, True),
+    ("ZeRO", fmt_zero, False),
+    (
+        "tok/s",
+        lambda r: fmt_num(r.get("tokens_per_s"), 0) if r.get("tokens_per_s") is not None else "-",
+        True,
+    ),
+    ("wall", lambda r: fmt_duration(r.get("train_time_s")), True),
+    ("trunc", lambda r: fmt_frac(r.get("truncated_frac")), True),
+)
+REVIEW_COLUMN = ("review W/T/L", fmt_review, False)
+NOTE_COLUMN = ("reason / notes", fmt_note, False)
+
+
+def columns_for(collection: Collection) -> list[tuple[str, Callable[[RunRow], str], bool]]:
+    cols = list(COLUMNS)
+    if collection.reviews:
+        cols.append(REVIEW_COLUMN)
+    cols.append(NOTE_COLUMN)
+    return cols
+
+
+def _mean_std(group: SeedGroup, key: str, digits: int) -> str:
+    mean, std = group.mean.get(key), group.std.get(key)
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+GROUP_COLUMNS: tuple[tuple[str, Callable[[SeedGroup], str]], ...] = (
+    ("configuration", lambda g: g.key),
+    ("seeds", lambda g: ", ".join(str(s) for s in g.seeds)),
+    ("loss", lambda g: _mean_std(g, "train_loss_final", 3)),
+    ("eval loss", lambda g: _mean_std(g, "eval_loss", 3)),
+    ("BLEU", lambda g: _mean_std(g, "bleu", 2)),
+    ("chrF", lambda g: _mean_std(g, "chrf", 2)),
+    ("ΔBLEU", lambda g: _mean_std(g, "bleu_delta", 2)),
+    ("peak mem GiB", lambda g: _mean_std(g, "peak_mem_gib", 2)),
+)
+
+_STATE_STYLE = {
+    "COMPLETED": "green",
+    "RUNNING": "cyan",
+    "PENDING": "yellow",
+    "PLANNED": "dim",
+    "PREEMPTED": "magenta",
+    "FAILED": "bold red",
+    "CANCELLED": "red",
+}
+
+LEGEND = (
+    "ΔBLEU: run minus baseline on the same examples (sacrebleu); [95% CI] from paired bootstrap resampling. "
+    "p bs/ar: paired bootstrap / approximate randomization p-values; * = both < 0.05. "
+    "Without *, the runs' BLEU cannot be told apart on this eval set."
+)
+
+
+def print_summary(
+    collection: Collection, console: Console | None = None, rows: list[RunRow] | None = None
+) -> None:
+    """The rich table, then seed groups, human review counts and warnings."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    rows = collection.rows if rows is None else rows
+    table = Table(
+        title=f"{collection.exp.root.name}: {len(rows)} run(s), baseline {collection.baseline or '-'}",
+        show_lines=False,
+        header_style="bold",
+    )
+    cols = columns_for(collection)
+    for header, _, right in cols:
+        table.add_column(header, justify="right" if right else "left", overflow="fold")
+    for row in rows:
+        cells = [fmt(row) for _, fmt, _ in cols]
+        style = _STATE_STYLE.get(row.get("state") or "", "")
+        cells[3] = f"[{style}]{cells[3]}[/]" if style else cells[3]
+        table.add_row(*cells, style="bold" if row.get("baseline") else None)
+    console.print(table)
+    console.print(f"[dim]{LEGEND}[/]")
+    if collection.groups:
+        groups = Table(title="Seed groups: mean ± std over seeds", header_style="bold")
+        for header, _ in GROUP_COLUMNS:
+            groups.add_column(header, overflow="fold")
+        for group in collection.groups:
+            groups.add_row(*(fmt(group) for _, fmt in GROUP_COLUMNS))
+        console.print(groups)
+    for review in collection.reviews:
+        console.print(
+            f"Human review {review.run_a} vs {review.run_b}: {review.run_a} wins {review.wins_a}, "
+            f"ties {review.ties}, {review.run_b} wins {review.wins_b} (unrated {review.unrated}; "
+            f"sign test p={review.sign_test_p:.3f})"
+        )
+    warnings = collection.all_warnings()
+    if warnings:
+        console.print(f"[yellow]{len(warnings)} warning(s):[/]")
+        for line in warnings[:50]:
+            console.print(f"  [yellow]{line}[/]", markup=True, highlight=False)
+        if len(warnings) > 50:
+            console.print(f"  ... {len(warnings) - 50} more in summary.json (key 'warnings')")
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(collection: Collection, rows: list[RunRow] | None = None) -> str:
+    rows = collection.rows if rows is None else rows
+    cols = columns_for(collection)
+    lines = [
+        f"# {collection.exp.root.name}",
+        "",
+        f"Baseline: **{collection.baseline or '-'}**; BLEU tokenize: `{collection.tokenize}`.",
+        "",
+        "| " + " | ".join(h for h, _, _ in cols) + " |",
+        "|" + "|".join("---:" if right else "---" for _, _, right in cols) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_md_cell(fmt(row)) for _, fmt, _ in cols) + " |")
+    lines += ["", LEGEND, ""]
+    if collection.groups:
+        lines += ["## Seed groups (mean ± std)", ""]
+        lines.append("| " + " | ".join(h for h, _ in GROUP_COLUMNS) + " |")
+        lines.append("|" + "|".join("---" for _ in GROUP_COLUMNS) + "|")
+        for group in collection.groups:
+            lines.append("| " + " | ".join(_md_cell(fmt(group)) for _, fmt in GROUP_COLUMNS) + " |")
+        lines.append("")
+    if collection.reviews:
+        lines += [
+            "## Human review (blind A/B)",
+            "",
+            "| A | B | A wins | ties | B wins | unrated | sign test p |",
+        ]
+        lines.append("|---|---|---:|---:|---:|---:|---:|")
+        for r in collection.reviews:
+            cells = [r.run_a, r.run_b, r.wins_a, r.ties, r.wins_b, r.unrated, f"{r.sign_test_p:.3f}"]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
+    warnings = collection.all_warnings()
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- {_md_cell(w)}" for w in warnings] + [""]
+    return "\n".join(lines)
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return value
+
+
+def render_csv(collection: Collection, rows: list[RunRow] | None = None) -> str:
+    """Raw values (not rounded), one row per run; the CI as two columns for spreadsheets."""
+    rows = collection.rows if rows is None else rows
+    keys = [k for k in SUMMARY_KEYS if k not in ("bleu_delta_ci", "group", "review", "warnings")]
+    header = [*keys, "bleu_delta_ci_low", "bleu_delta_ci_high", "group", "review", "warnings"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        ci = row.get("bleu_delta_ci") or [None, None]
+        group = row.get("group")
+        writer.writerow(
+            [_csv_value(row.get(k)) for k in keys]
+            + [
+                _csv_value(ci[0]),
+                _csv_value(ci[1]),
+                group["key"] if isinstance(group, dict) else "",
+                _csv_value(row.get("review")),
+                " | ".join(row.warnings),
+            ]
+        )
+    return buffer.getvalue()
+
+
+def render_json(collection: Collection, rows: list[RunRow] | None = None) -> str:
+    rows = collection.rows if rows is None else rows
+    return to_json([row.to_json() for row in rows]) + "\n"
+
+
+def write_summaries(collection: Collection) -> None:
+    exp = collection.exp
+    write_text_atomic(exp.summary_json, render_json(collection))
+    write_text_atomic(exp.summary_csv, render_csv(collection))
+    write_text_atomic(exp.summary_md, render_markdown(collection) + "\n")

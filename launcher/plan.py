@@ -1,0 +1,342 @@
+"""The plan: expanded runs with their resources, and the run directories that materialise them.
+
+``build_plan`` turns a validated JobSpec into one ``RunConfig`` per run (sweep expanded, paths made
+absolute, resources chosen, run id hashed). ``write_run_dirs`` writes the experiment directory
+(spec.yaml, plan.json) and each run's run.yaml, ds_config.json and status.json, after checking that
+nothing it would overwrite belongs to a different run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from launcher.archs import (
+    ArchInfo,
+    arch_from_model_dir,
+    bundled_arch,
+    bundled_arch_names,
+    guess_bundled_name,
+    tiny_glm_arch,
+)
+from launcher.dsconfig import batch_sizes, render_ds_config
+from launcher.errors import UserError
+from launcher.memory_model import LayoutError, param_layout
+from launcher.methods import describe
+from launcher.resources import ResourceProblem, resolve_resources
+from launcher.rundir import (
+    ExperimentPaths,
+    RunState,
+    utc_now,
+    write_json_atomic,
+    write_status,
+    write_text_atomic,
+)
+from launcher.spec import (
+    DataSpec,
+    EvalSpec,
+    JobSpec,
+    ModelSpec,
+    RunConfig,
+    TokenizerSpec,
+    TrainingSpec,
+)
+from launcher.sweep import RunPlan, config_hash, expand
+from launcher.yaml_source import Problems
+
+RUN_ID_EXCLUDED = ("est_mem_gib", "fits")
+"""Estimates are not configuration: improving the memory model must not change run ids."""
+
+
+def experiment_paths(spec: JobSpec) -> ExperimentPaths:
+    """``<output_dir>/<experiment>``; a relative output_dir is relative to the current directory."""
+    return ExperimentPaths((Path(spec.output_dir).expanduser() / spec.experiment).absolute())
+
+
+def resolve_path(value: str | None, base_dir: Path) -> str | None:
+    """A spec path made absolute against the spec file's directory (``~`` expanded)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def resolve_arch(model: ModelSpec, base_dir: Path) -> tuple[ArchInfo | None, str | None, str | None]:
+    """(architecture, error, warning) for planning: local config.json, then the bundled descriptions."""
+    if model.builtin == "tiny-glm":
+        return tiny_glm_arch(), None, None
+    names = bundled_arch_names()
+    if model.path is not None:
+        model_dir = Path(resolve_path(model.path, base_dir) or "")
+        if (model_dir / "config.json").is_file():
+            try:
+                return arch_from_model_dir(str(model_dir), model.trust_remote_code), None, None
+            except Exception as exc:  # a config transformers cannot build: fall back to the description
+                warning = f"could not instantiate {model_dir}/config.json on the meta device ({exc})"
+                if model.arch in names:
+                    return (
+                        bundled_arch(model.arch),
+                        None,
+                        warning + f"; planning with the bundled {model.arch}",
+                    )
+                return None, warning + f"; set model.arch to one of {', '.join(names)}", None
+    if model.arch is not None:
+        if model.arch not in names:
+            return None, f"unknown architecture {model.arch!r}; bundled: {', '.join(names)}", None
+        return bundled_arch(model.arch), None, None
+    guess = guess_bundled_name(model.path or "")
+    if guess is not None:
+        return bundled_arch(guess), None, None
+    return (
+        None,
+        (
+            f"{model.path} is not on this machine and no architecture is named, so memory cannot be planned; "
+            f"set model.arch to one of {', '.join(names)}"
+        ),
+        None,
+    )
+
+
+def _absolute_paths(config: dict[str, Any], base_dir: Path) -> None:
+    config["model"]["path"] = resolve_path(config["model"].get("path"), base_dir)
+    config["tokenizer"]["path"] = resolve_path(config["tokenizer"].get("path"), base_dir)
+    for key in ("train_file", "eval_file"):
+        config["data"][key] = resolve_path(config["data"].get(key), base_dir)
+
+
+def run_id_of(run: RunConfig) -> str:
+    data = run.model_dump(mode="json", exclude={"run_id"})
+    for key in RUN_ID_EXCLUDED:
+        data["resources"].pop(key, None)
+    return config_hash(data)
+
+
+def _resource_key_path(problems: Problems, plan: RunPlan, key: str) -> tuple[str | int, ...]:
+    """Where the value a resource problem is about was written: the method, the top level, or training."""
+    parts = tuple(key.split("."))
+    i = plan.method_index
+    candidates: list[tuple[str | int, ...]] = [
+        ("methods", i, *parts),
+        ("methods", i, "overrides", key),
+        parts,
+    ]
+    if key == "resources":
+        candidates = [("methods", i, "resources"), ("resources",), ("methods", i, "method")]
+    found = problems.first_present(*candidates)
+    return tuple(found) if problems.has(found) else ("methods", i)
+
+
+def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunConfig]:
+    """Every run of the spec as a RunConfig; problems are collected, runs with problems are skipped."""
+    base_dir = spec_path.resolve().parent
+    hostfile = resolve_path(spec.hostfile, base_dir)
+    runs: list[RunConfig] = []
+    arch_cache: dict[str, tuple[ArchInfo | None, str | None, str | None]] = {}
+    seen: dict[str, int] = {}
+    for plan in expand(spec):
+        config = plan.config
+        _absolute_paths(config, base_dir)
+        where_method: tuple[str | int, ...] = ("methods", plan.method_index)
+        try:
+            model = ModelSpec.model_validate(config["model"])
+            training = TrainingSpec.model_validate(config["training"])
+            tokenizer = TokenizerSpec.model_validate(config["tokenizer"])
+            data = DataSpec.model_validate(config["data"])
+            eval_spec = EvalSpec.model_validate(config["eval"])
+        except ValidationError as exc:  # reported with positions by the spec checks; keep the first line
+            problems.error(("sweep",), f"run {plan.name}: {exc.errors()[0]['msg']}")
+            continue
+        key = repr(model.model_dump())
+        if key not in arch_cache:
+            arch_cache[key] = resolve_arch(model, base_dir)
+        arch, arch_error, arch_warning = arch_cache[key]
+        if arch_warning:
+            problems.warn(("model",), arch_warning)
+        if arch is None:
+            problems.error(
+                problems.first_present(("model", "arch"), ("model", "path"), ("model",)), arch_error or ""
+            )
+            continue
+        try:
+            layout = param_layout(arch, plan.method)
+        except LayoutError as exc:
+            problems.error(problems.first_present((*where_method, exc.key), where_method), str(exc))
+            continue
+        try:
+            resources = resolve_resources(
+                method=plan.method,
+                explicit=plan.resources,
+                auto=plan.auto,
+                training=training,
+                cluster=spec.cluster,
+                arch=arch,
+                layout=layout,
+            )
+        except ResourceProblem as exc:
+            problems.error(_resource_key_path(problems, plan, exc.key), f"run {plan.name}: {exc}")
+            continue
+        if plan.name in seen:
+            problems.error(
+                problems.first_present((*where_method, "name"), where_method),
+                f"duplicate run name {plan.name!r} (also produced by methods[{seen[plan.name]}]); "
+                "give the methods distinct `name:` values",
+            )
+            continue
+        seen[plan.name] = plan.method_index
+        run = RunConfig(
+            experiment=spec.experiment,
+            name=plan.name,
+            run_id="",
+            method=plan.method,
+            swept=plan.swept,
+            model=model,
+            tokenizer=tokenizer,
+            data=data,
+            template=config["template"],
+            training=training,
+            eval=eval_spec,
+            resources=resources,
+            cluster=spec.cluster,
+            local=spec.local,
+            backend=spec.backend,
+            hostfile=hostfile,
+        )
+        try:
+            _, _, accum = batch_sizes(run)
+        except UserError as exc:
+            problems.error(problems.first_present(("training", "global_batch_size"), ("training",)), str(exc))
+            continue
+        t = training
+        if (
+            t.global_batch_size is not None
+            and (
+                "gradient_accumulation_steps" in spec.training.model_fields_set
+                or "training.gradient_accumulation_steps" in {**plan.swept, **plan.method.overrides}
+            )
+            and accum != t.gradient_accumulation_steps
+        ):
+            problems.error(
+                ("training", "gradient_accumulation_steps"),
+                f"run {plan.name}: global_batch_size {t.global_batch_size} = per_device_batch_size "
+                f"{t.per_device_batch_size} x world size {resources.world_size} x {accum} accumulation "
+                f"steps, not {t.gradient_accumulation_steps}; drop one of the two",
+            )
+            continue
+        run.run_id = run_id_of(run)
+        runs.append(run)
+    if spec.baseline is not None and runs and spec.baseline not in {r.name for r in runs}:
+        problems.error(
+            ("baseline",),
+            f"no run is named {spec.baseline!r}; runs: {', '.join(r.name for r in runs)}",
+            prefer_value=True,
+        )
+    return runs
+
+
+def build_plan(spec: JobSpec, spec_path: Path) -> list[RunConfig]:
+    """The runs of a validated spec (raises SpecError if a run cannot be planned)."""
+    problems = Problems(spec.source_map, str(spec_path))
+    runs = plan_runs(spec, spec_path, problems)
+    problems.raise_if_errors()
+    return runs
+
+
+def plan_row(run: RunConfig) -> dict[str, Any]:
+    """One run as ``launcher plan --json`` prints it and plan.json stores it."""
+    r = run.resources
+    train_batch, micro, accum = batch_sizes(run)
+    return {
+        "name": run.name,
+        "run_id": run.run_id,
+        "method": run.method.method,
+        "method_label": describe(run.method),
+        "swept": run.swept,
+        "nodes": r.nodes,
+        "gpus_per_node": r.gpus_per_node,
+        "world_size": r.world_size,
+        "zero_stage": r.zero_stage,
+        "offload_optimizer": r.offload_optimizer,
+        "offload_param": r.offload_param,
+        "gradient_checkpointing": r.gradient_checkpointing,
+        "train_batch_size": train_batch,
+        "micro_batch_size": micro,
+        "gradient_accumulation_steps": accum,
+        "est_mem_gib": r.est_mem_gib,
+        "fits": r.fits,
+    }
+
+
+def _hidden_size(run: RunConfig) -> int:
+    arch, error, _ = resolve_arch(run.model, Path.cwd())
+    if arch is None:
+        raise UserError(f"{run.name}: {error}")
+    return arch.hidden_size
+
+
+def _existing_run_id(path: Path) -> str | None:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return "<unreadable>"
+    return str(data.get("run_id")) if isinstance(data, dict) else "<unreadable>"
+
+
+def write_run_dirs(
+    spec: JobSpec, spec_path: Path, runs: list[RunConfig], *, force: bool = False
+) -> ExperimentPaths:
+    """Materialise the experiment: spec.yaml, plan.json and per run run.yaml, ds_config.json, status.json.
+
+    A run directory that already holds a run with a different id (the spec changed under the same name)
+    is refused unless ``force``, which replaces it. A directory with the same run id is kept as it is
+    (its status and results stay), so re-planning or re-submitting an experiment is safe.
+    """
+    exp = experiment_paths(spec)
+    conflicts: list[str] = []
+    replace: set[str] = set()
+    for run in runs:
+        existing = exp.run(run.name).run_yaml
+        if existing.exists():
+            old_id = _existing_run_id(existing)
+            if old_id != run.run_id:
+                conflicts.append(
+                    f"{exp.run(run.name).root}: holds run_id {old_id}, the plan has {run.run_id}"
+                )
+                replace.add(run.name)
+    if conflicts and not force:
+        raise UserError(
+            "these run directories belong to a different configuration of the same run name:\n  "
+            + "\n  ".join(conflicts)
+            + "\nuse --force to replace them (their results are deleted), or change `experiment:`"
+        )
+    # Render everything before writing anything: a failure must leave nothing half-written.
+    rendered = [(run, render_ds_config(run, _hidden_size(run))) for run in runs]
+    try:
+        spec_text = spec_path.read_text(encoding="utf-8")
+    except OSError:
+        spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    exp.root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(exp.spec_yaml, spec_text)
+    write_json_atomic(
+        exp.plan_json,
+        {
+            "experiment": spec.experiment,
+            "spec": str(spec_path.resolve()),
+            "created_at": utc_now(),
+            "runs": [plan_row(run) for run in runs],
+        },
+    )
+    for run, ds_config in rendered:
+        paths = exp.run(run.name)
+        if run.name in replace and paths.root.exists():
+            shutil.rmtree(paths.root)
+        fresh = not paths.status_json.exists()
+        paths.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(paths.run_yaml, run.to_yaml())
+        write_json_atomic(paths.ds_config, ds_config)
+        if fresh:
+            write_status(paths, RunState.PLANNED)
+    return exp

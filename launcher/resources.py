@@ -1,0 +1,216 @@
+"""The resource policy: nodes, GPUs, ZeRO stage, offload and checkpointing for one run.
+
+Explicit values always win. Unset values come from the method's defaults (launcher.methods), or, with
+``resources: auto``, from the cheapest configuration the memory model says fits ``cluster.gpu_mem_gib``:
+fewest GPUs first, then no offload before optimizer offload before parameter offload, then gradient
+checkpointing off before on. A run that cannot fit is an error that says what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from launcher.archs import ArchInfo
+from launcher.memory_model import MemoryEstimate, ParamLayout, estimate
+from launcher.methods import method_info, supports_gradient_checkpointing
+from launcher.spec import ClusterSpec, MethodSpec, ResolvedResources, TrainingSpec
+
+
+class ResourceProblem(ValueError):
+    """A resource request that is contradictory or cannot fit; ``key`` is the dotted key to fix."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Candidate:
+    nodes: int
+    gpus_per_node: int
+    zero_stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    gradient_checkpointing: bool
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+# (zero_stage, offload_optimizer, offload_param) from cheapest to most offloaded.
+_ZERO_LADDER: tuple[tuple[int, bool, bool], ...] = (
+    (2, False, False),
+    (3, False, False),
+    (2, True, False),
+    (3, True, False),
+    (3, True, True),
+)
+MAX_NODES = 16
+
+
+def seq_len(training: TrainingSpec) -> int:
+    return training.max_length or (training.max_source_length + training.max_target_length)
+
+
+def run_estimate(
+    arch: ArchInfo,
+    method: MethodSpec,
+    training: TrainingSpec,
+    c: Candidate,
+    layout: ParamLayout | None = None,
+) -> MemoryEstimate:
+    return estimate(
+        arch,
+        method,
+        world_size=c.world_size,
+        zero_stage=c.zero_stage,
+        offload_optimizer=c.offload_optimizer,
+        offload_param=c.offload_param,
+        gradient_checkpointing=c.gradient_checkpointing,
+        precision=training.precision,
+        micro_batch=training.per_device_batch_size,
+        seq_len=seq_len(training),
+        layout=layout,
+    )
+
+
+def _world_shapes(cluster: ClusterSpec, explicit: dict[str, Any]) -> list[tuple[int, int]]:
+    """(nodes, gpus_per_node) in order of total GPUs: a node is filled before a second one is used."""
+    per_node = [g for g in (1, 2, 4, 8, 16) if g <= cluster.max_gpus_per_node]
+    if cluster.max_gpus_per_node not in per_node:
+        per_node.append(cluster.max_gpus_per_node)
+    shapes = [(1, g) for g in per_node]
+    shapes += [(n, cluster.max_gpus_per_node) for n in (2, 4, 8, MAX_NODES)]
+    if "gpus_per_node" in explicit:
+        g = explicit["gpus_per_node"]
+        shapes = [(n, g) for n in (1, 2, 4, 8, MAX_NODES)]
+    if "nodes" in explicit:
+        n = explicit["nodes"]
+        shapes = (
+            [(n, g) for g in per_node]
+            if "gpus_per_node" not in explicit
+            else [(n, explicit["gpus_per_node"])]
+        )
+    return sorted(set(shapes), key=lambda s: (s[0] * s[1], s[0]))
+
+
+def _advice(c: Candidate, method: MethodSpec) -> str:
+    fixes = []
+    if not c.gradient_checkpointing and supports_gradient_checkpointing(method):
+        fixes.append("gradient_checkpointing: true")
+    if c.zero_stage < 3:
+        fixes.append("zero_stage: 3")
+    if not c.offload_optimizer:
+        fixes.append("offload_optimizer: true")
+    if c.zero_stage == 3 and not c.offload_param:
+        fixes.append("offload_param: true")
+    fixes.append("more GPUs (gpus_per_node / nodes)")
+    fixes.append("a smaller training.per_device_batch_size or max_source_length")
+    return "; try " + ", ".join(fixes) + ", or resources: auto"
+
+
+def resolve_resources(
+    *,
+    method: MethodSpec,
+    explicit: dict[str, Any],
+    auto: bool,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    arch: ArchInfo,
+    layout: ParamLayout | None = None,
+) -> ResolvedResources:
+    """Choose the run's resources; raises ResourceProblem naming the key to change."""
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    gc_explicit = explicit.get("gradient_checkpointing")
+    gc_training = training.gradient_checkpointing
+    if gc_explicit is not None and gc_training is not None and gc_explicit != gc_training:
+        raise ResourceProblem(
+            "resources.gradient_checkpointing",
+            f"contradicts training.gradient_checkpointing ({gc_training}); set it in one place",
+        )
+    if gc_explicit is None:
+        gc_explicit = training.gradient_checkpointing
+    if gc_explicit and not supports_gradient_checkpointing(method):
+        key = (
+            "resources.gradient_checkpointing"
+            if "gradient_checkpointing" in explicit
+            else "training.gradient_checkpointing"
+        )
+        raise ResourceProblem(
+            key,
+            "P-Tuning v2 (prefix tuning) cannot train with gradient checkpointing (peft refuses it); "
+            "set gradient_checkpointing: false or use ptuning version: v1",
+        )
+    stage = explicit.get("zero_stage")
+    if explicit.get("offload_param") and stage is not None and stage != 3:
+        raise ResourceProblem(
+            "resources.offload_param",
+            f"parameter offload needs zero_stage: 3 (got {stage}); set zero_stage: 3",
+        )
+    if explicit.get("offload_optimizer") and stage == 0:
+        raise ResourceProblem("resources.offload_optimizer", "optimizer offload needs zero_stage 1, 2 or 3")
+
+    defaults = method_info(method).defaults
+    gc_default = defaults.gradient_checkpointing and supports_gradient_checkpointing(method)
+    mem_gib = cluster.gpu_mem_gib
+
+    def fits(c: Candidate) -> tuple[bool, float]:
+        gib = run_estimate(arch, method, training, c, layout).device_gib
+        return gib <= mem_gib, gib
+
+    if not auto:
+        zero = explicit.get("zero_stage", defaults.zero_stage)
+        c = Candidate(
+            nodes=explicit.get("nodes", 1 if "gpus_per_node" in explicit else defaults.nodes),
+            gpus_per_node=explicit.get("gpus_per_node", defaults.gpus_per_node),
+            zero_stage=zero,
+            offload_optimizer=explicit.get("offload_optimizer", defaults.offload_optimizer and zero > 0),
+            offload_param=explicit.get("offload_param", defaults.offload_param and zero == 3),
+            gradient_checkpointing=gc_default if gc_explicit is None else bool(gc_explicit),
+        )
+        ok, gib = fits(c)
+        if not ok:
+            raise ResourceProblem(
+                "resources",
+                f"needs ~{gib:.1f} GiB per GPU with {c.nodes}x{c.gpus_per_node} GPUs, ZeRO-{c.zero_stage}"
+                f"{', offload' if c.offload_optimizer else ''} but cluster.gpu_mem_gib is {mem_gib:g}"
+                + _advice(c, method),
+            )
+        return ResolvedResources(**c.__dict__, est_mem_gib=round(gib, 2), fits=True)
+
+    gc_options = (
+        [gc_explicit] if gc_explicit is not None else ([gc_default, True] if not gc_default else [True])
+    )
+    if not supports_gradient_checkpointing(method):
+        gc_options = [False]
+    last: tuple[Candidate, float] | None = None
+    ladder = _ZERO_LADDER
+    if stage is not None:
+        ladder = tuple(
+            (stage, oo, op)
+            for oo, op in ((False, False), (True, False), (True, True))
+            if (not op or stage == 3) and (not oo or stage > 0)
+        )
+    for nodes, gpus in _world_shapes(cluster, explicit):
+        for zero, off_opt, off_param in ladder:
+            if explicit.get("offload_optimizer", off_opt) != off_opt:
+                continue
+            if explicit.get("offload_param", off_param) != off_param:
+                continue
+            for gc in dict.fromkeys(gc_options):
+                c = Candidate(nodes, gpus, zero, off_opt, off_param, bool(gc))
+                ok, gib = fits(c)
+                last = (c, gib)
+                if ok:
+                    return ResolvedResources(**c.__dict__, est_mem_gib=round(gib, 2), fits=True)
+    if last is None:
+        raise ResourceProblem("resources", "no configuration satisfies the explicit resource values")
+    c, gib = last
+    raise ResourceProblem(
+        "resources",
+        f"does not fit cluster.gpu_mem_gib {mem_gib:g} with any configuration tried (the last, "
+        f"{c.nodes}x{c.gpus_per_node} GPUs ZeRO-{c.zero_stage} with offload, needs ~{gib:.1f} GiB per GPU); "
+        "lower training.per_device_batch_size or max_source_length, or use a partition with larger GPUs",
+    )

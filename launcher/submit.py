@@ -1,0 +1,315 @@
+"""`launcher submit`: spec -> plan -> run dirs -> idempotent submission through one backend.
+
+Idempotency comes from the manifest plus each run's status (merged with the scheduler's live view):
+COMPLETED runs are skipped, PENDING/RUNNING ones never duplicated, FAILED/CANCELLED ones resubmitted
+only with --retry-failed, PLANNED/PREEMPTED ones (never submitted, or stopped with a checkpoint)
+submitted and resumed. --force starts the selected runs afresh: their old outputs are moved to
+`<experiment>/replaced/` first, so a forced rerun never resumes a stale checkpoint. A run whose
+config changed under the same name is an error (exit 2, nothing submitted) unless --force.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launcher.errors import UserError
+from launcher.manifest import config_hash, load_manifest, locked_manifest
+from launcher.rundir import ExperimentPaths, RunState, read_status
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from launcher.backends.base import Backend, SubmittedRun
+    from launcher.spec import RunConfig
+
+IN_FLIGHT = (RunState.PENDING.value, RunState.RUNNING.value)
+RETRYABLE = (RunState.FAILED.value, RunState.CANCELLED.value)
+
+
+@dataclass
+class Decision:
+    run: RunConfig
+    action: str  # "submit" | "skip"
+    why: str
+    state: str
+    cancel_first: bool = False
+    archive_first: bool = False
+
+
+@dataclass
+class SubmitOutcome:
+    exp: ExperimentPaths
+    backend: str
+    decisions: list[Decision]
+    submitted: list[SubmittedRun] = field(default_factory=list)
+    final_states: dict[str, str] = field(default_factory=dict)
+
+
+def select_runs(runs: list[RunConfig], only: list[str] | None) -> list[RunConfig]:
+    """--only NAME... (exact names or shell globs); a pattern matching nothing is an error."""
+    if not only:
+        return runs
+    names = [r.name for r in runs]
+    chosen: set[str] = set()
+    for pattern in only:
+        matched = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            import difflib
+
+            close = difflib.get_close_matches(pattern, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"--only {pattern!r} matches no run{hint}; runs in this spec: {', '.join(names)}")
+        chosen.update(matched)
+    return [r for r in runs if r.name in chosen]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def config_diff(old: RunConfig, new: RunConfig, limit: int = 4) -> str:
+    """'training.learning_rate: 0.0001 -> 0.0002, ...' (the first few differing keys)."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ("backend", "hostfile")]
+    parts = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"... {len(keys) - limit} more")
+    return ", ".join(parts) or "run id changed"
+
+
+def find_changed_configs(exp: ExperimentPaths, runs: list[RunConfig]) -> dict[str, str]:
+    """Run name -> what changed, for runs whose existing run.yaml (or submitted config) differs."""
+    from launcher.spec import RunConfig
+
+    manifest = load_manifest(exp)
+    changed: dict[str, str] = {}
+    for run in runs:
+        new_hash = config_hash(run)
+        run_yaml = exp.run(run.name).run_yaml
+        if run_yaml.is_file():
+            try:
+                old = RunConfig.from_yaml_file(run_yaml)
+            except Exception as exc:  # an unreadable run.yaml can't be compared: treat as changed
+                changed[run.name] = f"existing {run_yaml} is unreadable ({exc})"
+                continue
+            if config_hash(old) != new_hash:
+                changed[run.name] = config_diff(old, run)
+                continue
+        found = manifest.by_name(run.name)
+        if found and found[1].config_hash and found[1].config_hash != new_hash:
+            changed[run.name] = f"differs from the config submitted at {found[1].submitted_at}"
+    return changed
+
+
+def current_states(exp: ExperimentPaths, names: set[str]) -> dict[str, str]:
+    """Each run's state: its status.json, refined by the backend's live view (e.g. a dead local
+    supervisor, a Slurm job that vanished from the queue)."""
+    from launcher.status import merge_state, query_live_states
+
+    live = query_live_states(load_manifest(exp), names=names)
+    states = {}
+    for name in names:
+        paths = exp.run(name)
+        file_state = str(read_status(paths).get("state")) if paths.status_json.exists() else "PLANNED"
+        states[name] = merge_state(file_state, live.get(name))
+    return states
+
+
+def decide(
+    runs: list[RunConfig], states: dict[str, str], changed: dict[str, str], *, retry_failed: bool, force: bool
+) -> list[Decision]:
+    decisions = []
+    for run in runs:
+        state = states.get(run.name, RunState.PLANNED.value)
+        if force:
+            why = "--force: starts afresh"
+            if run.name in changed:
+                why += f" (config changed: {changed[run.name]})"
+            has_outputs = state != RunState.PLANNED.value or run.name in changed
+            in_flight = state in IN_FLIGHT
+            decision = Decision(run, "submit", why, state, cancel_first=in_flight, archive_first=has_outputs)
+        elif state == RunState.COMPLETED.value:
+            decision = Decision(run, "skip", "already completed", state)
+        elif state in IN_FLIGHT:
+            decision = Decision(run, "skip", f"already {state.lower()}; not submitted twice", state)
+        elif state in RETRYABLE and retry_failed:
+            decision = Decision(run, "submit", f"{state.lower()} before; retrying (resumes)", state)
+        elif state in RETRYABLE:
+            decision = Decision(run, "skip", f"{state.lower()}; pass --retry-failed to resubmit", state)
+        elif state == RunState.PREEMPTED.value:
+            decision = Decision(run, "submit", "preempted; resumes from its checkpoint", state)
+        else:
+            decision = Decision(run, "submit", "new", state)
+        decisions.append(decision)
+    return decisions
+
+
+def archive_run_dir(exp: ExperimentPaths, name: str) -> Path | None:
+    """Move a run's old outputs to <experiment>/replaced/<name>-<utc time>/ (never deleted)."""
+    src = exp.run(name).root
+    if not src.exists():
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    dest = exp.root / "replaced" / f"{name}-{stamp}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(src), str(dest))
+    return dest
+
+
+def _cancel_in_flight(exp: ExperimentPaths, names: set[str]) -> None:
+    from launcher.backends.base import get_backend
+    from launcher.status import submitted_runs
+
+    by_backend: dict[str, list[SubmittedRun]] = {}
+    for sub in submitted_runs(load_manifest(exp)):
+        if sub.name in names:
+            by_backend.setdefault(sub.backend, []).append(sub)
+    for backend_name, subs in by_backend.items():
+        get_backend(backend_name, None).cancel(exp, subs)
+
+
+def submit_spec(
+    spec_path: Path,
+    *,
+    backend_name: str | None = None,
+    dry_run: bool = False,
+    only: list[str] | None = None,
+    retry_failed: bool = False,
+    force: bool = False,
+    console: Console | None = None,
+    backend: Backend | None = None,
+    hostfile: Path | None = None,
+) -> SubmitOutcome:
+    """Everything `launcher submit` does; `backend` may be passed ready-made (tests)."""
+    from rich.console import Console
+
+    from launcher.backends.base import default_backend_name, get_backend
+    from launcher.plan import build_plan, experiment_paths, write_run_dirs
+    from launcher.spec import load_spec
+
+    console = console or Console()
+    spec = load_spec(spec_path, check_paths=True)
+    runs = build_plan(spec, spec_path)
+    selected = select_runs(runs, only)
+    exp = experiment_paths(spec)
+    name = backend.name if backend is not None else (backend_name or default_backend_name(spec))
+    if backend is None:
+        backend = get_backend(name, spec)
+        if hostfile is not None:
+            if name != "hostfile":
+                raise UserError("--hostfile only applies to --backend hostfile")
+            backend.hostfile = hostfile  # type: ignore[attr-defined]
+
+    changed = find_changed_configs(exp, runs)
+    if changed and not force:
+        lines = "\n".join(f"  {n}: {what}" for n, what in sorted(changed.items()))
+        raise UserError(
+            f"the spec changed the config of {len(changed)} run(s) already in {exp.root}:\n{lines}\n"
+            "nothing was submitted. Rename the run (methods[].name) or the experiment to keep both, "
+            "or pass --force to replace them (old outputs are moved to "
+            f"{exp.root / 'replaced'}/)"
+        )
+    selected_names = {r.name for r in selected}
+    states = current_states(exp, selected_names)
+    decisions = decide(selected, states, changed, retry_failed=retry_failed, force=force)
+    to_submit = [d for d in decisions if d.action == "submit"]
+    outcome = SubmitOutcome(exp, name, decisions)
+
+    if dry_run:
+        # Runs whose outputs would be replaced keep their old run dirs untouched in a dry run.
+        keep = {d.run.name for d in decisions if d.archive_first}
+        write_run_dirs(spec, spec_path, [r for r in runs if r.name not in keep], force=force)
+        outcome.submitted = backend.submit(exp, [d.run for d in to_submit], dry_run=True)
+        _print_decisions(console, outcome, dry_run=True)
+        for sub in outcome.submitted:
+            console.print(f"\n[bold]# {sub.name}[/]", highlight=False)
+            console.print(sub.command or "", highlight=False, markup=False, soft_wrap=True)
+        return outcome
+
+    cancel = {d.run.name for d in to_submit if d.cancel_first}
+    if cancel:
+        _cancel_in_flight(exp, cancel)
+    for d in to_submit:
+        if d.archive_first:
+            moved = archive_run_dir(exp, d.run.name)
+            if moved is not None:
+                console.print(f"{d.run.name}: old outputs moved to {moved}", highlight=False)
+    # Run dirs with the same run id keep their status and results (write_run_dirs' contract).
+    write_run_dirs(spec, spec_path, runs, force=force)
+
+    outcome.submitted = backend.submit(exp, [d.run for d in to_submit], dry_run=False) if to_submit else []
+    hashes = {d.run.name: config_hash(d.run) for d in to_submit}
+    with locked_manifest(exp) as manifest:
+        for sub in outcome.submitted:
+            manifest.record(sub, hashes[sub.name])
+    _print_decisions(console, outcome, dry_run=False)
+
+    wait = getattr(backend, "wait", None)
+    if callable(wait) and outcome.submitted:
+        outcome.final_states = wait(exp)
+        run_collector(exp, console)
+    return outcome
+
+
+def run_collector(exp: ExperimentPaths, console: Console) -> None:
+    """The comparison table, as the Slurm backend's dependent collector job would write it."""
+    try:
+        from launcher.collect import collect_experiment, print_summary
+    except ImportError as exc:  # the collector is optional for submitting
+        console.print(f"collector unavailable ({exc}); run `launcher collect {exp.root}` later")
+        return
+    collection = collect_experiment(exp.root)
+    print_summary(collection, console)
+
+
+def _print_decisions(console: Console, outcome: SubmitOutcome, *, dry_run: bool) -> None:
+    from rich.table import Table
+
+    jobs = {s.name: s.job_id for s in outcome.submitted}
+    verb = "would submit" if dry_run else "submitted"
+    table = Table(title=f"{outcome.exp.root} ({outcome.backend}{', dry run' if dry_run else ''})")
+    for column in ("run", "was", "action", "why", "job"):
+        table.add_column(column)
+    for d in outcome.decisions:
+        action = verb if d.action == "submit" else "skipped"
+        table.add_row(d.run.name, d.state, action, d.why, jobs.get(d.run.name) or "-")
+    console.print(table)
+    n_submit = sum(d.action == "submit" for d in outcome.decisions)
+    console.print(f"{verb} {n_submit} run(s), skipped {len(outcome.decisions) - n_submit}", highlight=False)
+
+
+def cancel_runs(exp: ExperimentPaths, names: list[str] | None = None) -> list[str]:
+    """Cancel unfinished runs (all, or `names`) through the backend that submitted them, then record
+    CANCELLED in their status.json. Returns the runs cancelled."""
+    from launcher.backends.base import get_backend
+    from launcher.rundir import write_status
+    from launcher.status import submitted_runs
+
+    wanted = set(names) if names is not None else {p.name for p in exp.run_dirs()}
+    states = current_states(exp, wanted)
+    cancellable = (*IN_FLIGHT, RunState.PREEMPTED.value)
+    targets = sorted(n for n in wanted if states.get(n) in cancellable)
+    by_backend: dict[str, list[SubmittedRun]] = {}
+    for sub in submitted_runs(load_manifest(exp)):
+        if sub.name in targets:
+            by_backend.setdefault(sub.backend, []).append(sub)
+    for backend_name, subs in by_backend.items():
+        get_backend(backend_name, None).cancel(exp, subs)
+    for name in targets:
+        paths = exp.run(name)
+        status = read_status(paths)
+        if status.get("state") == RunState.CANCELLED.value:
+            continue
+        extra = {k: v for k, v in status.items() if k not in ("state", "updated_at", "reason")}
+        write_status(paths, RunState.CANCELLED, "cancelled by user", **extra)
+    return targets

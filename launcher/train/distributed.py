@@ -1,0 +1,153 @@
+"""Who am I in the job: rank, local rank, world size and the rendezvous address, plus the process group.
+
+Sources, first match wins:
+1. inside a submitit job (Slurm or submitit's local executor): submitit's ``TorchDistributedEnvironment``
+   (it reads SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and the first host of the node list for us);
+2. torchrun / the DeepSpeed launcher: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
+3. a single process (rank 0 of 1) - a laptop run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+import torch
+
+DIST_TIMEOUT_ENV = "LAUNCHER_DIST_TIMEOUT_S"
+DEFAULT_DIST_TIMEOUT_S = 600.0
+"""A crashed or killed rank must not hang the others forever: collectives give up after this."""
+
+Source = Literal["submitit", "torchrun", "single"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    source: Source
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def detect_dist_env() -> DistEnv:
+    """Read the rank layout from the environment (no process group is created here)."""
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        sub = TorchDistributedEnvironment()
+        return DistEnv(
+            rank=sub.rank,
+            local_rank=sub.local_rank,
+            world_size=sub.world_size,
+            master_addr=sub.master_addr,
+            master_port=int(sub.master_port),
+            source="submitit",
+        )
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return DistEnv(
+            rank=int(os.environ["RANK"]),
+            local_rank=int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(os.environ.get("MASTER_PORT", "29500")),
+            source="torchrun",
+        )
+    return DistEnv(
+        rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port(), source="single"
+    )
+
+
+def dist_timeout_s() -> float:
+    raw = os.environ.get(DIST_TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_DIST_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of seconds") from exc
+    if value <= 0:
+        raise ValueError(f"{DIST_TIMEOUT_ENV}={raw!r} must be > 0 seconds")
+    return value
+
+
+def backend_name() -> str:
+    """nccl on GPUs, gloo on CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        # Under submitit CUDA_VISIBLE_DEVICES may already be narrowed to one card; count what we see.
+        index = env.local_rank % max(1, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Export the env:// variables DeepSpeed reads and create the process group (also for 1 rank:
+    DeepSpeed needs one)."""
+    import deepspeed
+
+    os.environ.update(
+        {
+            "RANK": str(env.rank),
+            "LOCAL_RANK": str(env.local_rank),
+            "WORLD_SIZE": str(env.world_size),
+            "MASTER_ADDR": env.master_addr,
+            "MASTER_PORT": str(env.master_port),
+        }
+    )
+    if torch.distributed.is_initialized():
+        return
+    deepspeed.init_distributed(
+        dist_backend=backend_name(),
+        auto_mpi_discovery=False,
+        timeout=timedelta(seconds=dist_timeout_s()),
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+
+
+def shutdown_distributed() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over ranks in one collective (a no-op for one process)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return [float(v) for v in tensor.tolist()]
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return [float(v) for v in tensor.tolist()]
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,128 @@
+"""The rank-aware entrypoint every rank runs: ``launcher train RUN_DIR`` / ``python -m launcher.train RUN_DIR``.
+
+Exit codes: 0 COMPLETED, 3 PREEMPTED (checkpoint saved; the scheduler may requeue), 1 FAILED,
+2 bad input (UserError).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UserError
+from launcher.rundir import RunPaths, RunState, read_json, read_status, write_status
+from launcher.spec import RunConfig
+
+PREEMPTED_EXIT_CODE = 3
+FAILED_EXIT_CODE = 1
+
+log = logging.getLogger("launcher.train")
+
+
+def _setup_logging(paths: RunPaths, rank: int) -> logging.Handler:
+    """Everything this rank logs (ours, DeepSpeed's, transformers') also goes to logs/rank{N}.log."""
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(paths.rank_log(rank), encoding="utf-8")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    for name in ("launcher", "DeepSpeed"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).propagate = False
+    return handler
+
+
+def _teardown_logging(handler: logging.Handler) -> None:
+    for name in ("", "launcher", "DeepSpeed"):
+        logging.getLogger(name).removeHandler(handler)
+    logging.getLogger("launcher").propagate = True
+    handler.close()
+
+
+def _load_inputs(paths: RunPaths) -> tuple[RunConfig, dict[str, Any]]:
+    for required in (paths.run_yaml, paths.ds_config):
+        if not required.is_file():
+            raise UserError(f"{required}: missing. Is {paths.root} a run directory written by `launcher submit`?")
+    try:
+        cfg = RunConfig.from_yaml_file(paths.run_yaml)
+    except Exception as exc:  # pydantic / yaml errors, in the file's terms
+        raise UserError(f"{paths.run_yaml}: not a valid run config: {exc}") from exc
+    ds_config = read_json(paths.ds_config)
+    if not isinstance(ds_config, dict):
+        raise UserError(f"{paths.ds_config}: expected a JSON object")
+    return cfg, ds_config
+
+
+def _failure_reason(exc: BaseException) -> str:
+    lines = [line for line in traceback.format_exception_only(type(exc), exc) if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _record_failure(paths: RunPaths, rank: int, exc: BaseException) -> None:
+    """Traceback into this rank's log; FAILED into status.json unless another rank already said why
+    (a rank that dies first has the real reason; the others only see a broken connection)."""
+    log.error("rank %d failed:\n%s", rank, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    if read_status(paths).get("state") == RunState.FAILED.value:
+        return
+    write_status(paths, RunState.FAILED, reason=_failure_reason(exc), failed_rank=rank)
+
+
+def train_run(run_dir: Path) -> str:
+    """Train the run in ``run_dir`` on this rank. Returns "COMPLETED" or "PREEMPTED"; raises after
+    writing FAILED to status.json otherwise."""
+    paths = RunPaths(Path(run_dir).resolve())
+    if read_status(paths).get("state") == RunState.COMPLETED.value and paths.result_json.is_file():
+        return RunState.COMPLETED.value
+    cfg, ds_config = _load_inputs(paths)
+
+    from launcher.train.distributed import detect_dist_env, init_distributed, shutdown_distributed
+    from launcher.train.loop import run_training
+    from launcher.train.signals import PreemptionFlag
+
+    env = detect_dist_env()
+    handler = _setup_logging(paths, env.rank)
+    flag = PreemptionFlag()
+    flag.install()  # after submitit's handlers: ours must win
+    log.info("run %s (%s) rank %d/%d via %s", cfg.name, cfg.run_id, env.rank, env.world_size, env.source)
+    try:
+        init_distributed(env)
+        return run_training(cfg, ds_config, paths, env, flag)
+    except BaseException as exc:
+        _record_failure(paths, env.rank, exc)
+        raise
+    finally:
+        flag.uninstall()
+        shutdown_distributed()
+        _teardown_logging(handler)
+
+
+def exit_code_for(state: str) -> int:
+    if state == RunState.COMPLETED.value:
+        return 0
+    if state == RunState.PREEMPTED.value:
+        return PREEMPTED_EXIT_CODE
+    return FAILED_EXIT_CODE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print("usage: python -m launcher.train RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        state = train_run(Path(args[0]))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        print(f"error: training failed: {_failure_reason(exc)}", file=sys.stderr)
+        return FAILED_EXIT_CODE
+    return exit_code_for(state)

@@ -1,0 +1,248 @@
+"""Evaluation: eval loss, greedy generation on the eval set, BLEU / chrF / ChatGLM BLEU-4.
+
+Work is split across ranks by *batches*: the examples are ordered by length, cut into global batches
+of the configured size, and batch ``b`` goes to rank ``b % world_size``. A batch therefore holds the
+same examples whatever the world size, so 1 rank and N ranks give the same predictions.
+
+ZeRO-3 partitions every parameter, so a forward pass is a collective: every rank must run the same
+number of forward passes. Ranks with fewer batches run throw-away passes on a copy of the first
+batch, and generation uses ``synced_gpus`` (a rank whose sequences ended keeps stepping until all
+ranks are done) - the usual reason other tools refuse generation under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.spec import RunConfig
+from launcher.train.export import is_zero3_partitioned, unwrap
+
+IGNORE_INDEX = -100
+
+
+# --- distributed helpers -----------------------------------------------------------------------
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _world() -> tuple[int, int]:
+    if _dist_ready():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    if not _dist_ready() or torch.distributed.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+    torch.distributed.all_reduce(tensor, op=reduce_op)
+    return [float(v) for v in tensor.tolist()]
+
+
+def _device_of(model_or_engine: Any, module: nn.Module) -> torch.device:
+    device = getattr(model_or_engine, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(module.parameters()).device
+
+
+def shard_batches(
+    lengths: Sequence[int], batch_size: int, rank: int, world_size: int
+) -> tuple[list[list[int]], int]:
+    """This rank's batches (example indices) and the number of global batches.
+
+    Longest first (an out-of-memory shows at once, and padding stays small), ties by index.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches[rank::world_size], len(batches)
+
+
+def _rounds(mine: int, total_batches: int, world_size: int, zero3: bool) -> int:
+    """Forward rounds this rank runs: its own batches, or under ZeRO-3 the most any rank has."""
+    if zero3 and world_size > 1:
+        return math.ceil(total_batches / world_size)
+    return mine
+
+
+# --- eval loss ---------------------------------------------------------------------------------
+
+
+def eval_loss(model_or_engine: Any, features: Sequence[Any], pad_token_id: int, batch_size: int) -> float:
+    """Mean loss per target token over the whole eval set (all ranks call; all get the same value).
+
+    Each rank evaluates its share of the batches; sums of loss x tokens and of tokens are reduced, so
+    the result is the token-weighted mean, not a mean of per-batch means.
+    """
+    from launcher.train.data import collate
+
+    module = unwrap(model_or_engine)
+    # the engine itself when given one (its forward applies DeepSpeed's precision settings)
+    target: nn.Module = model_or_engine if isinstance(model_or_engine, nn.Module) else module
+    rank, world_size = _world()
+    device = _device_of(model_or_engine, module)
+    zero3 = is_zero3_partitioned(module)
+    mine, total = shard_batches([len(f.input_ids) for f in features], batch_size, rank, world_size)
+    rounds = _rounds(len(mine), total, world_size, zero3)
+    was_training = target.training
+    target.eval()
+    loss_sum = 0.0
+    tokens = 0
+    try:
+        with torch.no_grad():
+            for r in range(rounds):
+                real = r < len(mine)
+                indices = (
+                    mine[r] if real else mine[0] if mine else [0]
+                )  # throw-away pass keeps ZeRO-3 in step
+                batch = {
+                    k: v.to(device) for k, v in collate([features[i] for i in indices], pad_token_id).items()
+                }
+                out = target(**batch)
+                if real:
+                    # the model's loss is the mean over shifted target tokens; weight it by their count
+                    count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
+                    loss_sum += float(out.loss.float().item()) * count
+                    tokens += count
+    finally:
+        target.train(was_training)
+    loss_sum, token_total = _all_reduce([loss_sum, float(tokens)], device)
+    return loss_sum / token_total if token_total > 0 else float("nan")
+
+
+# --- generation --------------------------------------------------------------------------------
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched generation needs LEFT padding: every row's last token is where generation continues."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            attention[i, width - len(row) :] = 1
+    return input_ids, attention
+
+
+def _eos_ids(tokenizer: Any, module: nn.Module) -> list[int]:
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_config = getattr(module, "generation_config", None)
+    extra = getattr(gen_config, "eos_token_id", None)
+    for value in extra if isinstance(extra, list) else [extra]:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    return ids
+
+
+def generate_samples(
+    model: Any, tokenizer: Any, examples: Sequence[Any], cfg: RunConfig, rank: int, world_size: int
+) -> list[dict[str, Any]]:
+    """Generate a prediction for the first ``eval.num_samples`` eval examples (all ranks call).
+
+    Returns ``{id, prompt, reference, prediction}`` dicts in example order on rank 0, ``[]`` elsewhere.
+    Greedy unless ``eval.do_sample``; sampling is seeded per batch, so it too is reproducible.
+    """
+    from transformers import GenerationConfig
+
+    from launcher.train.data import encode_prompt
+
+    module = unwrap(model)
+    limit = cfg.eval.num_samples
+    chosen = list(examples[:limit] if limit is not None else examples)
+    prompts = [encode_prompt(ex, tokenizer, cfg.template, cfg.training.max_source_length) for ex in chosen]
+    device = _device_of(model, module)
+    zero3 = is_zero3_partitioned(module)
+    mine, total = shard_batches([len(p) for p in prompts], cfg.eval.batch_size, rank, world_size)
+    rounds = _rounds(len(mine), total, world_size, zero3)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(tokenizer, module)
+    gen_config = GenerationConfig(
+        max_new_tokens=cfg.eval.max_new_tokens,
+        do_sample=cfg.eval.do_sample,
+        num_beams=1,
+        use_cache=True,  # training turns the model's KV cache off; generation wants it
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids or None,
+    )
+    results: list[tuple[int, str]] = []
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for r in range(rounds):
+                real = r < len(mine)
+                indices = mine[r] if real else mine[0] if mine else [0]
+                input_ids, attention = left_pad([prompts[i] for i in indices], pad_id)
+                if cfg.eval.do_sample:  # the global batch number, so the seed does not depend on ranks
+                    torch.manual_seed(cfg.training.seed + r * world_size + rank)
+                out = module.generate(  # type: ignore[operator]
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    generation_config=gen_config,
+                    synced_gpus=zero3 and world_size > 1,
+                )
+                if not real:
+                    continue
+                for row, index in enumerate(indices):
+                    new_tokens = out[row, input_ids.shape[1] :].tolist()
+                    for pos, token in enumerate(new_tokens):
+                        if token in eos_ids:
+                            new_tokens = new_tokens[:pos]
+                            break
+                    results.append((index, tokenizer.decode(new_tokens, skip_special_tokens=True).strip()))
+    finally:
+        module.train(was_training)
+    gathered = _gather_to_rank0(results, rank, world_size)
+    if rank != 0:
+        return []
+    predictions = dict(gathered)
+    return [
+        {
+            "id": ex.id,
+            "prompt": tokenizer.decode(prompts[i], skip_special_tokens=True),
+            "reference": ex.response,
+            "prediction": predictions[i],
+        }
+        for i, ex in enumerate(chosen)
+    ]
+
+
+def _gather_to_rank0(results: list[tuple[int, str]], rank: int, world_size: int) -> list[tuple[int, str]]:
+    if world_size == 1 or not _dist_ready():
+        return results
+    received: list[Any] = [None] * world_size if rank == 0 else []
+    torch.distributed.gather_object(results, received if rank == 0 else None, dst=0)
+    return [item for part in received for item in (part or [])] if rank == 0 else []
+
+
+# --- scores ------------------------------------------------------------------------------------
+
+
+def bleu_scores(
+    samples: Sequence[dict[str, Any]], tokenize: str = "zh", *, chatglm_bleu4: bool = True
+) -> dict[str, Any]:
+    """Corpus BLEU (sacrebleu, ``tokenize``), chrF, and ChatGLM's character BLEU-4 (see bleu_chatglm)."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    from launcher.train.bleu_chatglm import bleu4_chatglm
+
+    if not samples:
+        return {"bleu": None, "chrf": None, "bleu4_chatglm": None}
+    hyps = [str(s["prediction"]) for s in samples]
+    refs = [str(s["reference"]) for s in samples]
+    return {
+        "bleu": float(BLEU(tokenize=tokenize).corpus_score(hyps, [refs]).score),
+        "chrf": float(CHRF().corpus_score(hyps, [refs]).score),
+        "bleu4_chatglm": bleu4_chatglm(hyps, refs) if chatglm_bleu4 else None,
+    }

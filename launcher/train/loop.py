@@ -1,0 +1,323 @@
+"""The training loop, linear and in one place: model -> method -> data -> DeepSpeed engine -> resume ->
+steps (log, eval, checkpoint, preemption) -> final checkpoint -> eval, samples, BLEU -> export -> result.
+
+Every rank runs this function; only rank 0 writes shared files (metrics, status, samples, result).
+All ranks agree on "stop now" (preemption signal, non-finite loss) through one small all_reduce per
+optimizer step, so no rank ever waits in a collective the others skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher.rundir import RunPaths, RunState, append_jsonl, iter_jsonl, write_status, write_text_atomic
+from launcher.spec import RunConfig
+from launcher.train import checkpoint as ckpt
+from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
+from launcher.train.memory import peak_memory_all_ranks, reset_peak_memory
+from launcher.train.result import TrainOutcome, build_result, write_result
+from launcher.train.schedule import fill_ds_config, total_optimizer_steps, warmup_steps
+from launcher.train.signals import PreemptionFlag
+
+log = logging.getLogger(__name__)
+
+TEST_CRASH_ENV = "LAUNCHER_TEST_CRASH_AT_STEP"
+"""Test-only fault injection: "RANK:STEP" makes that rank raise right after that optimizer step."""
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainData:
+    train_features: list[Any]
+    """Encoded training examples (input_ids, labels)."""
+    eval_features: list[Any]
+    eval_examples: list[Any]
+    order: Any
+    """``BatchOrder`` over the training features for this rank."""
+    pad_token_id: int
+    truncated_frac: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model_and_tokenizer(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.train.data import resolve_model_dir
+
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.path else model_dir
+    remote = cfg.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=remote)
+    dtype = _DTYPES[cfg.model.dtype or cfg.training.precision]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=remote)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # no KV cache while training (generation turns it on per call)
+    return model, tokenizer
+
+
+def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
+    from launcher.train.data import BatchOrder, encode_for_training, load_examples, resolve_data_files
+
+    train_path, eval_path = resolve_data_files(cfg.data)
+    train_examples = load_examples(train_path, cfg.data.format)[: cfg.data.max_train_examples]
+    eval_examples = load_examples(eval_path, cfg.data.format)[: cfg.data.max_eval_examples]
+    t = cfg.training
+
+    def encode(examples: list[Any]) -> list[Any]:
+        return [
+            encode_for_training(ex, tokenizer, cfg.template, t.max_source_length, t.max_target_length)
+            for ex in examples
+        ]
+
+    train_features = encode(train_examples)
+    eval_features = encode(eval_examples)
+    truncated = sum(1 for f in train_features if f.truncated)
+    order = BatchOrder(
+        lengths=[len(f.input_ids) for f in train_features],
+        batch_size=t.per_device_batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=t.seed,
+        group_by_length=t.group_by_length,
+        drop_last=True,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TrainData(
+        train_features=train_features,
+        eval_features=eval_features,
+        eval_examples=eval_examples,
+        order=order,
+        pad_token_id=int(pad_id),
+        truncated_frac=truncated / len(train_features) if train_features else 0.0,
+    )
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _maybe_test_crash(rank: int, step: int) -> None:
+    """The one place that reads LAUNCHER_TEST_CRASH_AT_STEP (tests simulate a rank dying mid-run)."""
+    spec = os.environ.get(TEST_CRASH_ENV)
+    if not spec:
+        return
+    crash_rank, _, crash_step = spec.partition(":")
+    if int(crash_rank) == rank and int(crash_step) == step:
+        raise RuntimeError(f"{TEST_CRASH_ENV}: simulated crash of rank {rank} at step {step}")
+
+
+def _truncate_logs_after(paths: RunPaths, step: int) -> None:
+    """After a resume, drop log lines of steps that are about to be recomputed (rank 0)."""
+    for path in (paths.metrics_jsonl, paths.eval_jsonl):
+        if not path.exists():
+            continue
+        kept = [line for line in iter_jsonl(path) if int(line.get("step", 0)) <= step]
+        from launcher.rundir import to_json
+
+        write_text_atomic(path, "".join(to_json(obj, indent=None) + "\n" for obj in kept))
+
+
+def _epoch_progress(state: ckpt.TrainState, batches_per_epoch: int) -> float:
+    return state.epoch + state.batches_done / max(1, batches_per_epoch)
+
+
+def run_training(
+    cfg: RunConfig, ds_config: dict[str, Any], paths: RunPaths, env: DistEnv, flag: PreemptionFlag
+) -> str:
+    import deepspeed
+
+    from launcher.train.adapters import apply_method
+    from launcher.train.data import collate
+    from launcher.train.evaluate import bleu_scores, eval_loss, generate_samples
+    from launcher.train.export import export_final
+
+    t = cfg.training
+    rank0 = env.is_rank0
+    device = device_for(env)
+    reset_peak_memory()
+    seed_everything(t.seed)  # same initial weights for new parameters (LoRA, prefix) on every rank
+
+    # --- model, method, data ------------------------------------------------------------------
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    grad_ckpt = cfg.resources.gradient_checkpointing
+    model, counts = apply_method(model, cfg.method, gradient_checkpointing=grad_ckpt)
+    log.info("%s: %s", cfg.method.method, counts.describe())
+    data = build_data(cfg, tokenizer, env)
+    batches_per_epoch = int(data.order.num_batches)
+    if batches_per_epoch == 0:
+        raise RuntimeError(
+            f"no training batch per rank: {len(data.train_features)} examples, micro-batch "
+            f"{t.per_device_batch_size}, {env.world_size} ranks"
+        )
+    total_steps = total_optimizer_steps(t, batches_per_epoch)
+    ds = fill_ds_config(
+        ds_config, total_steps=total_steps, warmup=warmup_steps(t, total_steps), world_size=env.world_size
+    )
+    log.info("steps: %d optimizer steps, %d micro-batches per epoch per rank", total_steps, batches_per_epoch)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
+    exclude_frozen = cfg.method.method != "full"  # frozen weights come back from the base model
+
+    # --- resume --------------------------------------------------------------------------------
+    if rank0:
+        removed = ckpt.remove_incomplete(paths.checkpoints)
+        if removed:
+            log.info("removed incomplete checkpoints: %s", ", ".join(removed))
+    barrier()
+    state = ckpt.load_latest(engine, paths.checkpoints, rank=env.rank, exclude_frozen=exclude_frozen)
+    if state is None:
+        state = ckpt.TrainState()
+    else:
+        log.info("resumed from step %d (epoch %d, batch %d)", state.global_step, state.epoch, state.batches_done)
+        if rank0:
+            _truncate_logs_after(paths, state.global_step)
+    if rank0:
+        write_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
+
+    def save() -> None:
+        ckpt.save_checkpoint(
+            engine, paths.checkpoints, state, rank=env.rank, keep=t.save_total_limit, exclude_frozen=exclude_frozen
+        )
+
+    def run_eval_loss() -> float:
+        return float(eval_loss(engine, data.eval_features, data.pad_token_id, t.per_device_batch_size))
+
+    # --- the loop ------------------------------------------------------------------------------
+    engine.train()
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_micro = 0
+    window_tokens = 0
+    while state.global_step < total_steps:
+        batches = data.order.batches(state.epoch)
+        if state.batches_done >= len(batches):
+            state.epoch += 1
+            state.batches_done = 0
+            continue
+        step_started = time.perf_counter()
+        indices = batches[state.batches_done]
+        batch = _to_device(collate([data.train_features[i] for i in indices], data.pad_token_id), device)
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()  # must be asked before step()
+        engine.step()
+        state.batches_done += 1
+        state.micro_steps += 1
+        window_loss += loss.detach().double()
+        window_micro += 1
+        window_tokens += int(batch["attention_mask"].sum().item())
+        if not boundary:
+            state.train_time_s += time.perf_counter() - step_started
+            continue
+
+        # One optimizer step done: agree on loss, tokens and "stop now" across ranks.
+        state.global_step += 1
+        loss_sum, micro_sum, tokens_sum, stop_votes = all_reduce_sum(
+            [float(window_loss.item()), window_micro, window_tokens, 1.0 if flag.requested else 0.0], device
+        )
+        step_loss = loss_sum / micro_sum
+        state.tokens += int(tokens_sum)
+        state.train_time_s += time.perf_counter() - step_started
+        window_loss.zero_()
+        window_micro = 0
+        window_tokens = 0
+        if not math.isfinite(step_loss):
+            raise NonFiniteLoss(f"loss is {'NaN' if math.isnan(step_loss) else 'inf'} at step {state.global_step}")
+        _maybe_test_crash(env.rank, state.global_step)
+
+        if state.global_step % t.logging_steps == 0 and rank0:
+            append_jsonl(
+                paths.metrics_jsonl,
+                {
+                    "step": state.global_step,
+                    "epoch": round(_epoch_progress(state, batches_per_epoch), 4),
+                    "loss": step_loss,
+                    "lr": float(engine.get_lr()[0]),
+                    "tokens": state.tokens,
+                    "tokens_per_s": state.tokens / state.train_time_s if state.train_time_s > 0 else None,
+                    "elapsed_s": round(state.train_time_s, 3),
+                },
+            )
+            write_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
+        if t.eval_steps and state.global_step % t.eval_steps == 0 and state.global_step < total_steps:
+            value = run_eval_loss()
+            engine.train()
+            if rank0:
+                append_jsonl(paths.eval_jsonl, {"step": state.global_step, "eval_loss": value})
+        if state.global_step % t.save_steps == 0:
+            save()
+        if stop_votes > 0 and state.global_step < total_steps:
+            save()
+            if rank0:
+                write_status(
+                    paths,
+                    RunState.PREEMPTED,
+                    reason=f"{flag.signal_name or 'signal'} received; checkpoint saved at step {state.global_step}",
+                    step=state.global_step,
+                    total_steps=total_steps,
+                )
+            log.info("preempted at step %d; checkpoint saved", state.global_step)
+            return RunState.PREEMPTED.value
+
+    # --- the end: final checkpoint, eval, samples, export, result --------------------------------
+    save()
+    peak = peak_memory_all_ranks(device)  # training peak, before generation adds its KV cache
+    final_eval_loss = run_eval_loss()
+    samples = generate_samples(engine.module, tokenizer, data.eval_examples, cfg, env.rank, env.world_size)
+    scores: dict[str, float | None] = {}
+    if rank0:
+        from launcher.rundir import to_json
+
+        write_text_atomic(paths.samples_jsonl, "".join(to_json(s, indent=None) + "\n" for s in samples))
+        if samples:
+            scores = dict(bleu_scores(samples, cfg.eval.bleu_tokenize))
+    export_final(engine.module, cfg.method, tokenizer, paths.final, zero_stage=cfg.resources.zero_stage, is_rank0=rank0)
+    if rank0:
+        outcome = TrainOutcome(
+            steps=state.global_step,
+            epochs=_epoch_progress(state, batches_per_epoch),
+            tokens=state.tokens,
+            train_time_s=state.train_time_s,
+            world_size=env.world_size,
+            nodes=_node_count(env),
+            gradient_checkpointing=grad_ckpt,
+            truncated_frac=data.truncated_frac,
+            peak=peak,
+            eval_loss=final_eval_loss,
+            scores=scores,
+        )
+        write_result(paths, build_result(cfg, paths, outcome, RunState.COMPLETED.value))
+        write_status(paths, RunState.COMPLETED, step=state.global_step, total_steps=total_steps)
+    barrier()
+    return RunState.COMPLETED.value
+
+
+def _node_count(env: DistEnv) -> int:
+    """Nodes in the job: from the scheduler when it says, else world size / ranks per node."""
+    for var in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        if os.environ.get(var) and env.source == "submitit":
+            return int(os.environ[var])
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local and int(local) > 0:
+        return max(1, env.world_size // int(local))
+    return 1

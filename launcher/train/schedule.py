@@ -1,0 +1,68 @@
+"""Step arithmetic and the run-time parts of ``ds_config.json`` (the scheduler's "auto" step counts)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+from launcher.spec import TrainingSpec
+
+log = logging.getLogger(__name__)
+
+
+def total_optimizer_steps(training: TrainingSpec, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_steps`` if set, else epochs x micro-batches per rank / accumulation.
+
+    A trailing partial accumulation window is dropped (it would be an optimizer step on fewer samples).
+    """
+    if training.max_steps is not None:
+        return training.max_steps
+    micro_batches = math.ceil(training.num_epochs * batches_per_epoch)
+    return max(1, micro_batches // training.gradient_accumulation_steps)
+
+
+def warmup_steps(training: TrainingSpec, total_steps: int) -> int:
+    return math.ceil(training.warmup_ratio * total_steps)
+
+
+def fill_ds_config(ds_config: dict[str, Any], *, total_steps: int, warmup: int, world_size: int) -> dict[str, Any]:
+    """A copy of ``ds_config`` with the scheduler's "auto" step counts filled in and the global batch
+    matching the real world size."""
+    filled = copy.deepcopy(ds_config)
+    params = filled.get("scheduler", {}).get("params", {})
+    if params.get("total_num_steps") == "auto":
+        params["total_num_steps"] = total_steps
+    if params.get("warmup_num_steps") == "auto":
+        params["warmup_num_steps"] = warmup
+    micro = int(filled["train_micro_batch_size_per_gpu"])
+    accumulation = int(filled.get("gradient_accumulation_steps", 1))
+    planned = filled.get("train_batch_size")
+    actual = micro * accumulation * world_size
+    if planned is not None and int(planned) != actual:
+        # Running on a different number of ranks than planned (e.g. one process on a laptop): keep the
+        # per-rank micro-batch and accumulation, say loudly that the global batch differs.
+        log.warning(
+            "ds_config train_batch_size=%s was planned for another world size; using %d = %d x %d x %d ranks",
+            planned,
+            actual,
+            micro,
+            accumulation,
+            world_size,
+        )
+    filled["train_batch_size"] = actual
+    leftovers = _auto_keys(filled)
+    if leftovers:
+        raise ValueError(f"ds_config.json still has 'auto' values the trainer cannot fill: {', '.join(leftovers)}")
+    return filled
+
+
+def _auto_keys(value: Any, prefix: str = "") -> list[str]:
+    found: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _auto_keys(item, f"{prefix}.{key}" if prefix else str(key))
+    elif value == "auto":
+        found.append(prefix)
+    return found

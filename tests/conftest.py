@@ -1,0 +1,44 @@
+"""Shared session fixtures: the built-in tiny model and the bundled dialogue data.
+
+Both live in the default cache (``launcher.cache.cache_dir()``, i.e. ``<repo>/.cache/launcher`` or
+``$LAUNCHER_CACHE_DIR``), so the model is built once (~1 min) and reused by later test runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# One thread per process: the CI box is small and shared, and one thread keeps CPU results reproducible.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The built-in tiny GLM model directory (config.json, weights, tokenizer), built once and cached."""
+    import torch
+
+    from launcher.tiny import ensure_tiny_model
+
+    torch.set_num_threads(1)
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def dialogue_files() -> tuple[Path, Path]:
+    """(train.jsonl, eval.jsonl) of the bundled Chinese multi-turn dialogue data."""
+    from launcher.demo_data import ensure_builtin_data
+
+    return ensure_builtin_data("dialogue")
+
+
+@pytest.fixture(scope="session")
+def spo_files() -> tuple[Path, Path]:
+    """(train.jsonl, eval.jsonl) of the bundled SPO triple-extraction data."""
+    from launcher.demo_data import ensure_builtin_data
+
+    return ensure_builtin_data("spo")

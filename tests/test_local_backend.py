@@ -1,0 +1,209 @@
+"""The local backend with real rank processes (a stand-in trainer; the real trainer at the end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from backend_helpers import STAND_IN_COMMAND, make_run, write_runs
+from rich.console import Console
+
+from launcher.backends.local import PREEMPTED_EXIT_CODE, LocalBackend, job_alive, supervisor_job_id
+from launcher.errors import UserError
+from launcher.rundir import ExperimentPaths, iter_jsonl, read_json, read_status
+
+
+def _backend(**kw: object) -> LocalBackend:
+    kw.setdefault("console", Console(file=open(os.devnull, "w"), width=150))  # noqa: SIM115
+    kw.setdefault("show_progress", False)
+    kw.setdefault("poll_interval_s", 0.1)
+    return LocalBackend(None, train_command=STAND_IN_COMMAND, **kw)  # type: ignore[arg-type]
+
+
+def _env(exp: ExperimentPaths, run: str, rank: int) -> dict:
+    return read_json(exp.run(run).logs / f"env{rank}.json")
+
+
+def test_preempted_exit_code_matches_trainer() -> None:
+    from launcher.train.entry import PREEMPTED_EXIT_CODE as trainer_code
+
+    assert trainer_code == PREEMPTED_EXIT_CODE
+
+
+def test_two_concurrent_runs_of_two_ranks_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A launcher typed inside a Slurm allocation must not leak SLURM_* into local ranks.
+    monkeypatch.setenv("SLURM_PROCID", "7")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
+    runs = [make_run(n, world_size=2, max_steps=6, max_concurrent=2) for n in ("a", "b")]
+    exp = write_runs(tmp_path / "exp", runs)
+    backend = _backend()
+    submitted = backend.submit(exp, runs, dry_run=False)
+    assert [s.job_id for s in submitted] == [supervisor_job_id()] * 2
+    assert submitted[0].job_id.startswith(f"{os.getpid()}@")
+    assert read_status(exp.run("a"))["state"] == "PENDING"
+    states = backend.wait(exp)
+    assert states == {"a": "COMPLETED", "b": "COMPLETED"}
+    for name in ("a", "b"):
+        envs = [_env(exp, name, r) for r in (0, 1)]
+        assert [e["RANK"] for e in envs] == ["0", "1"]
+        assert {e["WORLD_SIZE"] for e in envs} == {"2"}
+        assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
+        assert envs[0]["slurm_vars"] == []
+        assert "stand-in rank 1/2" in exp.run(name).rank_log(1).read_text()
+        assert [m["step"] for m in iter_jsonl(exp.run(name).metrics_jsonl)] == [1, 2, 3, 4, 5, 6]
+    # Both ran at the same time (concurrency 2) on different rendezvous ports.
+    a0, b0 = _env(exp, "a", 0), _env(exp, "b", 0)
+    assert a0["MASTER_PORT"] != b0["MASTER_PORT"]
+    assert abs(a0["start"] - b0["start"]) < 3.0
+
+
+def test_concurrency_limit_and_distinct_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: ["0", "1", "2", "3"])
+    runs = [make_run(n, world_size=2, max_steps=8, max_concurrent=2) for n in ("a", "b", "c")]
+    exp = write_runs(tmp_path / "exp", runs)
+    backend = _backend()
+    backend.submit(exp, runs, dry_run=False)
+    assert backend.wait(exp) == {"a": "COMPLETED", "b": "COMPLETED", "c": "COMPLETED"}
+    gpus = {n: _env(exp, n, 0)["CUDA_VISIBLE_DEVICES"] for n in "abc"}
+    assert gpus["a"] != gpus["b"] and {gpus["a"], gpus["b"]} == {"0,1", "2,3"}
+    assert _env(exp, "a", 1)["CUDA_VISIBLE_DEVICES"] == gpus["a"]  # both ranks of a run see the same cards
+    # c waited for a free slot: it started after a or b had finished.
+    ends = [_env(exp, n, 0)["start"] for n in "ab"]
+    assert _env(exp, "c", 0)["start"] > min(ends) + 8 * 0.05 * 0.8
+
+
+def test_run_needing_more_gpus_than_the_machine_has_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: ["0"])
+    run = make_run("big", world_size=2)
+    exp = write_runs(tmp_path / "exp", [run])
+    with pytest.raises(UserError, match="needs 2 GPUs"):
+        _backend().submit(exp, [run], dry_run=False)
+    assert read_status(exp.run("big"))["state"] == "PLANNED"
+
+
+def test_crashed_rank_kills_siblings_and_other_runs_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
+    monkeypatch.setenv("STAND_IN_CRASH", "bad:1:3")  # rank 1 of run "bad" raises at step 3
+    runs = [make_run("bad", world_size=2, max_steps=6, max_concurrent=2), make_run("good", max_steps=6)]
+    exp = write_runs(tmp_path / "exp", runs)
+    backend = _backend()
+    backend.submit(exp, runs, dry_run=False)
+    start = time.monotonic()
+    states = backend.wait(exp)
+    assert time.monotonic() - start < 30  # rank 0 was blocked for 1000 s: it was killed, not waited for
+    assert states == {"bad": "FAILED", "good": "COMPLETED"}
+    status = read_status(exp.run("bad"))
+    assert status["reason"].startswith("rank 1 exited with code 1")
+    assert "RuntimeError: simulated crash of rank 1 at step 3" in status["reason"]
+    assert status["exit_codes"]["0"] == -signal.SIGKILL
+    assert not job_alive(str(_env(exp, "bad", 0)["pid"]))
+
+
+def test_ctrl_c_checkpoints_and_resubmit_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
+    monkeypatch.setenv("STAND_IN_STEP_S", "0.2")
+    runs = [make_run("r", world_size=2, max_steps=40), make_run("queued", max_steps=3)]
+    exp = write_runs(tmp_path / "exp", runs)
+    backend = _backend()
+    backend.submit(exp, runs, dry_run=False)
+
+    def press_ctrl_c() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            metrics = list(iter_jsonl(exp.run("r").metrics_jsonl))
+            if len(metrics) >= 3:
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        backend.wait(exp)
+    status = read_status(exp.run("r"))
+    assert status["state"] == "PREEMPTED"
+    assert status["reason"].startswith("SIGTERM received")  # the ranks got SIGTERM, not SIGKILL
+    checkpoint_steps = [int(p.name.split("_")[1]) for p in (exp.run("r").checkpoints).glob("step_*")]
+    assert checkpoint_steps and 3 <= checkpoint_steps[0] < 40
+    assert read_status(exp.run("queued"))["state"] == "PLANNED"  # never started
+    for rank in (0, 1):
+        assert not job_alive(str(_env(exp, "r", rank)["pid"]))
+
+    monkeypatch.setenv("STAND_IN_STEP_S", "0.01")
+    again = _backend()
+    again.submit(exp, runs, dry_run=False)
+    assert again.wait(exp) == {"r": "COMPLETED", "queued": "COMPLETED"}
+    assert _env(exp, "r", 0)["start"] > 0
+    metrics_steps = [m["step"] for m in iter_jsonl(exp.run("r").metrics_jsonl)]
+    assert (
+        metrics_steps[-1] == 40 and metrics_steps.count(checkpoint_steps[0] + 1) == 1
+    )  # resumed, not restarted
+
+
+def test_cancel_from_outside_marks_cancelled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
+    monkeypatch.setenv("STAND_IN_STEP_S", "0.2")
+    runs = [make_run("long", world_size=2, max_steps=100), make_run("later", max_steps=2)]
+    exp = write_runs(tmp_path / "exp", runs)
+    backend = _backend()
+    submitted = backend.submit(exp, runs, dry_run=False)
+
+    def cancel_soon() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not exp.run("long").metrics_jsonl.exists():
+            time.sleep(0.1)
+        _backend().cancel(exp, submitted)  # another LocalBackend instance: like `launcher cancel`
+
+    thread = threading.Thread(target=cancel_soon, daemon=True)
+    thread.start()
+    states = backend.wait(exp)
+    thread.join(30)
+    assert states == {"long": "CANCELLED", "later": "CANCELLED"}
+    assert read_status(exp.run("later"))["reason"] == "cancelled before it started"
+    assert not exp.run("later").rank_log(0).exists()
+
+
+def test_live_states_sees_a_dead_supervisor(tmp_path: Path) -> None:
+    from launcher.backends.base import SubmittedRun
+
+    backend = _backend()
+    dead = SubmittedRun("x", "id-x", "local", job_id="999999999")
+    alive = SubmittedRun("y", "id-y", "local", job_id=supervisor_job_id())
+    reused = SubmittedRun("z", "id-z", "local", job_id=f"{os.getpid()}@1")  # same pid, other start time
+    assert job_alive(supervisor_job_id())
+    assert backend.live_states([dead, alive, reused]) == {"x": "PREEMPTED", "z": "PREEMPTED"}
+
+
+def test_dry_run_prints_commands_and_starts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
+    run = make_run("d", world_size=2)
+    exp = write_runs(tmp_path / "exp", [run])
+    backend = _backend()
+    [sub] = backend.submit(exp, [run], dry_run=True)
+    assert sub.job_id is None and sub.command is not None
+    lines = sub.command.splitlines()
+    assert len(lines) == 2 and "RANK=1" in lines[1] and "WORLD_SIZE=2" in lines[1]
+    assert str(exp.run("d").root.resolve()) in lines[0] and "rank1.log" in lines[1]
+    assert backend.wait(exp) == {}
+    assert read_status(exp.run("d"))["state"] == "PLANNED"
+
+
+def test_status_json_reports_json_decodable(tmp_path: Path) -> None:
+    # The supervisor's side file is plain JSON that `launcher cancel` in another process reads.
+    run = make_run("s")
+    exp = write_runs(tmp_path / "exp", [run])
+    backend = _backend()
+    backend.submit(exp, [run], dry_run=False)
+    info = json.loads((exp.run("s").logs / "local.json").read_text())
+    assert info["supervisor_pid"] == os.getpid() and info["cancel_requested"] is False
+    assert backend.wait(exp) == {"s": "COMPLETED"}

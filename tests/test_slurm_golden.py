@@ -1,0 +1,364 @@
+"""Golden sbatch scripts and the injection table for the Slurm backend (fast, no cluster).
+
+The scripts are produced by the real submission path (submitit's SlurmExecutor, the backend's
+grouping into arrays); only the subprocess boundary is replaced: fake `sbatch`, `srun` and `scontrol`
+executables on PATH record the script and answer like Slurm. Regenerate the golden files with
+`LAUNCHER_UPDATE_GOLDEN=1 pytest tests/test_slurm_golden.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launcher.backends import slurm as slurm_mod
+from launcher.backends.slurm import SlurmBackend, cluster_problems, group_by_shape, parse_max_array_size
+from launcher.backends.slurm_queries import map_slurm_state, query_job_states
+from launcher.errors import UserError
+from launcher.rundir import ExperimentPaths, RunState, read_status
+from launcher.spec import ClusterSpec, RunConfig
+
+GOLDEN = Path(__file__).parent / "golden"
+
+FAKE_SBATCH = """#!/bin/sh
+# Records the script it is given and answers like sbatch.
+n=$(ls "$FAKE_SLURM_DIR"/call_*.sh 2>/dev/null | wc -l)
+n=$((n + 1))
+cp "$1" "$FAKE_SLURM_DIR/call_$n.sh"
+echo "Submitted batch job $((1000 + n))"
+"""
+FAKE_SCONTROL = """#!/bin/sh
+echo "MaxArraySize            = ${FAKE_MAX_ARRAY_SIZE:-1001}"
+"""
+
+
+def make_run(name: str, *, nodes: int = 1, gpus: int = 1, **cluster: Any) -> RunConfig:
+    return RunConfig.model_validate(
+        {
+            "experiment": "golden exp",
+            "name": name,
+            "run_id": f"id-{name}",
+            "method": {"method": "lora"},
+            "model": {"builtin": "tiny-glm"},
+            "tokenizer": {},
+            "data": {"builtin": "dialogue"},
+            "template": "chatglm",
+            "training": {"max_steps": 2},
+            "eval": {},
+            "resources": {
+                "nodes": nodes,
+                "gpus_per_node": gpus,
+                "zero_stage": 3 if nodes > 1 else 0,
+                "offload_optimizer": nodes > 1,
+                "offload_param": nodes > 1,
+                "gradient_checkpointing": False,
+                "est_mem_gib": 1.0,
+                "fits": True,
+            },
+            "cluster": cluster,
+        }
+    )
+
+
+@pytest.fixture
+def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("scontrol", FAKE_SCONTROL), ("srun", "#!/bin/sh\nexit 0\n")):
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(calls))
+    slurm_mod.max_array_size.cache_clear()
+    yield calls
+    slurm_mod.max_array_size.cache_clear()
+
+
+def _exp(tmp_path: Path, name: str = "golden exp") -> ExperimentPaths:
+    exp = ExperimentPaths(tmp_path / "out dir" / name)
+    (exp.runs_dir).mkdir(parents=True)
+    return exp
+
+
+def _prepare(exp: ExperimentPaths, runs: list[RunConfig]) -> None:
+    for run in runs:
+        exp.run(run.name).root.mkdir(parents=True, exist_ok=True)
+
+
+def normalise(text: str, exp: ExperimentPaths) -> str:
+    folder = str(slurm_mod.slurm_log_folder(ExperimentPaths(exp.root.resolve())))
+    for form in (shlex.quote(folder), folder):
+        text = text.replace(form, "<LOGS>")
+    return text.replace(shlex.quote(sys.executable), "<PYTHON>").replace(sys.executable, "<PYTHON>")
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("LAUNCHER_UPDATE_GOLDEN") == "1" or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), (
+        f"{name} differs from the golden file (LAUNCHER_UPDATE_GOLDEN=1 to accept)"
+    )
+
+
+def calls(calls_dir: Path) -> list[str]:
+    return [
+        p.read_text() for p in sorted(calls_dir.glob("call_*.sh"), key=lambda p: int(p.stem.split("_")[1]))
+    ]
+
+
+# --- golden scripts through the real submission path -------------------------------------------------
+
+
+def test_sweep_is_one_array_per_shape_plus_collector(tmp_path: Path, fake_slurm: Path) -> None:
+    exp = _exp(tmp_path)
+    runs = [make_run(f"lora_lr{i}", cpus_per_task=1, time_min=10, partition="low") for i in range(3)]
+    runs.append(make_run("full", nodes=2, gpus=2, cpus_per_task=1, time_min=20, partition="low", mem_gb=4))
+    _prepare(exp, runs)
+    backend = SlurmBackend(None)
+    submitted = backend.submit(exp, runs, dry_run=False)
+
+    scripts = calls(fake_slurm)
+    assert backend.sbatch_calls == 3 == len(scripts)  # two shapes + the collector
+    assert [s.job_id for s in submitted] == ["1001_0", "1001_1", "1001_2", "1002"]
+    assert [s.array_index for s in submitted] == [0, 1, 2, None]
+    assert submitted[0].command and Path(submitted[0].command).name == "1001_submission.sh"
+    check_golden("array_1node_1gpu.sbatch", normalise(scripts[0], exp))
+    check_golden("single_2node_2gpu.sbatch", normalise(scripts[1], exp))
+    check_golden("collector.sbatch", normalise(scripts[2], exp))
+    assert "#SBATCH --dependency=afterany:1001:1002" in scripts[2]
+    assert "#SBATCH --array=0-2%3" in scripts[0]
+    assert "#SBATCH --ntasks-per-node=2" in scripts[1] and "#SBATCH --gpus-per-node=2" in scripts[1]
+    status = read_status(exp.run("lora_lr1"))
+    assert status["state"] == RunState.PENDING.value and status["job_id"] == "1001_1"
+
+
+def test_all_options_golden(tmp_path: Path, fake_slurm: Path) -> None:
+    exp = _exp(tmp_path)
+    cluster = {
+        "partition": "gpu,gpu-long",
+        "account": "proj-42",
+        "qos": "normal",
+        "time_min": 90,
+        "constraint": "a100&(ib|roce)",
+        "mem_gb": 64,
+        "cpus_per_task": 8,
+        "exclusive": True,
+        "extra_sbatch": {"reservation": "llm week", "mail_type": "END,FAIL", "nice": 10, "requeue": True},
+        "setup": ["module load cuda/12.4", "source '/opt/my env/bin/activate'"],
+        "array_parallelism": 2,
+        "signal_delay_s": 300,
+    }
+    runs = [make_run(f"r{i}", nodes=1, gpus=4, **cluster) for i in range(5)]
+    _prepare(exp, runs)
+    SlurmBackend(None, with_collector=False).submit(exp, runs, dry_run=False)
+    (script,) = calls(fake_slurm)
+    check_golden("all_options.sbatch", normalise(script, exp))
+    assert "#SBATCH --array=0-4%2" in script
+    assert "#SBATCH --signal=USR2@300" in script
+    assert "#SBATCH --reservation='llm week'" in script
+
+
+def test_dry_run_writes_the_same_script_and_submits_nothing(tmp_path: Path, fake_slurm: Path) -> None:
+    exp = _exp(tmp_path)
+    runs = [make_run(f"r{i}", cpus_per_task=1, time_min=10) for i in range(2)]
+    _prepare(exp, runs)
+    dry = SlurmBackend(None).submit(exp, runs, dry_run=True)
+    assert calls(fake_slurm) == []
+    assert all(r.job_id is None for r in dry)
+    dry_text = Path(dry[0].command or "").read_text()
+    assert read_status(exp.run("r0"))["state"] == RunState.PLANNED.value
+    SlurmBackend(None).submit(exp, runs, dry_run=False)
+    assert normalise(dry_text, exp) == normalise(calls(fake_slurm)[0], exp)
+
+
+def test_array_split_at_max_array_size(
+    tmp_path: Path, fake_slurm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_MAX_ARRAY_SIZE", "4")
+    exp = _exp(tmp_path)
+    runs = [make_run(f"r{i:02d}", cpus_per_task=1) for i in range(10)]
+    _prepare(exp, runs)
+    backend = SlurmBackend(None)
+    submitted = backend.submit(exp, runs, dry_run=False)
+    scripts = calls(fake_slurm)
+    assert backend.sbatch_calls == 4  # 4 + 4 + 2, then the collector
+    assert [s.split("#SBATCH --array=")[1].split("\n")[0] for s in scripts[:3]] == ["0-3%4", "0-3%4", "0-1%2"]
+    assert "afterany:1001:1002:1003" in scripts[3]
+    assert submitted[9].job_id == "1003_1"
+
+
+def test_parse_max_array_size() -> None:
+    assert parse_max_array_size("MaxArraySize            = 1001\nMaxJobCount = 10000\n") == 1001
+    assert parse_max_array_size("nothing") is None
+
+
+def test_group_by_shape_keeps_order_and_separates_shapes() -> None:
+    runs = [make_run("a"), make_run("b", nodes=2, gpus=2), make_run("c"), make_run("d", time_min=5)]
+    groups = group_by_shape(runs, max_size=1001)
+    assert [[r.name for r in members] for _, members in groups] == [["a", "c"], ["b"], ["d"]]
+
+
+# --- injection table ------------------------------------------------------------------------------------
+
+# (cluster overrides, fragment expected in the error). Every one must be rejected before sbatch runs.
+REJECTED: list[tuple[dict[str, Any], str]] = [
+    ({"partition": "low\n#SBATCH --qos=high"}, "cluster.partition"),
+    ({"partition": "low; rm -rf ~"}, "cluster.partition"),
+    ({"partition": "low high"}, "cluster.partition"),
+    ({"account": "$(whoami)"}, "cluster.account"),
+    ({"qos": "`id`"}, "cluster.qos"),
+    ({"qos": "normal'"}, "cluster.qos"),
+    ({"constraint": "a100 && $(id)"}, "cluster.constraint"),
+    ({"constraint": "a100\nrm"}, "cluster.constraint"),
+    ({"extra_sbatch": {"comment": "x\n#SBATCH --partition=high"}}, "newline"),
+    ({"extra_sbatch": {"mail-user\n#SBATCH": "x"}}, "not an sbatch option name"),
+    ({"extra_sbatch": {"--reservation": "x"}}, "not an sbatch option name"),
+    ({"extra_sbatch": {"comment=x --qos": "y"}}, "not an sbatch option name"),
+    ({"extra_sbatch": {"array": "0-9999"}}, "sets --array itself"),
+    ({"extra_sbatch": {"output": "/tmp/x"}}, "sets --output itself"),
+    ({"extra_sbatch": {"dependency": "afterok:1"}}, "sets --dependency itself"),
+    ({"setup": ["module load cuda\nrm -rf /"]}, "cluster.setup[1]"),
+    ({"setup": ["echo ok", "echo \r bad"]}, "cluster.setup[2]"),
+]
+
+# Values that are legal and must arrive at Slurm byte for byte (quoted, one line each).
+QUOTED: list[tuple[str, str]] = [
+    ("comment", "a b;c $(x) `y` \"q\" 's' & | > < * ? ~ #!"),
+    ("reservation", "res with spaces"),
+    ("mail-type", "END,FAIL"),
+]
+
+
+@pytest.mark.parametrize(("cluster", "fragment"), REJECTED, ids=[str(i) for i in range(len(REJECTED))])
+def test_injection_rejected(tmp_path: Path, fake_slurm: Path, cluster: dict[str, Any], fragment: str) -> None:
+    exp = _exp(tmp_path)
+    runs = [make_run("r0", **cluster)]
+    _prepare(exp, runs)
+    with pytest.raises(UserError) as info:
+        SlurmBackend(None).submit(exp, runs, dry_run=False)
+    assert fragment in str(info.value)
+    assert calls(fake_slurm) == []
+    assert read_status(exp.run("r0"))["state"] == RunState.PLANNED.value
+
+
+@pytest.mark.parametrize("bad", ["with%percent", "new\nline"])
+def test_unsafe_output_paths_rejected(tmp_path: Path, fake_slurm: Path, bad: str) -> None:
+    exp = _exp(tmp_path, name=bad)
+    runs = [make_run("r0")]
+    _prepare(exp, runs)
+    with pytest.raises(UserError, match="output directory"):
+        SlurmBackend(None).submit(exp, runs, dry_run=False)
+    assert calls(fake_slurm) == []
+
+
+def _sbatch_directives(script: str) -> list[str]:
+    """The #SBATCH lines sbatch reads: those before the first command line."""
+    out = []
+    for line in script.splitlines()[1:]:
+        if line.startswith("#SBATCH"):
+            out.append(line)
+        elif line.strip() and not line.startswith("#"):
+            break
+    return out
+
+
+def test_quoted_values_and_paths_survive(tmp_path: Path, fake_slurm: Path) -> None:
+    """Spaces, quotes and shell metacharacters in paths and option values stay one quoted word."""
+    exp = _exp(tmp_path, name="exp 'quoted' $(x) ;x")
+    cluster = {"extra_sbatch": dict(QUOTED), "setup": ["#SBATCH --partition=high", "echo done"]}
+    runs = [make_run("r0", **cluster), make_run("r1", **cluster)]
+    _prepare(exp, runs)
+    SlurmBackend(None, with_collector=False).submit(exp, runs, dry_run=False)
+    (script,) = calls(fake_slurm)
+    directives = _sbatch_directives(script)
+    # The setup line that looks like a directive comes after a command: sbatch ignores it.
+    assert "#SBATCH --partition=high" not in directives
+    # Each directive is `--key=<one shell word>` and the word decodes to the spec's value.
+    decoded = {}
+    for line in directives:
+        key, _, value = line[len("#SBATCH --") :].partition("=")
+        words = shlex.split(value) if value else []
+        assert len(words) <= 1, line
+        decoded[key] = words[0] if words else True
+    for key, value in QUOTED:
+        assert decoded[key] == value
+    assert decoded["job-name"] == "golden_exp"
+    log_dir = slurm_mod.slurm_log_folder(ExperimentPaths(exp.root.resolve()))
+    assert str(decoded["output"]).startswith(str(log_dir) + "/")
+    # The command line's arguments parse back to the real folder (bash -n also checks the syntax).
+    command = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert shlex.split(command)[-1] == str(log_dir)
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_cluster_problems_accepts_ordinary_values() -> None:
+    cluster = ClusterSpec(
+        partition="gpu,gpu-long",
+        account="proj_1",
+        qos="high.prio",
+        constraint="[a100*2&ib]|h100",
+        extra_sbatch={"mail_type": "END", "reservation": "r 1", "requeue": True},
+        setup=["module load cuda/12.4", "export X='a b'"],
+    )
+    assert cluster_problems(cluster) == []
+
+
+# --- state mapping and the never-hang query --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "state"),
+    [
+        ("PENDING", RunState.PENDING),
+        ("REQUEUED", RunState.PENDING),
+        ("RUNNING", RunState.RUNNING),
+        ("COMPLETING", RunState.RUNNING),
+        ("PREEMPTED", RunState.PREEMPTED),
+        ("TIMEOUT", RunState.FAILED),
+        ("NODE_FAIL", RunState.FAILED),
+        ("OUT_OF_MEMORY", RunState.FAILED),
+        ("CANCELLED by 0", RunState.CANCELLED),
+        ("CANCELLED+", RunState.CANCELLED),
+        ("COMPLETED", None),
+        ("", None),
+    ],
+)
+def test_map_slurm_state(raw: str, state: RunState | None) -> None:
+    assert map_slurm_state(raw) == state
+
+
+def test_query_falls_back_from_squeue_to_sacct_to_unknown() -> None:
+    seen: list[str] = []
+
+    def runner(cmd: list[str]) -> str | None:
+        seen.append(cmd[0])
+        if cmd[0] == "squeue":
+            return "7_0|RUNNING\n7_[1-3%2]|PENDING\n"
+        if cmd[0] == "sacct":
+            assert "--jobs" in cmd and cmd[cmd.index("--jobs") + 1] == "5,6,8,8_1"
+            return "5|CANCELLED by 0\n8|CANCELLED by 0\n"
+        raise AssertionError(cmd)
+
+    states = query_job_states(["7_0", "7_3", "5", "6", "8_1"], runner)
+    assert states == {
+        "7_0": RunState.RUNNING,
+        "7_3": RunState.PENDING,  # a task not split off yet: listed in its array's range
+        "5": RunState.CANCELLED,
+        "8_1": RunState.CANCELLED,  # a cancelled unsplit array is recorded under the array id
+    }
+    assert seen == ["squeue", "sacct"]
+
+    # accounting disabled (sacct fails) and squeue unreachable: nothing known, no exception
+    assert query_job_states(["5"], lambda cmd: None) == {}

@@ -1,0 +1,141 @@
+"""`launcher status` / `logs` / `cancel`: rows from run-dir files merged with the live view."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from backend_helpers import make_run, write_runs
+
+from launcher.backends.base import SubmittedRun
+from launcher.cli import main
+from launcher.manifest import locked_manifest
+from launcher.rundir import RunState, append_jsonl, read_status, write_status
+from launcher.status import (
+    call_with_timeout,
+    collect_rows,
+    estimate_eta_s,
+    merge_state,
+    read_run_row,
+    tail_jsonl,
+)
+
+
+def test_tail_jsonl_skips_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"step": i}) + "\n" for i in range(1, 5000)) + '{"step": 50')
+    assert tail_jsonl(path, 2) == [{"step": 4998}, {"step": 4999}]
+    assert tail_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_eta_from_recent_rate() -> None:
+    records = [{"step": 10, "elapsed_s": 100.0}, {"step": 20, "elapsed_s": 120.0}]  # 2 s/step lately
+    assert estimate_eta_s(records, 20, 50) == pytest.approx(60.0)
+    assert estimate_eta_s(records[-1:], 20, 50) == pytest.approx(180.0)  # average 6 s/step
+    assert estimate_eta_s(records, 50, 50) == 0.0
+    assert estimate_eta_s([], 1, 5) is None and estimate_eta_s(records, 20, None) is None
+
+
+@pytest.mark.parametrize(
+    ("files", "live", "merged"),
+    [
+        ("COMPLETED", "RUNNING", "COMPLETED"),  # the trainer's final word wins
+        ("PREEMPTED", "PENDING", "PENDING"),  # requeued after preemption
+        ("RUNNING", "FAILED", "FAILED"),  # killed without writing (OOM, node lost)
+        ("RUNNING", "PREEMPTED", "PREEMPTED"),  # local supervisor gone
+        ("PLANNED", "PREEMPTED", "PLANNED"),  # never started: the scheduler's guess does not apply
+        ("PENDING", None, "PENDING"),
+    ],
+)
+def test_merge_state(files: str, live: str | None, merged: str) -> None:
+    assert merge_state(files, live) == merged
+
+
+def test_run_row_from_files(tmp_path: Path) -> None:
+    exp = write_runs(tmp_path / "exp", [make_run("r")])
+    paths = exp.run("r")
+    write_status(paths, RunState.RUNNING, step=20, total_steps=50, attempt=2)
+    for step, elapsed in ((10, 100.0), (20, 120.0)):
+        append_jsonl(
+            paths.metrics_jsonl,
+            {"step": step, "loss": 1.0 / step, "tokens_per_s": 321.0, "elapsed_s": elapsed},
+        )
+    row = read_run_row(paths, attempts=1, backend="slurm", job_id="5_0")
+    assert (row.state, row.step, row.total_steps, row.attempts) == ("RUNNING", 20, 50, 2)
+    assert row.loss == pytest.approx(0.05) and row.tokens_per_s == 321.0 and row.eta_s == pytest.approx(60.0)
+    failed = read_run_row(paths, live_state="FAILED", backend="slurm", job_id="5_0")
+    assert failed.state == "FAILED" and "5_0" in (failed.reason or "") and failed.eta_s is None
+
+
+def test_a_hanging_scheduler_query_does_not_hang_status() -> None:
+    start = time.monotonic()
+    assert call_with_timeout(lambda: time.sleep(30) or {"x": "RUNNING"}, 0.3, {}) == {}
+    assert time.monotonic() - start < 2
+    assert call_with_timeout(lambda: 1 / 0, 1.0, "fallback") == "fallback"
+
+
+def _experiment(tmp_path: Path):
+    exp = write_runs(tmp_path / "exp", [make_run("done"), make_run("orphan"), make_run("fresh")])
+    write_status(exp.run("done"), RunState.COMPLETED, step=5, total_steps=5)
+    write_status(exp.run("orphan"), RunState.RUNNING, step=2, total_steps=5)
+    with locked_manifest(exp) as manifest:
+        manifest.record(SubmittedRun("done", "id-done", "local", job_id="999999999@1"), "h")
+        manifest.record(SubmittedRun("orphan", "id-orphan", "local", job_id="999999999@1"), "h")
+    return exp
+
+
+def test_collect_rows_merges_the_local_live_view(tmp_path: Path) -> None:
+    exp = _experiment(tmp_path)
+    rows = {r.name: r for r in collect_rows(exp)}
+    assert rows["done"].state == "COMPLETED" and rows["done"].attempts == 1
+    assert rows["orphan"].state == "PREEMPTED"  # its `launcher submit` process is gone
+    assert rows["fresh"].state == "PLANNED" and rows["fresh"].backend is None
+
+
+def test_status_cli_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = _experiment(tmp_path)
+    assert main(["status", str(exp.root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in data] == ["done", "fresh", "orphan"]
+    assert {d["name"]: d["state"] for d in data}["orphan"] == "PREEMPTED"
+    assert main(["status", str(exp.root)]) == 0
+    table = capsys.readouterr().out
+    assert "COMPLETED" in table and "5/5" in table
+    assert main(["status", str(tmp_path / "nope")]) == 2
+
+
+def test_status_watch_ends_when_all_runs_ended(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = write_runs(tmp_path / "exp", [make_run("a")])
+    write_status(exp.run("a"), RunState.FAILED, "boom")
+    assert main(["status", str(exp.root), "--watch", "--interval", "0.5"]) == 0
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_logs_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = write_runs(tmp_path / "exp", [make_run("r")])
+    exp.run("r").logs.mkdir()
+    exp.run("r").rank_log(1).write_text("line1\nline2\nline3\n")
+    assert main(["logs", str(exp.root), "r", "--rank", "1", "-n", "2"]) == 0
+    assert capsys.readouterr().out == "line2\nline3\n"
+    assert main(["logs", str(exp.root), "r", "--rank", "3"]) == 2
+    assert "rank1.log" in capsys.readouterr().err
+    assert main(["logs", str(exp.root), "rr"]) == 2
+    assert "did you mean 'r'" in capsys.readouterr().err
+    write_status(exp.run("r"), RunState.COMPLETED)
+    assert main(["logs", str(exp.root), "r", "--rank", "1", "-f"]) == 0  # a finished run: prints and ends
+    assert "line3" in capsys.readouterr().out
+
+
+def test_cancel_cli_marks_unfinished_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = write_runs(tmp_path / "exp", [make_run("done"), make_run("queued"), make_run("planned")])
+    write_status(exp.run("done"), RunState.COMPLETED)
+    write_status(exp.run("queued"), RunState.PENDING, job_id="x")
+    assert main(["cancel", str(exp.root)]) == 0
+    assert "cancelled: queued" in capsys.readouterr().out
+    assert read_status(exp.run("queued"))["state"] == "CANCELLED"
+    assert read_status(exp.run("queued"))["job_id"] == "x"
+    assert read_status(exp.run("done"))["state"] == "COMPLETED"
+    assert read_status(exp.run("planned"))["state"] == "PLANNED"
+    assert main(["cancel", str(exp.root), "nope"]) == 2
