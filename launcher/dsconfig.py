@@ -143,5 +143,14 @@ def fill_scheduler_auto(
     if params.get("total_num_steps") == AUTO:
         params["total_num_steps"] = total
     if params.get("warmup_num_steps") == AUTO:
-        params["warmup_num_steps"] = math.ceil(total * warmup_ratio)
+        warmup = math.ceil(total * warmup_ratio)
+        if warmup < 1:
+            # DeepSpeed rejects warmup_num_steps 0; one "warm-up" step that starts at the full rate is
+            # the same as no warm-up.
+            warmup = 1
+            if "warmup_max_lr" in params:
+                params["warmup_min_lr"] = params["warmup_max_lr"]
+            if "warmup_min_ratio" in params:
+                params["warmup_min_ratio"] = 1.0
+        params["warmup_num_steps"] = warmup
     return cfg

@@ -10,8 +10,8 @@ fp32) and only *trainable* parameters carrying gradients and optimizer state:
 | 2     | all, d                    | trainable / N, d     | trainable / N, 12                   |
 | 3     | all / N, d                | trainable / N, d     | trainable / N, 12                   |
 
-DeepSpeed keeps a separate fp32 master partition even when training in fp32 (it clones), so the
-optimizer is 12 bytes per trainable parameter in every precision. ``offload_optimizer`` moves the master
+DeepSpeed keeps a separate fp32 master partition (12 bytes per trainable parameter with Adam's two
+moments), except ZeRO-3 in fp32, which steps the fp32 parameter partition in place (8 bytes). ``offload_optimizer`` moves the master
 copy, Adam states and the gradient partition (then fp32) to host memory; ``offload_param`` (ZeRO-3 only)
 moves the parameter partitions to the host, leaving only the gathered working set on the GPU.
 
@@ -238,7 +238,10 @@ def model_state_bytes(
         shard = math.ceil(trainable / n)
     grads_elems = shard if zero_stage >= 2 else trainable
     optim_elems = shard if zero_stage >= 1 else trainable
-    optim = optim_elems * (MASTER_BYTES + ADAM_STATE_BYTES)
+    # ZeRO-3 in fp32 updates the parameter partition in place (no second fp32 copy); every other case
+    # keeps a separate fp32 master partition (measured on real engines, tests/test_memory_model.py).
+    master = 0 if (precision == "fp32" and zero_stage == 3) else MASTER_BYTES
+    optim = optim_elems * (master + ADAM_STATE_BYTES)
     out = {"params_device": params, "params_host": 0, "grads_device": grads_elems * d, "grads_host": 0}
     out |= {"optim_device": optim, "optim_host": 0}
     if offload_optimizer:

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.rundir import ExperimentPaths, read_json, utc_now, write_json_atomic, write_text_atomic
+from launcher.rundir import (
+    ExperimentPaths,
+    iter_jsonl,
+    read_json,
+    utc_now,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 SHEET_COLUMNS: tuple[str, ...] = (
     "sheet",
@@ -93,8 +100,6 @@ def _load_pair(exp: ExperimentPaths, run_a: str, run_b: str) -> list[tuple[str, 
     if len(samples_a) == 0:
         raise UserError(f"run {run_a!r}: samples.jsonl has no usable example")
     prompts: dict[str, str] = {}
-    from launcher.rundir import iter_jsonl
-
     for record in iter_jsonl(exp.run(run_a).samples_jsonl):
         prompts[str(record.get("id"))] = str(record.get("prompt") or "")
     return [
@@ -239,11 +244,14 @@ def import_review(exp_root: Path, sheet: Path) -> ReviewCounts:
     key_path = exp_root / KEY_DIR / f"{sheet_id}.key.json"
     try:
         key = read_json(key_path)
+        order = {int(i["item"]): i for i in key["items"]}
+        run_a, run_b = str(key["run_a"]), str(key["run_b"])
     except (OSError, ValueError) as exc:
         raise UserError(
             f"{sheet}: no key for sheet {sheet_id} at {key_path} (was it exported from this experiment?)"
         ) from exc
-    order = {int(i["item"]): i for i in key["items"]}
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{key_path}: damaged review key ({exc!r}); export the sheet again") from exc
     problems: list[str] = []
     verdicts: list[dict[str, Any]] = []
     seen: set[int] = set()
@@ -278,7 +286,6 @@ def import_review(exp_root: Path, sheet: Path) -> ReviewCounts:
     if problems:
         raise UserError(f"{len(problems)} problem(s) in the review sheet:\n  " + "\n  ".join(problems))
     unrated += len(order) - len(seen)
-    run_a, run_b = str(key["run_a"]), str(key["run_b"])
     path = review_result_path(exp_root, run_a, run_b)
     result = ReviewCounts(run_a, run_b, counts["A"], counts["tie"], counts["B"], unrated, path)
     write_json_atomic(

@@ -283,18 +283,20 @@ def render_table(rows: list[RunRow], title: str | None = None) -> RenderableType
         ("reason", "left"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    from rich.markup import escape
+
     for row in rows:
         step = "-" if row.step is None else f"{row.step}/{row.total_steps if row.total_steps else '?'}"
         table.add_row(
-            row.name,
+            escape(row.name),
             f"[{STATE_STYLES.get(row.state, '')}]{row.state}[/]",
             str(row.attempts),
             step,
             "-" if row.loss is None else f"{row.loss:.4f}",
             "-" if row.tokens_per_s is None else f"{row.tokens_per_s:,.0f}",
             format_duration(row.eta_s),
-            f"{row.backend}:{row.job_id}" if row.job_id else (row.backend or "-"),
-            (row.reason or "")[:80],
+            escape(f"{row.backend}:{row.job_id}" if row.job_id else (row.backend or "-")),
+            escape((row.reason or "")[:80]),
         )
     return table
 
@@ -391,7 +393,9 @@ class RunsProgress:
                 )
             elif self._states.get(paths.name) != row.state:
                 detail = f" ({row.reason})" if row.reason and row.state != RunState.RUNNING.value else ""
-                self.console.print(f"{paths.name}: {row.state}{detail}", highlight=False, soft_wrap=True)
+                self.console.print(
+                    f"{paths.name}: {row.state}{detail}", highlight=False, markup=False, soft_wrap=True
+                )
             self._states[paths.name] = row.state
         if self._progress is not None:
             self._progress.refresh()

@@ -80,7 +80,8 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def config_diff(old: RunConfig, new: RunConfig, limit: int = 4) -> str:
     """'training.learning_rate: 0.0001 -> 0.0002, ...' (the first few differing keys)."""
     a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ("backend", "hostfile")]
+    ignored = ("run_id", "backend", "hostfile")
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ignored]
     parts = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]]
     if len(keys) > limit:
         parts.append(f"... {len(keys) - limit} more")
@@ -88,12 +89,19 @@ def config_diff(old: RunConfig, new: RunConfig, limit: int = 4) -> str:
 
 
 def find_changed_configs(exp: ExperimentPaths, runs: list[RunConfig]) -> dict[str, str]:
-    """Run name -> what changed, for runs whose existing run.yaml (or submitted config) differs."""
+    """Run name -> what changed, for runs with outputs (submitted, or past PLANNED) whose existing
+    run.yaml (or submitted config) differs. A never-submitted PLANNED run dir is simply re-planned."""
     from launcher.spec import RunConfig
 
     manifest = load_manifest(exp)
     changed: dict[str, str] = {}
     for run in runs:
+        paths = exp.run(run.name)
+        untouched = read_status(paths).get("state") == RunState.PLANNED.value and not (
+            paths.metrics_jsonl.exists() or paths.checkpoints.exists()
+        )
+        if untouched and manifest.by_name(run.name) is None:
+            continue
         new_hash = config_hash(run)
         run_yaml = exp.run(run.name).run_yaml
         if run_yaml.is_file():
@@ -205,6 +213,10 @@ def submit_spec(
     name = backend.name if backend is not None else (backend_name or default_backend_name(spec))
     if backend is None:
         backend = get_backend(name, spec)
+        from launcher.backends.local import LocalBackend
+
+        if isinstance(backend, LocalBackend):  # and HostfileBackend: progress goes where we print
+            backend.console = console
         if hostfile is not None:
             if name != "hostfile":
                 raise UserError("--hostfile only applies to --backend hostfile")
@@ -228,11 +240,11 @@ def submit_spec(
     if dry_run:
         # Runs whose outputs would be replaced keep their old run dirs untouched in a dry run.
         keep = {d.run.name for d in decisions if d.archive_first}
-        write_run_dirs(spec, spec_path, [r for r in runs if r.name not in keep], force=force)
+        write_run_dirs(spec, spec_path, [r for r in runs if r.name not in keep], force=True)
         outcome.submitted = backend.submit(exp, [d.run for d in to_submit], dry_run=True)
         _print_decisions(console, outcome, dry_run=True)
         for sub in outcome.submitted:
-            console.print(f"\n[bold]# {sub.name}[/]", highlight=False)
+            console.print(f"\n# {sub.name}", highlight=False, markup=False)
             console.print(sub.command or "", highlight=False, markup=False, soft_wrap=True)
         return outcome
 
@@ -243,9 +255,10 @@ def submit_spec(
         if d.archive_first:
             moved = archive_run_dir(exp, d.run.name)
             if moved is not None:
-                console.print(f"{d.run.name}: old outputs moved to {moved}", highlight=False)
-    # Run dirs with the same run id keep their status and results (write_run_dirs' contract).
-    write_run_dirs(spec, spec_path, runs, force=force)
+                console.print(f"{d.run.name}: old outputs moved to {moved}", highlight=False, markup=False)
+    # Run dirs with the same run id keep their status and results (write_run_dirs' contract); ones
+    # still holding another config are only never-submitted PLANNED dirs (or archived) by now.
+    write_run_dirs(spec, spec_path, runs, force=True)
 
     outcome.submitted = backend.submit(exp, [d.run for d in to_submit], dry_run=False) if to_submit else []
     hashes = {d.run.name: config_hash(d.run) for d in to_submit}
@@ -268,11 +281,15 @@ def run_collector(exp: ExperimentPaths, console: Console) -> None:
     except ImportError as exc:  # the collector is optional for submitting
         console.print(f"collector unavailable ({exc}); run `launcher collect {exp.root}` later")
         return
-    collection = collect_experiment(exp.root)
-    print_summary(collection, console)
+    try:
+        collection = collect_experiment(exp.root)
+        print_summary(collection, console)
+    except Exception as exc:  # the runs are done either way; the table can be made later
+        console.print(f"collector failed: {exc!r}; run `launcher collect {exp.root}`", markup=False)
 
 
 def _print_decisions(console: Console, outcome: SubmitOutcome, *, dry_run: bool) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     jobs = {s.name: s.job_id for s in outcome.submitted}
@@ -282,7 +299,7 @@ def _print_decisions(console: Console, outcome: SubmitOutcome, *, dry_run: bool)
         table.add_column(column)
     for d in outcome.decisions:
         action = verb if d.action == "submit" else "skipped"
-        table.add_row(d.run.name, d.state, action, d.why, jobs.get(d.run.name) or "-")
+        table.add_row(escape(d.run.name), d.state, action, escape(d.why), escape(jobs.get(d.run.name) or "-"))
     console.print(table)
     n_submit = sum(d.action == "submit" for d in outcome.decisions)
     console.print(f"{verb} {n_submit} run(s), skipped {len(outcome.decisions) - n_submit}", highlight=False)

@@ -247,7 +247,9 @@ def test_sweep_array_collector_and_no_duplicates(tmp_path: Path, tiny_ready: Non
     rows = read_json(exp.summary_json)
     assert sorted(r["name"] for r in rows) == names
     assert all(r["state"] == "COMPLETED" and r["train_loss_final"] is not None for r in rows)
-    assert collector and squeue_row(collector) in (None, ("COMPLETED", "None"))
+    assert collector
+    wait_for(lambda: (squeue_row(collector) or ("",))[0] == "COMPLETED", 60, "the collector job to end")
+    assert exp.loss_png.is_file()
     for name in names:
         assert read_status(exp.run(name))["attempt"] == 1
         assert (exp.run(name).logs / "slurm_rank0.out").is_symlink()
@@ -304,7 +306,7 @@ def test_two_node_zero3_offload_full_run(tmp_path: Path, tiny_ready: None) -> No
 # --- preemption and requeue -----------------------------------------------------------------------------
 
 LONG_TRAINING = {
-    "max_steps": 40,
+    "max_steps": 150,
     "per_device_batch_size": 4,
     "max_source_length": 64,
     "max_target_length": 32,
@@ -409,7 +411,7 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(tmp_path: Path, ti
         tmp_path,
         "timelimit",
         [{"method": "lora", "r": 4}],
-        training={**LONG_TRAINING, "max_steps": 400},
+        training={**LONG_TRAINING, "max_steps": 300},
         cluster={"time_min": 10, "signal_delay_s": 55},
     )
     outcome, _ = submit(spec_path, with_collector=False)
@@ -431,7 +433,7 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(tmp_path: Path, ti
     assert _drive_until_final(exp, run.name, job_id, 400) == "COMPLETED"
     status = read_status(exp.run(run.name))
     assert int(status["attempt"]) == 2
-    assert sorted(losses(exp, run.name)) == list(range(1, 401))
+    assert sorted(losses(exp, run.name)) == list(range(1, 301))
 
 
 # --- cancel, status without accounting ------------------------------------------------------------------

@@ -50,13 +50,14 @@ def _mkdir(path: Path) -> Path:
 def test_concurrent_builds_publish_one_directory(tmp_path: Path) -> None:
     code = (
         "import sys; from pathlib import Path; from launcher.tiny import TinyConfig, ensure_tiny_model; "
-        "print(ensure_tiny_model(Path(sys.argv[1]), TinyConfig(pretrain_steps=3, corpus_dialogues=200, batch_size=4)))"
+        "cfg = TinyConfig(pretrain_steps=3, corpus_dialogues=200, batch_size=4); "
+        "print('BUILT', ensure_tiny_model(Path(sys.argv[1]), cfg))"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
-    outputs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    outputs = [p.communicate(timeout=300)[0].split("BUILT ")[-1].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outputs[0] == outputs[1]
     built = [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")]

@@ -497,7 +497,13 @@ class LocalBackend:
     def _stop(self, active: list[ActiveRun], queue: list[QueuedRun], states: dict[str, str]) -> None:
         """Ctrl-C: SIGTERM every rank (the trainer checkpoints and exits), wait, then SIGKILL leftovers.
         A second Ctrl-C skips the wait."""
-        out = self.console.print if self.console is not None else print
+
+        def out(text: str) -> None:
+            if self.console is not None:
+                self.console.print(text, markup=False, highlight=False)
+            else:
+                print(text)
+
         out(
             f"stopping {len(active)} running run(s): ranks save a checkpoint and exit "
             f"(up to {self.stop_grace_s:.0f}s; Ctrl-C again to kill now)"

@@ -169,10 +169,12 @@ def _apply_significance(
     base_row = rows_by_name[base_name]
     base_paths = collection.exp.run(base_name)
     base_fp = _fingerprint(base_paths.samples_jsonl)
+    samples_name = base_paths.samples_jsonl.name
+    runs_dir = str(collection.exp.runs_dir)
     candidates = [
         r
         for r in collection.rows
-        if r.name != base_name and _fingerprint(collection.exp.run(r.name).samples_jsonl)
+        if r.name != base_name and os.path.exists(os.path.join(runs_dir, r.name, samples_name))
     ]
     if base_fp is None or base_fp[0] == 0:
         if candidates:

@@ -197,9 +197,14 @@ def print_summary(
 ) -> None:
     """The rich table, then seed groups, human review counts and warnings."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            # Piped to a file or a log (the Slurm collector job): no width to fit, keep rows on one line.
+            console = Console(width=max(console.width, 240))
     rows = collection.rows if rows is None else rows
     table = Table(
         title=f"{collection.exp.root.name}: {len(rows)} run(s), baseline {collection.baseline or '-'}",
@@ -210,7 +215,7 @@ def print_summary(
     for header, _, right in cols:
         table.add_column(header, justify="right" if right else "left", overflow="fold")
     for row in rows:
-        cells = [fmt(row) for _, fmt, _ in cols]
+        cells = [escape(fmt(row)) for _, fmt, _ in cols]  # reasons may hold "[...]" (gloo source paths)
         style = _STATE_STYLE.get(row.get("state") or "", "")
         cells[3] = f"[{style}]{cells[3]}[/]" if style else cells[3]
         table.add_row(*cells, style="bold" if row.get("baseline") else None)
@@ -313,8 +318,16 @@ def render_csv(collection: Collection, rows: list[RunRow] | None = None) -> str:
 
 
 def render_json(collection: Collection, rows: list[RunRow] | None = None) -> str:
+    """A JSON list, one run object per line (readable and diffable; the C encoder keeps 10,000 rows fast)."""
     rows = collection.rows if rows is None else rows
-    return to_json([row.to_json() for row in rows]) + "\n"
+    lines = []
+    for row in rows:
+        obj = row.to_json()
+        try:
+            lines.append(json.dumps(obj, ensure_ascii=False, allow_nan=False))
+        except (TypeError, ValueError):  # NaN in a nested value, or a non-JSON type: the careful encoder
+            lines.append(to_json(obj, indent=None))
+    return "[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n"
 
 
 def write_summaries(collection: Collection) -> None:

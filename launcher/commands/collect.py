@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sort",
         metavar="KEY",
-        help="sort the printed rows by a summary.json key, e.g. bleu or -bleu (descending)",
+        help="sort the printed rows by a summary.json key, e.g. --sort bleu, or --sort=-bleu for descending",
     )
     parser.add_argument("--no-write", action="store_true", help="print only; write no summary files or plots")
 

@@ -198,10 +198,23 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 def _encode_source(ex: Example, tokenizer: Any, tpl: Template, budget: int) -> tuple[list[int], bool]:
     history = list(ex.history)
-    for dropped in range(len(history) + 1):  # oldest whole turns first
-        ids = _ids(tokenizer, tpl.render(history[dropped:], ex.query))
-        if len(ids) <= budget:
-            return ids, dropped > 0
+
+    def keep_from(dropped: int) -> list[int]:  # the oldest `dropped` whole turns removed
+        return _ids(tokenizer, tpl.render(history[dropped:], ex.query))
+
+    ids = keep_from(0)
+    if len(ids) <= budget:
+        return ids, False
+    if len(keep_from(len(history))) <= budget:
+        # Dropping more turns never makes the source longer: binary search for the fewest to drop.
+        lo, hi = 1, len(history)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(keep_from(mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        return keep_from(lo), True
     # Even the query alone is too long: cut its beginning (binary search on characters to drop).
     head, query, tail = tpl.split([], ex.query)
     lo, hi = 1, len(query)

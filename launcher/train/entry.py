@@ -1,4 +1,4 @@
-"""The rank-aware entrypoint every rank runs: ``launcher train RUN_DIR`` / ``python -m launcher.train RUN_DIR``.
+"""The rank-aware entrypoint every rank runs: ``launcher train RUN_DIR`` (= ``python -m launcher.train``).
 
 Exit codes: 0 COMPLETED, 3 PREEMPTED (checkpoint saved; the scheduler may requeue), 1 FAILED,
 2 bad input (UserError).
@@ -48,7 +48,9 @@ def _teardown_logging(handler: logging.Handler) -> None:
 def _load_inputs(paths: RunPaths) -> tuple[RunConfig, dict[str, Any]]:
     for required in (paths.run_yaml, paths.ds_config):
         if not required.is_file():
-            raise UserError(f"{required}: missing. Is {paths.root} a run directory written by `launcher submit`?")
+            raise UserError(
+                f"{required}: missing. Is {paths.root} a run directory written by `launcher submit`?"
+            )
     try:
         cfg = RunConfig.from_yaml_file(paths.run_yaml)
     except Exception as exc:  # pydantic / yaml errors, in the file's terms
@@ -67,7 +69,9 @@ def _failure_reason(exc: BaseException) -> str:
 def _record_failure(paths: RunPaths, rank: int, exc: BaseException) -> None:
     """Traceback into this rank's log; FAILED into status.json unless another rank already said why
     (a rank that dies first has the real reason; the others only see a broken connection)."""
-    log.error("rank %d failed:\n%s", rank, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    log.error(
+        "rank %d failed:\n%s", rank, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    )
     if read_status(paths).get("state") == RunState.FAILED.value:
         return
     write_status(paths, RunState.FAILED, reason=_failure_reason(exc), failed_rank=rank)
@@ -80,15 +84,22 @@ def train_run(run_dir: Path) -> str:
     if read_status(paths).get("state") == RunState.COMPLETED.value and paths.result_json.is_file():
         return RunState.COMPLETED.value
     cfg, ds_config = _load_inputs(paths)
+    # Take over SIGTERM/SIGUSR2 before the slow imports (a signal during start-up is not lost) and after
+    # submitit installed its own handlers: ours must win.
+    from launcher.train.signals import PreemptionFlag
+
+    flag = PreemptionFlag()
+    flag.install()
 
     from launcher.train.distributed import detect_dist_env, init_distributed, shutdown_distributed
     from launcher.train.loop import run_training
-    from launcher.train.signals import PreemptionFlag
 
-    env = detect_dist_env()
-    handler = _setup_logging(paths, env.rank)
-    flag = PreemptionFlag()
-    flag.install()  # after submitit's handlers: ours must win
+    try:
+        env = detect_dist_env()
+        handler = _setup_logging(paths, env.rank)
+    except BaseException:
+        flag.uninstall()
+        raise
     log.info("run %s (%s) rank %d/%d via %s", cfg.name, cfg.run_id, env.rank, env.world_size, env.source)
     try:
         init_distributed(env)

@@ -26,7 +26,7 @@ from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
 from launcher.train.memory import peak_memory_all_ranks, reset_peak_memory
 from launcher.train.result import TrainOutcome, build_result, write_result
-from launcher.train.schedule import fill_ds_config, total_optimizer_steps, warmup_steps
+from launcher.train.schedule import fill_ds_config, total_optimizer_steps
 from launcher.train.signals import PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,13 @@ def load_model_and_tokenizer(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
 
 
 def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
-    from launcher.train.data import BatchOrder, encode_for_training, load_examples, resolve_data_files
+    from launcher.train.data import (
+        BatchOrder,
+        encode_for_training,
+        load_examples,
+        resolve_data_files,
+        truncated_fraction,
+    )
 
     train_path, eval_path = resolve_data_files(cfg.data)
     train_examples = load_examples(train_path, cfg.data.format)[: cfg.data.max_train_examples]
@@ -85,13 +91,14 @@ def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
 
     def encode(examples: list[Any]) -> list[Any]:
         return [
-            encode_for_training(ex, tokenizer, cfg.template, t.max_source_length, t.max_target_length)
+            encode_for_training(
+                ex, tokenizer, cfg.template, t.max_source_length, t.max_target_length, max_length=t.max_length
+            )
             for ex in examples
         ]
 
     train_features = encode(train_examples)
     eval_features = encode(eval_examples)
-    truncated = sum(1 for f in train_features if f.truncated)
     order = BatchOrder(
         lengths=[len(f.input_ids) for f in train_features],
         batch_size=t.per_device_batch_size,
@@ -108,7 +115,7 @@ def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
         eval_examples=eval_examples,
         order=order,
         pad_token_id=int(pad_id),
-        truncated_frac=truncated / len(train_features) if train_features else 0.0,
+        truncated_frac=truncated_fraction(train_features),
     )
 
 
@@ -171,7 +178,7 @@ def run_training(
         )
     total_steps = total_optimizer_steps(t, batches_per_epoch)
     ds = fill_ds_config(
-        ds_config, total_steps=total_steps, warmup=warmup_steps(t, total_steps), world_size=env.world_size
+        ds_config, total_steps=total_steps, warmup_ratio=t.warmup_ratio, world_size=env.world_size
     )
     log.info("steps: %d optimizer steps, %d micro-batches per epoch per rank", total_steps, batches_per_epoch)
 
@@ -189,7 +196,9 @@ def run_training(
     if state is None:
         state = ckpt.TrainState()
     else:
-        log.info("resumed from step %d (epoch %d, batch %d)", state.global_step, state.epoch, state.batches_done)
+        log.info(
+            "resumed from step %d (epoch %d, batch %d)", state.global_step, state.epoch, state.batches_done
+        )
         if rank0:
             _truncate_logs_after(paths, state.global_step)
     if rank0:
@@ -197,7 +206,12 @@ def run_training(
 
     def save() -> None:
         ckpt.save_checkpoint(
-            engine, paths.checkpoints, state, rank=env.rank, keep=t.save_total_limit, exclude_frozen=exclude_frozen
+            engine,
+            paths.checkpoints,
+            state,
+            rank=env.rank,
+            keep=t.save_total_limit,
+            exclude_frozen=exclude_frozen,
         )
 
     def run_eval_loss() -> float:
@@ -242,7 +256,9 @@ def run_training(
         window_micro = 0
         window_tokens = 0
         if not math.isfinite(step_loss):
-            raise NonFiniteLoss(f"loss is {'NaN' if math.isnan(step_loss) else 'inf'} at step {state.global_step}")
+            raise NonFiniteLoss(
+                f"loss is {'NaN' if math.isnan(step_loss) else 'inf'} at step {state.global_step}"
+            )
         _maybe_test_crash(env.rank, state.global_step)
 
         if state.global_step % t.logging_steps == 0 and rank0:
@@ -272,7 +288,7 @@ def run_training(
                 write_status(
                     paths,
                     RunState.PREEMPTED,
-                    reason=f"{flag.signal_name or 'signal'} received; checkpoint saved at step {state.global_step}",
+                    reason=f"{flag.signal_name} received; checkpoint saved at step {state.global_step}",
                     step=state.global_step,
                     total_steps=total_steps,
                 )
@@ -290,8 +306,10 @@ def run_training(
 
         write_text_atomic(paths.samples_jsonl, "".join(to_json(s, indent=None) + "\n" for s in samples))
         if samples:
-            scores = dict(bleu_scores(samples, cfg.eval.bleu_tokenize))
-    export_final(engine.module, cfg.method, tokenizer, paths.final, zero_stage=cfg.resources.zero_stage, is_rank0=rank0)
+            scores = dict(bleu_scores(samples, cfg.eval.bleu_tokenize, chatglm_bleu4=cfg.eval.chatglm_bleu4))
+    export_final(
+        engine.module, cfg.method, tokenizer, paths.final, zero_stage=cfg.resources.zero_stage, is_rank0=rank0
+    )
     if rank0:
         outcome = TrainOutcome(
             steps=state.global_step,

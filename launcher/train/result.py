@@ -99,7 +99,9 @@ def build_result(cfg: RunConfig, paths: RunPaths, outcome: TrainOutcome, state: 
         "peak_mem_gib": round(outcome.peak.peak_mem_gib, 4),
         "peak_mem_kind": outcome.peak.kind,
         "peak_mem_reserved_gib": (
-            round(outcome.peak.peak_mem_reserved_gib, 4) if outcome.peak.peak_mem_reserved_gib is not None else None
+            round(outcome.peak.peak_mem_reserved_gib, 4)
+            if outcome.peak.peak_mem_reserved_gib is not None
+            else None
         ),
         "tokens_per_s": (outcome.tokens / outcome.train_time_s) if outcome.train_time_s > 0 else None,
         "train_time_s": round(outcome.train_time_s, 3),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from typing import Any
@@ -23,19 +22,14 @@ def total_optimizer_steps(training: TrainingSpec, batches_per_epoch: int) -> int
     return max(1, micro_batches // training.gradient_accumulation_steps)
 
 
-def warmup_steps(training: TrainingSpec, total_steps: int) -> int:
-    return math.ceil(training.warmup_ratio * total_steps)
+def fill_ds_config(
+    ds_config: dict[str, Any], *, total_steps: int, warmup_ratio: float, world_size: int
+) -> dict[str, Any]:
+    """A copy of ``ds_config`` with the scheduler's "auto" step counts filled in (the plan's own rule,
+    ``launcher.dsconfig.fill_scheduler_auto``) and the global batch matching the real world size."""
+    from launcher.dsconfig import fill_scheduler_auto
 
-
-def fill_ds_config(ds_config: dict[str, Any], *, total_steps: int, warmup: int, world_size: int) -> dict[str, Any]:
-    """A copy of ``ds_config`` with the scheduler's "auto" step counts filled in and the global batch
-    matching the real world size."""
-    filled = copy.deepcopy(ds_config)
-    params = filled.get("scheduler", {}).get("params", {})
-    if params.get("total_num_steps") == "auto":
-        params["total_num_steps"] = total_steps
-    if params.get("warmup_num_steps") == "auto":
-        params["warmup_num_steps"] = warmup
+    filled = fill_scheduler_auto(ds_config, total_steps, warmup_ratio)
     micro = int(filled["train_micro_batch_size_per_gpu"])
     accumulation = int(filled.get("gradient_accumulation_steps", 1))
     planned = filled.get("train_batch_size")
@@ -54,7 +48,9 @@ def fill_ds_config(ds_config: dict[str, Any], *, total_steps: int, warmup: int, 
     filled["train_batch_size"] = actual
     leftovers = _auto_keys(filled)
     if leftovers:
-        raise ValueError(f"ds_config.json still has 'auto' values the trainer cannot fill: {', '.join(leftovers)}")
+        raise ValueError(
+            f"ds_config.json still has 'auto' values the trainer cannot fill: {', '.join(leftovers)}"
+        )
     return filled
 
 

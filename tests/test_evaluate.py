@@ -1,0 +1,153 @@
+"""Evaluation: BLEU equals the sacrebleu CLI, ChatGLM's BLEU-4 by hand, greedy generation deterministic,
+eval loss token-weighted, and 2 ranks (plain and real DeepSpeed ZeRO-3) give exactly the 1-rank results."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from methods_helpers import EVAL_METHODS, features, load, run_config, spawn_ranks
+
+from launcher.train.bleu_chatglm import bleu4_chatglm, sentence_bleu4_chatglm
+from launcher.train.data import collate
+from launcher.train.evaluate import bleu_scores, eval_loss, generate_samples, left_pad, shard_batches
+
+torch.set_num_threads(1)
+
+HYPS = ["今天天气不错，我们去公园散步吧。", "我叫小明，住在北京。", "猫在沙发上睡觉", "", "32加3等于35。"]
+REFS = [
+    "今天天气很好，我们去公园散步。",
+    "我叫小红，我住在上海。",
+    "一只猫在沙发上睡觉。",
+    "你住在海口。",
+    "32加3等于35。",
+]
+
+
+def sacrebleu_cli(tmp_path: Path, *args: str) -> float:
+    ref, hyp = tmp_path / "ref.txt", tmp_path / "hyp.txt"
+    ref.write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    hyp.write_text("\n".join(HYPS) + "\n", encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-b", "-w", "4", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout.strip())
+
+
+def test_bleu_and_chrf_equal_the_sacrebleu_cli(tmp_path: Path) -> None:
+    samples = [{"prediction": h, "reference": r} for h, r in zip(HYPS, REFS, strict=True)]
+    scores = bleu_scores(samples, "zh")
+    assert 0 < scores["bleu"] < 100
+    assert round(scores["bleu"], 4) == sacrebleu_cli(tmp_path, "-tok", "zh")
+    assert round(scores["chrf"], 4) == sacrebleu_cli(tmp_path, "-m", "chrf")
+    assert round(bleu_scores(samples, "char")["bleu"], 4) == sacrebleu_cli(tmp_path, "-tok", "char")
+
+
+def test_bleu4_chatglm_by_hand() -> None:
+    # hyp 今天天气不错 vs ref 今天天气很好: char n-gram precisions 4/6, 3/5, 2/4, 1/3; equal lengths (bp 1)
+    expected = (4 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25 * 100
+    assert sentence_bleu4_chatglm("今天天气不错", "今天天气很好") == round(expected, 4)
+    # 今天下雨 vs 今天天气很好: 2/4, 1/3, then no 3-/4-gram match -> method 3 gives 1/(2*2), 1/(4*1);
+    # shorter than the reference: bp = exp(1 - 6/4)
+    expected2 = math.exp(1 - 6 / 4) * (2 / 4 * 1 / 3 * 1 / 4 * 1 / 4) ** 0.25 * 100
+    assert sentence_bleu4_chatglm("今天下雨", "今天天气很好") == round(expected2, 4)
+    assert sentence_bleu4_chatglm("", "今天天气很好") == 0.0
+    assert sentence_bleu4_chatglm("一样的句子。", "一样的句子。") == 100.0
+    assert bleu4_chatglm(["今天天气不错", "今天下雨"], ["今天天气很好"] * 2) == pytest.approx(
+        (round(expected, 4) + round(expected2, 4)) / 2
+    )
+
+
+def test_bleu_scores_without_samples() -> None:
+    assert bleu_scores([], "zh") == {"bleu": None, "chrf": None, "bleu4_chatglm": None}
+    assert (
+        bleu_scores([{"prediction": "好", "reference": "好"}], "zh", chatglm_bleu4=False)["bleu4_chatglm"]
+        is None
+    )
+
+
+def test_sharding_and_left_padding() -> None:
+    lengths = [3, 9, 5, 9, 1, 4, 7]
+    batches = [shard_batches(lengths, 2, r, 2)[0] for r in range(2)]
+    assert batches == [[[1, 3], [5, 0]], [[6, 2], [4]]]  # longest first; batch b -> rank b % 2
+    assert shard_batches(lengths, 2, 0, 1) == ([[1, 3], [6, 2], [5, 0], [4]], 4)
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@pytest.fixture(scope="module")
+def base(
+    tiny_model_dir: Path, dialogue_files: tuple[Path, Path]
+) -> tuple[Any, Any, Any, list[Any], list[Any]]:
+    model, tokenizer, cfg = load(str(tiny_model_dir), {"method": "full"})
+    examples, encoded = features(str(dialogue_files[1]), tokenizer, cfg, 9)
+    return model, tokenizer, cfg, examples, encoded
+
+
+def test_generation_greedy_deterministic_and_independent_of_batching(base: Any, tiny_model_dir: Path) -> None:
+    model, tokenizer, cfg, examples, _ = base
+    model.train()
+    first = generate_samples(model, tokenizer, examples, cfg, 0, 1)
+    assert model.training, "training mode must be restored"
+    assert [s["id"] for s in first] == [ex.id for ex in examples[:7]]  # num_samples=7, example order
+    assert all(set(s) == {"id", "prompt", "reference", "prediction"} for s in first)
+    assert [s["reference"] for s in first] == [ex.response for ex in examples[:7]]
+    assert all(s["prompt"].endswith(ex.query + "\n答：") for s, ex in zip(first, examples, strict=False))
+    assert all(0 < len(s["prediction"]) <= cfg.eval.max_new_tokens for s in first)  # one char per token
+    assert generate_samples(model, tokenizer, examples, cfg, 0, 1) == first
+    # left padding is right: batches of 1 (no padding) give the same predictions as padded batches of 4
+    single = run_config(tiny_model_dir, {"method": "full"}, batch_size=1)
+    assert generate_samples(model, tokenizer, examples, single, 0, 1) == first
+
+
+def test_eval_loss_is_token_weighted(base: Any) -> None:
+    model, tokenizer, _, _, encoded = base
+    pad = tokenizer.pad_token_id
+    total = tokens = 0.0
+    with torch.no_grad():
+        for feature in encoded:  # one example at a time: no padding at all
+            batch = collate([feature], pad)
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * count
+            tokens += count
+    model.train()
+    value = eval_loss(model, encoded, pad, 4)
+    assert model.training
+    assert value == pytest.approx(total / tokens, rel=1e-5)
+    assert 0.1 < value < 10
+
+
+def one_rank_reference(model_dir: Path, eval_file: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for method in EVAL_METHODS:
+        model, tokenizer, cfg = load(str(model_dir), method)
+        examples, encoded = features(str(eval_file), tokenizer, cfg, 9)
+        results[f"{cfg.name}/loss"] = eval_loss(model, encoded, tokenizer.pad_token_id, 2)
+        results[f"{cfg.name}/samples"] = generate_samples(model, tokenizer, examples, cfg, 0, 1)
+    return results
+
+
+@pytest.mark.slow
+def test_two_ranks_plain_and_zero3_equal_one_rank(
+    tiny_model_dir: Path, dialogue_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """2 gloo ranks, first as plain processes, then under real DeepSpeed ZeRO-3 (every tensor
+    partitioned, uneven batches per rank, synced generation), for the base model and P-Tuning v2."""
+    spawn_ranks(["evaluate", str(tiny_model_dir), str(dialogue_files[1]), str(tmp_path)], timeout_s=400)
+    got = json.loads((tmp_path / "evaluate.json").read_text(encoding="utf-8"))
+    want = one_rank_reference(tiny_model_dir, dialogue_files[1])
+    for method in EVAL_METHODS:
+        name = method.get("name") or method["method"]
+        assert len(want[f"{name}/samples"]) == 7
+        for mode in ("plain", "zero3"):
+            assert got[f"{name}/{mode}/samples"] == want[f"{name}/samples"], (name, mode)
+            assert got[f"{name}/{mode}/loss"] == pytest.approx(want[f"{name}/loss"], rel=1e-6), (name, mode)

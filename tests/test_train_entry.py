@@ -1,0 +1,340 @@
+"""The training entrypoint on one rank: a real DeepSpeed engine on the built-in tiny model, the run dir it
+leaves behind (metrics, checkpoints, samples, export, result, status), every method under ZeRO-2, and
+the small pure parts (step arithmetic, ds_config filling, rank detection, memory, signals)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_helpers import REPO, make_run_dir, metrics, rank_output, run_ranks, status
+
+from launcher.rundir import read_json
+from launcher.spec import TrainingSpec
+from launcher.train import checkpoint as ckpt
+from launcher.train.distributed import DIST_TIMEOUT_ENV, detect_dist_env, dist_timeout_s
+from launcher.train.entry import PREEMPTED_EXIT_CODE, exit_code_for, train_run
+from launcher.train.memory import peak_memory, peak_rss_gib
+from launcher.train.result import RESULT_KEYS
+from launcher.train.schedule import fill_ds_config, total_optimizer_steps
+from launcher.train.signals import PreemptionFlag
+
+# The result.json keys of the BRIEFING contract, spelled out here so a rename breaks this test.
+CONTRACT_KEYS = [
+    "run_id",
+    "name",
+    "method",
+    "state",
+    "steps",
+    "epochs",
+    "train_loss_final",
+    "train_loss_min",
+    "eval_loss",
+    "bleu",
+    "chrf",
+    "bleu4_chatglm",
+    "peak_mem_gib",
+    "peak_mem_kind",
+    "peak_mem_reserved_gib",
+    "tokens_per_s",
+    "train_time_s",
+    "world_size",
+    "nodes",
+    "gpus_per_node",
+    "zero_stage",
+    "offload_optimizer",
+    "offload_param",
+    "gradient_checkpointing",
+    "truncated_frac",
+    "seed",
+    "swept",
+    "versions",
+    "reason",
+]
+
+STEPS = 12
+LOGGING_STEPS = 2
+
+
+# --- one real run, shared by the assertions below ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, dialogue_files: object):
+    root = tmp_path_factory.mktemp("entry")
+    paths = make_run_dir(
+        root,
+        "lora",
+        max_steps=STEPS,
+        logging_steps=LOGGING_STEPS,
+        save_steps=4,
+        save_total_limit=2,
+        eval_steps=6,
+    )
+    started = time.monotonic()
+    codes = run_ranks(paths, 1, timeout_s=300)
+    wall_s = time.monotonic() - started
+    assert codes == [0], rank_output(paths)
+    print(f"\n1-rank lora ZeRO-2 {STEPS} steps: {wall_s:.1f}s wall, result {read_json(paths.result_json)}")
+    return paths
+
+
+@pytest.mark.slow
+def test_run_dir_contents(lora_run) -> None:
+    paths = lora_run
+    for required in (
+        "run.yaml",
+        "ds_config.json",
+        "status.json",
+        "metrics.jsonl",
+        "eval.jsonl",
+        "samples.jsonl",
+    ):
+        assert (paths.root / required).is_file(), required
+    assert (paths.final / "adapter_config.json").is_file()
+    assert paths.rank_log(0).is_file()
+    assert "trainable params: " in paths.rank_log(0).read_text()
+    # keep-last-2 of the checkpoints at steps 4, 8, 12; no temporary directory left over
+    assert [step for step, _ in ckpt.complete_checkpoints(paths.checkpoints)] == [8, 12]
+    assert not [p for p in paths.checkpoints.iterdir() if p.name.startswith(".")]
+    assert (paths.checkpoints / "latest").read_text().strip() == "global_step12"
+    state = read_json(paths.checkpoints / "global_step12" / "trainer_state.json")
+    assert state["global_step"] == STEPS and state["micro_steps"] == STEPS * 2
+
+
+@pytest.mark.slow
+def test_status_completed(lora_run) -> None:
+    st = status(lora_run)
+    assert st["state"] == "COMPLETED" and st["reason"] is None
+    assert st["step"] == STEPS and st["total_steps"] == STEPS
+
+
+@pytest.mark.slow
+def test_metrics_lines_and_values(lora_run) -> None:
+    lines = metrics(lora_run)
+    assert len(lines) == STEPS // LOGGING_STEPS
+    assert [m["step"] for m in lines] == list(range(LOGGING_STEPS, STEPS + 1, LOGGING_STEPS))
+    for m in lines:
+        assert set(m) == {"step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s"}
+        assert math.isfinite(m["loss"]) and m["tokens_per_s"] > 0
+    tokens = [m["tokens"] for m in lines]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+    # epochs: 12 steps x 2 micro-batches of 4 examples over 96 examples = 1 epoch
+    assert lines[-1]["epoch"] == pytest.approx(1.0)
+    # warm-up then linear decay to 0 at the last step
+    assert lines[-1]["lr"] < max(m["lr"] for m in lines)
+    losses = [m["loss"] for m in lines]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+
+
+@pytest.mark.slow
+def test_eval_and_samples(lora_run) -> None:
+    evals = [line for line in (lora_run.root / "eval.jsonl").read_text().splitlines() if line]
+    assert len(evals) == 1 and '"step": 6' in evals[0]  # step 12 is the final eval, in result.json
+    samples = [read_json_line(x) for x in lora_run.samples_jsonl.read_text(encoding="utf-8").splitlines()]
+    assert len(samples) == 4
+    assert all(set(s) == {"id", "prompt", "reference", "prediction"} for s in samples)
+
+
+def read_json_line(line: str) -> dict:
+    import json
+
+    return dict(json.loads(line))
+
+
+@pytest.mark.slow
+def test_result_json(lora_run) -> None:
+    result = read_json(lora_run.result_json)
+    assert list(result) == list(RESULT_KEYS) and set(result) == set(CONTRACT_KEYS)
+    lines = metrics(lora_run)
+    assert result["state"] == "COMPLETED" and result["reason"] is None
+    assert result["method"] == "lora" and result["steps"] == STEPS and result["epochs"] == pytest.approx(1.0)
+    assert result["train_loss_final"] == lines[-1]["loss"]
+    assert result["train_loss_min"] == min(m["loss"] for m in lines)
+    assert 0 < result["eval_loss"] < 10
+    assert result["bleu"] is not None and result["chrf"] is not None
+    assert result["peak_mem_kind"] == "cpu_rss" and 0.05 < result["peak_mem_gib"] < 8
+    assert result["tokens_per_s"] == pytest.approx(lines[-1]["tokens"] / result["train_time_s"], rel=1e-2)
+    assert result["world_size"] == 1 and result["zero_stage"] == 2 and result["offload_optimizer"] is False
+    assert 0 <= result["truncated_frac"] <= 1 and result["seed"] == 42
+    assert result["versions"]["deepspeed"] and result["versions"]["torch"] and result["versions"]["launcher"]
+
+
+@pytest.mark.slow
+def test_second_run_on_completed_dir_does_nothing(lora_run) -> None:
+    before = lora_run.metrics_jsonl.read_text()
+    started = time.monotonic()
+    assert train_run(lora_run.root) == "COMPLETED"
+    assert time.monotonic() - started < 2
+    assert lora_run.metrics_jsonl.read_text() == before
+    # and through the CLI: exit code 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "train", str(lora_run.root)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+# --- every method on one rank, ZeRO-2 ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["freeze", "ptuning_v1", "ptuning_v2"])
+def test_methods_zero2_one_rank(method: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    paths = make_run_dir(tmp_path, method, max_steps=4, save_steps=4, learning_rate=1e-2)
+    assert run_ranks(paths, 1, timeout_s=300) == [0], rank_output(paths)
+    result = read_json(paths.result_json)
+    assert result["state"] == "COMPLETED" and result["method"] == (
+        "freeze" if method == "freeze" else "ptuning"
+    )
+    assert len(metrics(paths)) == 4 and math.isfinite(result["eval_loss"])
+    assert any(paths.final.iterdir())
+
+
+# --- failures in the user's terms ------------------------------------------------------------------
+
+
+def test_missing_run_yaml_is_a_user_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "train", str(tmp_path)], cwd=REPO, capture_output=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "run.yaml: missing" in proc.stderr.decode()
+
+
+# --- pure parts ----------------------------------------------------------------------------------
+
+
+def test_total_optimizer_steps() -> None:
+    assert total_optimizer_steps(TrainingSpec(max_steps=7), batches_per_epoch=100) == 7
+    # 2 epochs x 25 micro-batches / accumulation 4 = 12 (the trailing partial window is dropped)
+    assert total_optimizer_steps(TrainingSpec(num_epochs=2, gradient_accumulation_steps=4), 25) == 12
+    assert total_optimizer_steps(TrainingSpec(num_epochs=0.5, gradient_accumulation_steps=1), 9) == 5
+    assert total_optimizer_steps(TrainingSpec(gradient_accumulation_steps=8), 3) == 1
+
+
+def test_fill_ds_config() -> None:
+    ds = {
+        "train_batch_size": 16,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 4,
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_max_lr": 1e-3},
+        },
+    }
+    filled = fill_ds_config(ds, total_steps=100, warmup_ratio=0.1, world_size=1)
+    assert filled["scheduler"]["params"]["total_num_steps"] == 100
+    assert filled["scheduler"]["params"]["warmup_num_steps"] == 10
+    assert filled["train_batch_size"] == 8  # planned for 2 ranks, running on 1
+    assert ds["scheduler"]["params"]["total_num_steps"] == "auto"  # the input is not modified
+    with pytest.raises(ValueError, match=r"optimizer\.params\.lr"):
+        fill_ds_config(
+            {**ds, "optimizer": {"params": {"lr": "auto"}}}, total_steps=1, warmup_ratio=0, world_size=2
+        )
+
+
+def test_detect_dist_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in [v for v in os.environ if v.startswith(("SUBMITIT_", "SLURM_"))] + ["RANK", "WORLD_SIZE"]:
+        monkeypatch.delenv(var, raising=False)
+    single = detect_dist_env()
+    assert (single.rank, single.world_size, single.source) == (0, 1, "single")
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_ADDR", "node7")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    env = detect_dist_env()
+    assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port) == (
+        3,
+        1,
+        4,
+        "node7",
+        29511,
+    )
+    assert env.source == "torchrun"
+
+    # Inside a submitit Slurm job: submitit parses the Slurm variables (and the node list) for us.
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    slurm = {
+        "SLURM_JOB_ID": "1234",
+        "SLURM_PROCID": "2",
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+    }
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    env = detect_dist_env()
+    assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.source) == (
+        2,
+        0,
+        4,
+        "node1",
+        "submitit",
+    )
+
+
+def test_dist_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DIST_TIMEOUT_ENV, raising=False)
+    assert dist_timeout_s() == 600
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "30")
+    assert dist_timeout_s() == 30
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=DIST_TIMEOUT_ENV):
+        dist_timeout_s()
+
+
+def test_peak_memory_is_rss_in_gib() -> None:
+    before = peak_rss_gib()
+    block = bytearray(200 * 1024 * 1024)  # touch 200 MiB
+    block[::4096] = b"x" * len(block[::4096])
+    after = peak_memory()
+    assert after.kind == "cpu_rss" and after.peak_mem_reserved_gib is None
+    assert after.peak_mem_gib >= before and after.peak_mem_gib >= 0.19
+    assert after.peak_mem_gib < 64  # KiB read as bytes (or as GiB) would be far off
+    del block
+
+
+def test_preemption_flag_overrides_previous_handler() -> None:
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(s))
+    try:
+        flag = PreemptionFlag()
+        assert flag.install()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.05)
+        assert flag.requested and flag.signal_name == "SIGUSR2" and calls == []
+        flag.uninstall()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.05)
+        assert calls == [signal.SIGUSR2]  # the previous handler is back
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_exit_codes() -> None:
+    assert exit_code_for("COMPLETED") == 0
+    assert exit_code_for("PREEMPTED") == PREEMPTED_EXIT_CODE == 3
+
+
+def test_checkpoint_listing_ignores_incomplete(tmp_path: Path) -> None:
+    for name in ("global_step3", "global_step12", ".tmp-global_step15", ".deleting-global_step1", "latest"):
+        (tmp_path / name).mkdir()
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [3, 12]
+    assert ckpt.latest_complete(tmp_path) == tmp_path / "global_step12"
+    assert sorted(ckpt.remove_incomplete(tmp_path)) == [".deleting-global_step1", ".tmp-global_step15"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step12", "global_step3", "latest"]

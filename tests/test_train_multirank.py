@@ -1,0 +1,78 @@
+"""Two ranks (two real processes, gloo): full fine-tuning under ZeRO-3 with optimizer + parameter
+offload, LoRA under ZeRO-3, and a rank that crashes mid-run (FAILED with its reason, no hang)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+from train_helpers import make_run_dir, metrics, rank_output, run_ranks, status
+
+from launcher.rundir import read_json
+from launcher.train import checkpoint as ckpt
+from launcher.train.distributed import DIST_TIMEOUT_ENV
+from launcher.train.loop import TEST_CRASH_ENV
+
+pytestmark = pytest.mark.slow
+
+
+def _check_completed(paths, *, steps: int, zero_stage: int, offload: bool) -> dict:
+    result = read_json(paths.result_json)
+    assert result["state"] == "COMPLETED" and status(paths)["state"] == "COMPLETED"
+    assert result["world_size"] == 2 and result["zero_stage"] == zero_stage
+    assert result["offload_optimizer"] is offload and result["offload_param"] is offload
+    assert result["steps"] == steps and len(metrics(paths)) == steps
+    assert all(math.isfinite(m["loss"]) for m in metrics(paths))
+    assert result["peak_mem_kind"] == "cpu_rss" and result["peak_mem_gib"] > 0
+    # both ranks wrote their part of every checkpoint (ZeRO-3: one model+optimizer shard per rank)
+    newest = ckpt.latest_complete(paths.checkpoints)
+    assert newest is not None
+    for rank in (0, 1):
+        assert (newest / f"rng_state_rank{rank}.pt").is_file()
+        assert (newest / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+    assert len(read_json_lines(paths.samples_jsonl)) == 4  # gathered from both ranks by rank 0
+    return result
+
+
+def read_json_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_full_zero3_offload_two_ranks(tmp_path: Path, tiny_model_dir: Path) -> None:
+    paths = make_run_dir(
+        tmp_path, "full", world_size=2, zero_stage=3, offload=True, max_steps=6, save_steps=3
+    )
+    started = time.monotonic()
+    assert run_ranks(paths, 2, timeout_s=400) == [0, 0], rank_output(paths)
+    result = _check_completed(paths, steps=6, zero_stage=3, offload=True)
+    print(f"\n2-rank full ZeRO-3 offload: {time.monotonic() - started:.1f}s wall, {result}")
+    # a full model export, gathered from the ZeRO-3 shards
+    assert (paths.final / "config.json").is_file()
+    assert any(paths.final.glob("*.safetensors"))
+    losses = [m["loss"] for m in metrics(paths)]
+    assert min(losses[-2:]) < losses[0], losses
+
+
+def test_lora_zero3_two_ranks(tmp_path: Path, tiny_model_dir: Path) -> None:
+    paths = make_run_dir(tmp_path, "lora", world_size=2, zero_stage=3, max_steps=4, save_steps=4)
+    assert run_ranks(paths, 2, timeout_s=400) == [0, 0], rank_output(paths)
+    _check_completed(paths, steps=4, zero_stage=3, offload=False)
+    assert (paths.final / "adapter_config.json").is_file()
+
+
+def test_crashed_rank_fails_the_run_without_hanging(tmp_path: Path, tiny_model_dir: Path) -> None:
+    paths = make_run_dir(tmp_path, "lora", world_size=2, zero_stage=2, max_steps=6, save_steps=100)
+    started = time.monotonic()
+    codes = run_ranks(paths, 2, timeout_s=300, extra_env={TEST_CRASH_ENV: "1:2", DIST_TIMEOUT_ENV: "60"})
+    elapsed_s = time.monotonic() - started
+    assert codes[1] == 1 and codes[0] != 0, (codes, rank_output(paths))
+    st = status(paths)
+    assert st["state"] == "FAILED"
+    assert st["reason"] == f"RuntimeError: {TEST_CRASH_ENV}: simulated crash of rank 1 at step 2"
+    assert st["failed_rank"] == 1
+    assert "Traceback" in paths.rank_log(1).read_text()
+    assert not paths.result_json.exists()
+    assert max(m["step"] for m in metrics(paths)) <= 2
+    print(f"\ncrashed rank: both ranks exited after {elapsed_s:.1f}s")

@@ -1,0 +1,65 @@
+"""Kill-and-resume: a run SIGKILLed after it published a checkpoint, restarted, gives the same loss at
+every step as an uninterrupted run (CPU, within 1e-6) and recomputes only the steps since that
+checkpoint. Real DeepSpeed engine, LoRA with dropout (so the restored RNG state matters)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from train_helpers import (
+    RESUME_SETTINGS,
+    losses_by_step,
+    make_run_dir,
+    rank_output,
+    reference_losses,
+    resumed_from_steps,
+    run_ranks,
+    signal_all,
+    start_ranks,
+    status,
+    wait_all,
+    wait_until,
+)
+
+from launcher.train import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+STEPS = RESUME_SETTINGS["max_steps"]
+SAVE_STEPS = RESUME_SETTINGS["save_steps"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> None:
+    reference = reference_losses(tmp_path_factory.mktemp("reference"))
+    assert sorted(reference) == list(range(1, STEPS + 1))
+
+    paths = make_run_dir(tmp_path_factory.mktemp("killed"), name="killed", **RESUME_SETTINGS)
+    procs = start_ranks(paths, 1)
+    # Kill once a checkpoint (step 3) is published and training is already past it (step 4 logged).
+    wait_until(
+        lambda: (
+            ckpt.latest_complete(paths.checkpoints) is not None
+            and max(losses_by_step(paths), default=0) >= SAVE_STEPS + 1
+        ),
+        timeout_s=240,
+        procs=procs,
+    )
+    signal_all(procs, signal.SIGKILL)
+    assert wait_all(procs, 30) == [-signal.SIGKILL]
+    logged_before_kill = max(losses_by_step(paths))
+    published = [step for step, _ in ckpt.complete_checkpoints(paths.checkpoints)]
+    assert published and logged_before_kill < STEPS, "the run finished before it could be killed"
+    assert status(paths)["state"] == "RUNNING"  # a SIGKILL leaves no chance to write anything
+
+    assert run_ranks(paths, 1, timeout_s=300) == [0], rank_output(paths)
+    assert status(paths)["state"] == "COMPLETED"
+    # Resumed from the newest complete checkpoint: only the steps after it were recomputed.
+    assert resumed_from_steps(paths) == [published[-1]]
+    assert logged_before_kill - published[-1] <= SAVE_STEPS
+    resumed = losses_by_step(paths)
+    assert sorted(resumed) == list(range(1, STEPS + 1))  # no duplicated or missing metric lines
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
