@@ -307,7 +307,7 @@ def tiny_glm_arch() -> ArchInfo:
 
     cfg = tiny.DEFAULT_CONFIG
     try:
-        vocab = len(tiny._vocabulary(tiny._vocab_texts()))
+        vocab = tiny.vocab_size()
     except Exception:  # planning must not depend on the data generator; the count only sizes a tiny model
         vocab = 4096
     return arch_from_description(

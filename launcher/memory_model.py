@@ -10,8 +10,10 @@ fp32) and only *trainable* parameters carrying gradients and optimizer state:
 | 2     | all, d                    | trainable / N, d     | trainable / N, 12                   |
 | 3     | all / N, d                | trainable / N, d     | trainable / N, 12                   |
 
-DeepSpeed keeps a separate fp32 master partition (12 bytes per trainable parameter with Adam's two
-moments), except ZeRO-3 in fp32, which steps the fp32 parameter partition in place (8 bytes). ``offload_optimizer`` moves the master
+DeepSpeed keeps a separate fp32 master partition even when training in fp32 (it clones), so the
+optimizer holds 12 bytes per trainable parameter (master + Adam's two moments) in every precision.
+ZeRO-2 also keeps whole gradients of parameters straddling a partition boundary, and with optimizer
+offload two staging buffers of the largest trainable tensor (one on the GPU, one pinned on the host). ``offload_optimizer`` moves the master
 copy, Adam states and the gradient partition (then fp32) to host memory; ``offload_param`` (ZeRO-3 only)
 moves the parameter partitions to the host, leaving only the gathered working set on the GPU.
 
@@ -217,6 +219,35 @@ def _partitioned(sizes: list[int], world_size: int) -> int:
     return sum(math.ceil(n / world_size) for n in sizes)
 
 
+NCCL_ALIGNMENT = 2
+"""DeepSpeed ZeRO-1/2 pads the flat gradient buffer to a multiple of 2 x world size elements."""
+
+
+def zero2_grad_elems(sizes: list[int], world_size: int, rank: int | None = None) -> int:
+    """Gradient elements ZeRO-2 keeps on ``rank`` (None: the largest over ranks).
+
+    The rank's partition of the flat buffer, plus the outside part of a parameter that straddles a
+    partition boundary: DeepSpeed keeps such a parameter's gradient whole on both ranks that share it.
+    """
+    total = sum(sizes)
+    align = NCCL_ALIGNMENT * world_size
+    partition = math.ceil(total / align) * align // world_size
+    ranks = range(world_size) if rank is None else [rank]
+    best = 0
+    for r in ranks:
+        start, end = r * partition, (r + 1) * partition
+        extra, offset = 0, 0
+        for n in sizes:
+            a, b = offset, offset + n
+            offset = b
+            if a < start < b:
+                extra += start - a
+            if a < end < b:
+                extra += b - end
+        best = max(best, partition + extra)
+    return best
+
+
 def model_state_bytes(
     layout: ParamLayout,
     *,
@@ -225,28 +256,35 @@ def model_state_bytes(
     offload_optimizer: bool,
     offload_param: bool,
     precision: Precision,
+    rank: int | None = None,
 ) -> dict[str, int]:
-    """Parameters, gradients and optimizer states per rank (device and host), in bytes."""
+    """Parameters, gradients and optimizer states on one rank (device and host), in bytes.
+
+    ``rank`` None gives the largest rank (ranks differ slightly where parameters straddle partitions).
+    """
     d = dtype_bytes(precision)
     n = world_size
     trainable, total = layout.trainable_params, layout.total_params
+    largest = max(layout.trainable, default=0)
     if zero_stage == 3:
         params = _partitioned(layout.trainable, n) * d + _partitioned(layout.frozen, n) * d
         shard = _partitioned(layout.trainable, n)
+        grads_elems = shard
     else:
         params = total * d
         shard = math.ceil(trainable / n)
-    grads_elems = shard if zero_stage >= 2 else trainable
+        grads_elems = zero2_grad_elems(layout.trainable, n, rank) if zero_stage == 2 else trainable
     optim_elems = shard if zero_stage >= 1 else trainable
-    # ZeRO-3 in fp32 updates the parameter partition in place (no second fp32 copy); every other case
-    # keeps a separate fp32 master partition (measured on real engines, tests/test_memory_model.py).
-    master = 0 if (precision == "fp32" and zero_stage == 3) else MASTER_BYTES
-    optim = optim_elems * (master + ADAM_STATE_BYTES)
+    # A separate fp32 master partition exists in every precision (DeepSpeed clones it even in fp32).
+    optim = optim_elems * (MASTER_BYTES + ADAM_STATE_BYTES)
     out = {"params_device": params, "params_host": 0, "grads_device": grads_elems * d, "grads_host": 0}
     out |= {"optim_device": optim, "optim_host": 0}
     if offload_optimizer:
-        # The optimizer steps on the CPU, so the reduced gradient partition lands there too (fp32).
-        out |= {"optim_device": 0, "optim_host": optim, "grads_device": 0, "grads_host": grads_elems * 4}
+        # The optimizer steps on the CPU, so the reduced gradient partition lands there too (fp32);
+        # ZeRO-2 also stages each parameter's gradient through one buffer of the largest size on each side.
+        staging = largest * d if zero_stage < 3 else 0
+        out |= {"optim_device": 0, "optim_host": optim}
+        out |= {"grads_device": staging, "grads_host": shard * 4 + staging}
     if offload_param:
         out |= {"params_device": 0, "params_host": params}
     return out

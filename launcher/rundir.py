@@ -234,9 +234,21 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# Scheduler bookkeeping written by a backend survives the trainer's own status updates (which do not
+# know them): `launcher status` shows the attempt and job id while a requeued run trains.
+STICKY_STATUS_KEYS: tuple[str, ...] = ("job_id", "array_job_id", "array_index", "attempt", "max_requeues")
+
+
 def write_status(paths: RunPaths, state: RunState, reason: str | None = None, **extra: Any) -> None:
-    """Record the run's state; extra keys (job_id, attempt, step...) are kept alongside."""
+    """Record the run's state; extra keys (job_id, attempt, step...) are kept alongside.
+
+    STICKY_STATUS_KEYS already in status.json are carried over unless given here."""
     payload: dict[str, Any] = {"state": state.value, "updated_at": utc_now(), "reason": reason}
+    if paths.status_json.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            previous = read_json(paths.status_json)
+            if isinstance(previous, dict):
+                payload.update({k: previous[k] for k in STICKY_STATUS_KEYS if k in previous})
     payload.update(extra)
     write_json_atomic(paths.status_json, payload)
 

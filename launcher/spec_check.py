@@ -111,7 +111,7 @@ def _walk(loc: tuple[Any, ...], data: Any) -> tuple[list[str | int], Any, list[t
         if in_dict or in_list:
             path.append(part)
             cur = cur[part]
-        elif i == len(loc) - 1:
+        elif i == len(loc) - 1 and (isinstance(cur, dict) or not _is_branch_tag(part)):
             return path, part, tags
         elif _is_branch_tag(part):
             tags.append((len(path), str(part)))

@@ -205,7 +205,10 @@ def submit_spec(
     from launcher.plan import build_plan, experiment_paths, write_run_dirs
     from launcher.spec import load_spec
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped / CI log: don't fold the tables into 80 columns
+            console = Console(width=240)
     spec = load_spec(spec_path, check_paths=True)
     runs = build_plan(spec, spec_path)
     selected = select_runs(runs, only)
@@ -243,9 +246,7 @@ def submit_spec(
         write_run_dirs(spec, spec_path, [r for r in runs if r.name not in keep], force=True)
         outcome.submitted = backend.submit(exp, [d.run for d in to_submit], dry_run=True)
         _print_decisions(console, outcome, dry_run=True)
-        for sub in outcome.submitted:
-            console.print(f"\n# {sub.name}", highlight=False, markup=False)
-            console.print(sub.command or "", highlight=False, markup=False, soft_wrap=True)
+        _print_commands(console, outcome.submitted)
         return outcome
 
     cancel = {d.run.name for d in to_submit if d.cancel_first}
@@ -286,6 +287,21 @@ def run_collector(exp: ExperimentPaths, console: Console) -> None:
         print_summary(collection, console)
     except Exception as exc:  # the runs are done either way; the table can be made later
         console.print(f"collector failed: {exc!r}; run `launcher collect {exp.root}`", markup=False)
+
+
+def _print_commands(console: Console, submitted: list[SubmittedRun]) -> None:
+    """Each distinct command once; a command that is a script file (Slurm arrays) is printed whole."""
+    groups: dict[str, list[str]] = {}
+    for sub in submitted:
+        groups.setdefault(sub.command or "", []).append(sub.name)
+    for command, names in groups.items():
+        path = Path(command) if command and "\n" not in command and len(command) < 4096 else None
+        if path is not None and path.is_file():
+            console.print(f"\n# {', '.join(names)}: {path}", highlight=False, markup=False)
+            console.print(path.read_text(encoding="utf-8"), highlight=False, markup=False, soft_wrap=True)
+        else:
+            console.print(f"\n# {', '.join(names)}", highlight=False, markup=False)
+            console.print(command, highlight=False, markup=False, soft_wrap=True)
 
 
 def _print_decisions(console: Console, outcome: SubmitOutcome, *, dry_run: bool) -> None:

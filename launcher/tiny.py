@@ -15,6 +15,7 @@ every fine-tuning method has something to learn.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ from launcher.rundir import write_json_atomic
 if TYPE_CHECKING:
     import torch
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 """Bump when the build procedure changes in a way the hashed settings do not capture."""
 BUILD_INFO = "tiny_build.json"
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -101,13 +102,22 @@ def _vocab_texts() -> list[str]:
     return texts
 
 
+@functools.lru_cache(maxsize=1)
+def vocab_size() -> int:
+    """Vocabulary size of the built-in model (known without building it; the planner sizes it with this)."""
+    return len(_vocabulary(_vocab_texts()))
+
+
 def build_tokenizer(vocab: dict[str, int]) -> Any:
-    """Character-level WordLevel tokenizer: one token per character, unseen characters -> <unk>."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    """Character-level tokenizer: one token per character, unseen characters -> <unk>.
+
+    A BPE model with no merges is exactly a character lookup, and ~3x faster than a per-character
+    pre-tokenizer + WordLevel (tokenization is a visible share of data preparation).
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=False))
     core.decoder = decoders.Fuse()  # characters join without spaces
     core.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]

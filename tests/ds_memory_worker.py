@@ -142,8 +142,13 @@ def grad_storages(engine: Any, exclude: set[int]) -> Storages:
 
 
 def optimizer_storages(engine: Any, exclude: set[int]) -> Storages:
-    inner = engine.optimizer.optimizer
+    """fp32 master partitions (ZeRO-2: single_partition_of_fp32_groups, ZeRO-3: fp32_partitioned_groups_flat;
+    ZeRO-3 empties the inner optimizer's param list between steps) plus Adam's moments."""
+    opt = engine.optimizer
+    inner = opt.optimizer
     found = Storages(exclude)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        found.add(getattr(opt, name, None))
     for group in inner.param_groups:
         for p in group["params"]:
             found.add(p.data)

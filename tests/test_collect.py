@@ -109,6 +109,16 @@ def test_plan_json_stands_in_for_run_yaml(tmp_path: Path) -> None:
     assert cells(collection, "full-seed7")["nodes x GPUs"] == "2x8"
 
 
+def test_rows_follow_the_plan_order_and_the_first_planned_run_is_the_baseline(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    for name in ("lora-src64", "lora-src128", "stray"):
+        make_run(exp, name, result=default_result(name))
+    write_json_atomic(exp / "plan.json", {"runs": [{"name": "lora-src64"}, {"name": "lora-src128"}]})
+    collection = collect_experiment(exp, write=False)
+    assert [r.name for r in collection.rows] == ["lora-src64", "lora-src128", "stray"]
+    assert collection.baseline == "lora-src64"
+
+
 def test_truncated_last_metrics_line_is_skipped_with_a_warning(tmp_path: Path) -> None:
     exp = tmp_path / "exp"
     metrics = metrics_records(30)
@@ -361,49 +371,70 @@ def test_csv_and_markdown_render_the_same_rows(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_collects_real_tiny_training_runs(
+def test_collects_a_real_tiny_training_run(
     tmp_path: Path, tiny_model_dir: Path, dialogue_files: object
 ) -> None:
-    """Two real runs (train entrypoint, DeepSpeed on CPU): the row is result.json, BLEU is consistent."""
+    """A real run (train entrypoint, DeepSpeed on CPU): its row is result.json; BLEU is consistent."""
+    import shutil
+
     import sacrebleu
     from train_helpers import make_run_dir, rank_output, run_ranks
 
     from launcher.rundir import iter_jsonl, read_json
 
     exp = tmp_path / "real"
-    runs = [
-        make_run_dir(
-            exp / "runs", method, name=name, max_steps=4, logging_steps=1, save_steps=4, eval_steps=2
-        )
-        for method, name in (("lora", "a-lora"), ("freeze", "b-freeze"))
-    ]
-    for paths in runs:
-        assert run_ranks(paths, 1, timeout_s=300) == [0], rank_output(paths)
-    collection = collect_experiment(exp)
-    for paths in runs:
-        row, result = collection.row(paths.name), read_json(paths.result_json)
-        assert row.get("state") == "COMPLETED" and row.warnings == [], row.warnings
-        for key in (
-            "steps",
-            "train_loss_final",
-            "train_loss_min",
-            "eval_loss",
-            "bleu",
-            "peak_mem_gib",
-            "seed",
-        ):
-            assert row.get(key) == result[key], key
-        assert row.get("peak_mem_kind") == "cpu_rss" and row.get("method") == result["method"]
-        recs = list(iter_jsonl(paths.samples_jsonl))
-        expected = sacrebleu.corpus_bleu(
-            [r["prediction"] for r in recs], [[r["reference"] for r in recs]], tokenize="zh"
-        )
-        assert row.get("bleu") == pytest.approx(expected.score, abs=0.01)
-    system = collection.row("b-freeze")
-    assert system.get("n_samples") == 4 and system.get("bleu_p_value") is not None
-    assert system.get("bleu_delta") == pytest.approx(
-        system.get("bleu") - collection.row("a-lora").get("bleu"), abs=0.01
+    paths = make_run_dir(
+        exp / "runs", "lora", name="a-lora", max_steps=4, logging_steps=1, save_steps=4, eval_steps=2
     )
+    assert run_ranks(paths, 1, timeout_s=300) == [0], rank_output(paths)
+    # A second run with the very same outputs (a copy): the pair must read as "no difference".
+    shutil.copytree(
+        paths.root, exp / "runs" / "b-copy", ignore=shutil.ignore_patterns("checkpoints", "final")
+    )
+    collection = collect_experiment(exp)
+    row, result = collection.row("a-lora"), read_json(paths.result_json)
+    assert row.get("state") == "COMPLETED" and row.warnings == [], row.warnings
+    for key in (
+        "steps",
+        "train_loss_final",
+        "train_loss_min",
+        "eval_loss",
+        "bleu",
+        "peak_mem_gib",
+        "seed",
+        "method",
+    ):
+        assert row.get(key) == result[key], key
+    assert row.get("peak_mem_kind") == "cpu_rss" and row.get("steps") == 4
+    recs = list(iter_jsonl(paths.samples_jsonl))
+    expected = sacrebleu.corpus_bleu(
+        [r["prediction"] for r in recs], [[r["reference"] for r in recs]], tokenize="zh"
+    )
+    assert row.get("bleu") == pytest.approx(expected.score, abs=0.01)
+    copy = collection.row("b-copy")
+    assert copy.get("n_samples") == len(recs) == 4
+    assert copy.get("bleu_delta") == 0.0 and copy.get("bleu_p_value") == 1.0
     summary = json.loads((exp / "summary.json").read_text())
-    assert [d["name"] for d in summary] == ["a-lora", "b-freeze"]
-    assert "CPU run" in "".join(t for t in [(exp / "memory.png").exists() and "CPU run"] if t)
+    assert [d["name"] for d in summary] == ["a-lora", "b-copy"]
+    assert (exp / "loss.png").stat().st_size > 0 and (exp / "memory.png").stat().st_size > 0
+
+
+def test_plots_are_redrawn_only_when_their_inputs_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import launcher.collect.plots as plots
+
+    exp = tmp_path / "exp"
+    make_run(exp, "a", result=default_result("a"), metrics=metrics_records(20))
+    drawn: list[int] = []
+    real = plots.write_plots
+    monkeypatch.setattr(plots, "write_plots", lambda c: (drawn.append(1), real(c)))
+    collect_experiment(exp)
+    collect_experiment(exp)
+    assert len(drawn) == 1  # unchanged: the PNGs stay
+    write_jsonl(exp / "runs" / "a" / "metrics.jsonl", metrics_records(30))
+    collect_experiment(exp)
+    assert len(drawn) == 2  # the loss curve changed
+    (exp / "memory.png").unlink()
+    collect_experiment(exp)
+    assert len(drawn) == 3 and (exp / "memory.png").exists()

@@ -207,3 +207,79 @@ def test_status_json_reports_json_decodable(tmp_path: Path) -> None:
     info = json.loads((exp.run("s").logs / "local.json").read_text())
     assert info["supervisor_pid"] == os.getpid() and info["cancel_requested"] is False
     assert backend.wait(exp) == {"s": "COMPLETED"}
+
+
+def test_root_failure_prefers_the_real_error_over_lost_connections() -> None:
+    from launcher.backends.local import RankProcess, _root_failure
+
+    def rank(n: int) -> RankProcess:
+        return RankProcess(n, None, Path(f"rank{n}.log"), None)  # type: ignore[arg-type]
+
+    survivor = (rank(0), 1, "RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    culprit = (rank(1), 1, "RuntimeError: CUDA out of memory")
+    assert _root_failure([survivor, culprit]) == culprit
+    assert _root_failure([survivor]) == survivor and _root_failure([]) is None
+
+
+def test_live_progress_display_renders_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
+    runs = [make_run("p1", max_steps=4), make_run("p2", max_steps=4)]
+    exp = write_runs(tmp_path / "exp", runs)
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=150)
+    backend = _backend(console=console, show_progress=True)
+    backend.submit(exp, runs, dry_run=False)
+    assert backend.wait(exp) == {"p1": "COMPLETED", "p2": "COMPLETED"}
+    screen = buffer.getvalue()
+    assert "p1" in screen and "p2" in screen and "4/4" in screen and "COMPLETED" in screen
+    assert "loss  0.5000" in screen  # the stand-in's last loss (2 / step 4)
+
+
+SUPERVISOR = """
+import sys
+sys.path.insert(0, {tests!r})
+from backend_helpers import STAND_IN_COMMAND, make_run, write_runs
+from launcher.backends.local import LocalBackend
+from launcher.manifest import locked_manifest, config_hash
+runs = [make_run("orphan", world_size=2, max_steps=200)]
+exp = write_runs(__import__("pathlib").Path({root!r}), runs)
+backend = LocalBackend(None, train_command=STAND_IN_COMMAND, show_progress=False, poll_interval_s=0.1)
+subs = backend.submit(exp, runs, dry_run=False)
+with locked_manifest(exp) as m:
+    m.record(subs[0], config_hash(runs[0]))
+backend.wait(exp)
+"""
+
+
+def test_killed_supervisor_leaves_no_orphan_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`launcher submit` killed with SIGKILL: its ranks get SIGTERM (PDEATHSIG), checkpoint and exit;
+    status then reports the run PREEMPTED so the next submit resumes it."""
+    import subprocess
+    import sys
+
+    from launcher.manifest import load_manifest
+    from launcher.status import collect_rows, submitted_runs
+
+    monkeypatch.setenv("STAND_IN_STEP_S", "0.1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    root = tmp_path / "exp"
+    code = SUPERVISOR.format(tests=str(Path(__file__).parent), root=str(root))
+    supervisor = subprocess.Popen([sys.executable, "-c", code])
+    exp = ExperimentPaths(root)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(list(iter_jsonl(exp.run("orphan").metrics_jsonl))) < 2:
+        time.sleep(0.1)
+    ranks = [_env(exp, "orphan", r)["pid"] for r in (0, 1)]
+    supervisor.kill()
+    supervisor.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(job_alive(str(pid)) for pid in ranks):
+        time.sleep(0.1)
+    assert not any(job_alive(str(pid)) for pid in ranks)
+    assert read_status(exp.run("orphan"))["state"] == "PREEMPTED"  # the ranks checkpointed on SIGTERM
+    assert list(exp.run("orphan").checkpoints.glob("step_*"))
+    [sub] = submitted_runs(load_manifest(exp))
+    assert _backend().live_states([sub]) == {"orphan": "PREEMPTED"}
+    assert [r.state for r in collect_rows(exp)] == ["PREEMPTED"]

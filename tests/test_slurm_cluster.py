@@ -422,7 +422,8 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(tmp_path: Path, ti
     scontrol("update", f"jobid={job_id}", "TimeLimit=1")  # the warning time (55 s before) has passed
     wait_for(lambda: state_of(exp, run.name) == "PREEMPTED", 75, "the checkpoint on the time-limit warning")
     stopped = read_status(exp.run(run.name))
-    assert stopped["requeued"] is True, stopped
+    # The warning signal (USR2, signal_delay_s before the limit) made it checkpoint; rank 0 requeued it.
+    assert stopped["requeued"] is True and "SIGUSR2" in str(stopped["reason"]), stopped
 
     def pending_again() -> bool:
         row = squeue_row(job_id)

@@ -126,6 +126,13 @@ def test_logs_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_status(exp.run("r"), RunState.COMPLETED)
     assert main(["logs", str(exp.root), "r", "--rank", "1", "-f"]) == 0  # a finished run: prints and ends
     assert "line3" in capsys.readouterr().out
+    # A Slurm run without a trainer log yet: the scheduler's task log of its job.
+    with locked_manifest(exp) as manifest:
+        manifest.record(SubmittedRun("r", "id-r", "slurm", job_id="12_3"), "h")
+    (exp.logs / "slurm").mkdir(parents=True)
+    (exp.logs / "slurm" / "12_3_2_log.out").write_text("srun task 2 output\n")
+    assert main(["logs", str(exp.root), "r", "--rank", "2"]) == 0
+    assert capsys.readouterr().out == "srun task 2 output\n"
 
 
 def test_cancel_cli_marks_unfinished_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

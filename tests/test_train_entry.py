@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, make_run_dir, metrics, rank_output, run_ranks, status
+from train_helpers import REPO, make_run_dir, metrics, rank_output, run_ranks, start_ranks, status, wait_all
 
 from launcher.rundir import read_json
 from launcher.spec import TrainingSpec
@@ -186,16 +186,33 @@ def test_second_run_on_completed_dir_does_nothing(lora_run) -> None:
 # --- every method on one rank, ZeRO-2 ------------------------------------------------------------
 
 
+ZERO2_METHODS = ("freeze", "ptuning_v1", "ptuning_v2")
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, dialogue_files: object):
+    """Freeze, P-Tuning v1 and v2 on one rank each, trained at the same time (independent processes)."""
+    root = tmp_path_factory.mktemp("methods")
+    runs = {m: make_run_dir(root, m, max_steps=4, save_steps=4, learning_rate=1e-2) for m in ZERO2_METHODS}
+    procs = {m: start_ranks(paths, 1) for m, paths in runs.items()}
+    codes = {m: wait_all(p, timeout_s=400) for m, p in procs.items()}
+    return runs, codes
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["freeze", "ptuning_v1", "ptuning_v2"])
-def test_methods_zero2_one_rank(method: str, tmp_path: Path, tiny_model_dir: Path) -> None:
-    paths = make_run_dir(tmp_path, method, max_steps=4, save_steps=4, learning_rate=1e-2)
-    assert run_ranks(paths, 1, timeout_s=300) == [0], rank_output(paths)
+@pytest.mark.parametrize("method", ZERO2_METHODS)
+def test_methods_zero2_one_rank(method: str, method_runs) -> None:
+    runs, codes = method_runs
+    paths = runs[method]
+    assert codes[method] == [0], rank_output(paths)
     result = read_json(paths.result_json)
     assert result["state"] == "COMPLETED" and result["method"] == (
         "freeze" if method == "freeze" else "ptuning"
     )
     assert len(metrics(paths)) == 4 and math.isfinite(result["eval_loss"])
+    assert result["zero_stage"] == 2 and result["steps"] == 4
+    log_text = paths.rank_log(0).read_text()
+    assert f"{result['method']}: trainable params: " in log_text
     assert any(paths.final.iterdir())
 
 

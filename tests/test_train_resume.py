@@ -18,6 +18,7 @@ from train_helpers import (
     run_ranks,
     signal_all,
     start_ranks,
+    start_reference,
     status,
     wait_all,
     wait_until,
@@ -33,9 +34,8 @@ SAVE_STEPS = RESUME_SETTINGS["save_steps"]
 def test_sigkill_then_resume_matches_uninterrupted(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> None:
-    reference = reference_losses(tmp_path_factory.mktemp("reference"))
-    assert sorted(reference) == list(range(1, STEPS + 1))
-
+    reference_root = tmp_path_factory.mktemp("reference")
+    start_reference(reference_root)  # trains alongside this test's own run
     paths = make_run_dir(tmp_path_factory.mktemp("killed"), name="killed", **RESUME_SETTINGS)
     procs = start_ranks(paths, 1)
     # Kill once a checkpoint (step 3) is published and training is already past it (step 4 logged).
@@ -55,6 +55,8 @@ def test_sigkill_then_resume_matches_uninterrupted(
     assert status(paths)["state"] == "RUNNING"  # a SIGKILL leaves no chance to write anything
 
     assert run_ranks(paths, 1, timeout_s=300) == [0], rank_output(paths)
+    reference = reference_losses(reference_root)
+    assert sorted(reference) == list(range(1, STEPS + 1))
     assert status(paths)["state"] == "COMPLETED"
     # Resumed from the newest complete checkpoint: only the steps after it were recomputed.
     assert resumed_from_steps(paths) == [published[-1]]

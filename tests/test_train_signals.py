@@ -18,6 +18,7 @@ from train_helpers import (
     run_ranks,
     signal_all,
     start_ranks,
+    start_reference,
     status,
     wait_all,
     wait_until,
@@ -33,7 +34,8 @@ STEPS = RESUME_SETTINGS["max_steps"]
 def test_sigterm_checkpoints_and_exits_3_then_resumes(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> None:
-    reference = reference_losses(tmp_path_factory.mktemp("reference"))
+    reference_root = tmp_path_factory.mktemp("reference")
+    start_reference(reference_root)  # trains alongside this test's own run
     paths = make_run_dir(tmp_path_factory.mktemp("preempted"), name="preempted", **RESUME_SETTINGS)
     procs = start_ranks(paths, 1)
     wait_until(lambda: max(losses_by_step(paths), default=0) >= 1, timeout_s=240, procs=procs)
@@ -50,6 +52,7 @@ def test_sigterm_checkpoints_and_exits_3_then_resumes(
     assert not paths.result_json.exists()
 
     assert run_ranks(paths, 1, timeout_s=300) == [0], rank_output(paths)
+    reference = reference_losses(reference_root)
     assert status(paths)["state"] == "COMPLETED"
     assert resumed_from_steps(paths) == [stopped_at]  # nothing recomputed
     resumed = losses_by_step(paths)

@@ -218,17 +218,27 @@ RESUME_SETTINGS: dict[str, Any] = {
     "save_steps": 3,
     "save_total_limit": 2,
 }
-_REFERENCE: dict[str, dict[int, float]] = {}
+_REFERENCE: dict[str, Any] = {}
+
+
+def start_reference(root: Path) -> None:
+    """Start the uninterrupted reference run (once per test session) without waiting for it, so it
+    trains while a test drives its own interrupted run."""
+    if "paths" not in _REFERENCE:
+        paths = make_run_dir(root, name="reference", **RESUME_SETTINGS)
+        _REFERENCE["paths"] = paths
+        _REFERENCE["procs"] = start_ranks(paths, 1)
 
 
 def reference_losses(root: Path) -> dict[int, float]:
     """Per-step losses of an uninterrupted run with RESUME_SETTINGS (trained once per test session)."""
+    start_reference(root)
     if "losses" not in _REFERENCE:
-        paths = make_run_dir(root, name="reference", **RESUME_SETTINGS)
-        codes = run_ranks(paths, 1, timeout_s=300)
+        paths = _REFERENCE["paths"]
+        codes = wait_all(_REFERENCE["procs"], timeout_s=300)
         assert codes == [0], rank_output(paths)
         _REFERENCE["losses"] = losses_by_step(paths)
-    return _REFERENCE["losses"]
+    return dict(_REFERENCE["losses"])
 
 
 def resumed_from_steps(paths: RunPaths) -> list[int]:

@@ -131,6 +131,18 @@ def _exit_text(code: int) -> str:
     return f"exited with code {code}"
 
 
+# Last log lines that show a rank only lost its peers (the effect of another rank's crash, not the cause).
+_PEER_LOSS_MARKERS = ("closed by peer", "reset by peer", "broken pipe", "remote worker", "connection refused")
+
+
+def _root_failure(failed: list[tuple[RankProcess, int, str]]) -> tuple[RankProcess, int, str] | None:
+    """The failure that caused the others: the first rank whose error is not a lost connection."""
+    for entry in failed:
+        if not any(marker in entry[2].lower() for marker in _PEER_LOSS_MARKERS):
+            return entry
+    return failed[0] if failed else None
+
+
 def _pdeathsig_preexec() -> Callable[[], None] | None:
     """Children get SIGTERM when the supervisor dies (even by SIGKILL): no orphaned ranks (Linux)."""
     if not sys.platform.startswith("linux"):
@@ -196,6 +208,10 @@ class ActiveRun:
     first_exit_at: float | None = None
     failure: str | None = None
     exit_codes: dict[int, int] = field(default_factory=dict)
+    kill_at: float | None = None
+    killed: bool = False
+    failed_ranks: list[tuple[RankProcess, int, str]] = field(default_factory=list)
+    """(rank, exit code, last log line) of ranks that failed on their own, in the order seen."""
 
 
 @dataclass
@@ -219,6 +235,7 @@ class LocalBackend:
         poll_interval_s: float = 0.5,
         stop_grace_s: float = 180.0,
         sibling_exit_timeout_s: float = 300.0,
+        sibling_kill_grace_s: float = 5.0,
     ) -> None:
         self.spec = spec
         # The rank command without its RUN_DIR argument; tests substitute a stand-in trainer.
@@ -228,6 +245,7 @@ class LocalBackend:
         self.poll_interval_s = poll_interval_s
         self.stop_grace_s = stop_grace_s
         self.sibling_exit_timeout_s = sibling_exit_timeout_s
+        self.sibling_kill_grace_s = sibling_kill_grace_s
         self._queue: list[QueuedRun] = []
         self._ports: set[int] = set()
         self._gpus: list[str] | None = None
@@ -431,10 +449,18 @@ class LocalBackend:
                 continue
             item.exit_codes[proc.rank] = code
             item.first_exit_at = item.first_exit_at or now
-            if code not in (0, PREEMPTED_EXIT_CODE) and item.failure is None:
+            killed_by_us = item.killed and code == -signal.SIGKILL
+            if code not in (0, PREEMPTED_EXIT_CODE) and not killed_by_us:
                 detail = last_log_line(proc.log_path)
-                item.failure = f"{proc.label} {_exit_text(code)}" + (f": {detail}" if detail else "")
-                self._kill(item, signal.SIGKILL)  # its siblings would block in a collective
+                item.failed_ranks.append((proc, code, detail))
+                if item.failure is None:
+                    item.failure = f"{proc.label} {_exit_text(code)}" + (f": {detail}" if detail else "")
+                    # Siblings blocked in a collective never return: a short grace lets ranks that did
+                    # see an error exit (and log it) on their own, then the rest are killed.
+                    item.kill_at = now + self.sibling_kill_grace_s
+        if item.kill_at is not None and now >= item.kill_at and not item.killed:
+            self._kill(item, signal.SIGKILL)
+            item.killed = True
         alive = [p for p in item.procs if p.rank not in item.exit_codes]
         if (
             alive
@@ -447,6 +473,7 @@ class LocalBackend:
                 f"{self.sibling_exit_timeout_s:.0f}s after another rank exited; killed"
             )
             self._kill(item, signal.SIGKILL)
+            item.killed = True
         if alive:
             return False
         for proc in item.procs:
@@ -471,10 +498,16 @@ class LocalBackend:
             self._write_final(item.paths, RunState.CANCELLED, "cancelled by user", **codes)
             return RunState.CANCELLED.value
         if item.failure is not None and not interrupted:
-            if recorded == RunState.FAILED.value and status.get("reason"):
-                reason = f"{status['reason']} ({item.failure.split(':')[0]})"
-            else:
-                reason = item.failure
+            reason = item.failure
+            root = _root_failure(item.failed_ranks)
+            if root is not None:
+                proc, code, detail = root
+                reason = f"{proc.label} {_exit_text(code)}" + (f": {detail}" if detail else "")
+                # The trainer's own record is cleaner, but only if it is the root rank's: a survivor's
+                # "connection closed by peer" can land in status.json after the real error.
+                trainer_said = recorded == RunState.FAILED.value and status.get("reason")
+                if trainer_said and status.get("failed_rank") == proc.rank:
+                    reason = f"{status['reason']} ({proc.label} {_exit_text(code)})"
             self._write_final(item.paths, RunState.FAILED, reason, **codes)
             return RunState.FAILED.value
         if interrupted or PREEMPTED_EXIT_CODE in item.exit_codes.values():

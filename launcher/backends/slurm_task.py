@@ -148,18 +148,19 @@ class SlurmTask:
                 RunState.PREEMPTED,
                 reason=(
                     f"stopped after {requeues_done} requeues (cluster.max_requeues={self.max_requeues}); "
-                    "the checkpoint is kept: `launcher submit` again to resume"
+                    "the checkpoint is kept: run `launcher submit` again to resume from it"
                 ),
                 attempt=attempt,
                 requeued=False,
             )
             return False
         job_id = slurm_job_id()
+        why = read_status(paths).get("reason") or "stopped by a signal"
         # Written before the call: the requeue kills this job's processes.
         update_status(
             paths,
             RunState.PREEMPTED,
-            reason=f"checkpointed and requeued: attempt {attempt + 1} (at most {self.max_requeues + 1}) next",
+            reason=f"{why}; requeued: attempt {attempt + 1} of at most {self.max_requeues + 1} next",
             attempt=attempt,
             requeued=True,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
@@ -150,7 +151,7 @@ def _fingerprint(path: Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _tokenize_of(paths: RunPaths, fallback: str, warnings: list[str]) -> str:
+def _tokenize_of(paths: RunPaths, fallback: str) -> str:
     config = read_run_yaml(paths, [])
     value = _nested(config or {}, "eval", "bleu_tokenize")
     return value if isinstance(value, str) else fallback
@@ -160,6 +161,7 @@ def _apply_significance(
     collection: Collection, rows_by_name: dict[str, RunRow], cache: dict[str, Any], use_cache: bool
 ) -> dict[str, Any]:
     """Fill bleu_delta / CI / p-values of every run with samples against the baseline run."""
+    from launcher.collect import significance as sig
     from launcher.collect.significance import SamplesMismatch, align, compare_to_baseline, load_samples
 
     base_name = collection.baseline
@@ -192,19 +194,29 @@ def _apply_significance(
     if len(base) == 0:
         base_row.warnings.append("samples.jsonl has no usable example: no BLEU deltas against it")
         return new_cache
-    tokenize = _tokenize_of(base_paths, collection.tokenize, base_row.warnings)
+    tokenize = _tokenize_of(base_paths, collection.tokenize)
     collection.tokenize = tokenize
     base_row.values["n_samples"] = len(base)
 
     systems: dict[str, list[str]] = {}
     fingerprints: dict[str, Any] = {}
+    notes: dict[str, list[str]] = {}
+    # A cached comparison is reused only for the same files (size, mtime), tokenizer and test settings.
+    test_params = [sig.N_BOOTSTRAP, sig.N_APPROX_RANDOMIZATION, sig.DEFAULT_SEED]
     for row in candidates:
         paths = collection.exp.run(row.name)
-        fp = {"base": base_fp, "sys": _fingerprint(paths.samples_jsonl), "tok": tokenize}
+        fp = {
+            "base": base_fp,
+            "sys": _fingerprint(paths.samples_jsonl),
+            "tok": tokenize,
+            "params": test_params,
+        }
         cached = cache.get(row.name)
         if use_cache and isinstance(cached, dict) and cached.get("fp") == fp:
             new_cache[row.name] = cached
+            row.warnings.extend(str(n) for n in cached.get("notes") or [])
             continue
+        first_note = len(row.warnings)
         try:
             samples = load_samples(paths.samples_jsonl)
             row.warnings.extend(f"samples.jsonl: {s}" for s in samples.skipped)
@@ -215,12 +227,13 @@ def _apply_significance(
         except SamplesMismatch as exc:
             row.warnings.append(f"samples do not match the baseline's, no BLEU delta: {exc}")
             continue
-        run_tok = _tokenize_of(paths, tokenize, row.warnings)
+        run_tok = _tokenize_of(paths, tokenize)
         if run_tok != tokenize:
             row.warnings.append(
                 f"eval.bleu_tokenize is {run_tok!r}, the baseline's {tokenize!r}: compared with {tokenize!r}"
             )
         fingerprints[row.name] = fp
+        notes[row.name] = row.warnings[first_note:]
     if systems:
         results = compare_to_baseline(base.predictions, systems, base.references, tokenize=tokenize)
         for name, res in results.items():
@@ -233,6 +246,7 @@ def _apply_significance(
                 "p_bootstrap": res.p_bootstrap,
                 "p_ar": res.p_approx_randomization,
                 "n": res.n_examples,
+                "notes": notes[name],
             }
     for name, entry in new_cache.items():
         row = rows_by_name[name]
@@ -299,7 +313,11 @@ def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bo
     warnings: list[str] = []
     spec = _read_spec(exp, warnings)
     plan = _read_plan(exp, warnings)
-    rows = [read_row(paths, plan.get(paths.name)) for paths in _run_dirs(exp)]
+    # The plan's order is the spec's (methods, then sweep values): the order users think in, and the
+    # "first run" that is the default baseline. Run dirs the plan does not know follow by name.
+    position = {name: index for index, name in enumerate(plan)}
+    run_dirs = sorted(_run_dirs(exp), key=lambda p: (position.get(p.root.name, len(position)), p.root.name))
+    rows = [read_row(paths, plan.get(paths.root.name)) for paths in run_dirs]
     if not rows:
         warnings.append(f"{exp.runs_dir} has no run directories")
     rows_by_name = {r.name: r for r in rows}
@@ -320,14 +338,14 @@ def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bo
     for row in rows:
         row.values["baseline"] = row.name == collection.baseline
 
+    # .collect_cache.json: significance results and the plots' input hash of the last collect. Only
+    # reused for identical inputs; deleting it is always safe.
     cache_path = exp.root / _CACHE_NAME
-    cache: dict[str, Any] = {}
-    try:
+    cache_file: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
         loaded = read_json(cache_path)
-        if isinstance(loaded, dict) and loaded.get("baseline") == collection.baseline:
-            cache = loaded.get("runs") or {}
-    except (OSError, ValueError):
-        pass
+        cache_file = loaded if isinstance(loaded, dict) else {}
+    cache = (cache_file.get("runs") or {}) if cache_file.get("baseline") == collection.baseline else {}
     new_cache = _apply_significance(collection, rows_by_name, cache, use_cache=True)
 
     collection.groups = seed_groups(rows)
@@ -348,9 +366,13 @@ def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bo
         from launcher.collect.table import write_summaries
 
         write_summaries(collection)
-        from launcher.collect.plots import write_plots
+        from launcher.collect.plots import plot_signature, write_plots
 
-        write_plots(collection)
-        if new_cache or cache:
-            write_json_atomic(cache_path, {"baseline": collection.baseline, "runs": new_cache})
+        signature = plot_signature(collection)
+        pngs_there = exp.loss_png.exists() and exp.memory_png.exists()
+        if signature != cache_file.get("plots") or not pngs_there:
+            write_plots(collection)
+        write_json_atomic(
+            cache_path, {"baseline": collection.baseline, "runs": new_cache, "plots": signature}
+        )
     return collection

@@ -7,7 +7,9 @@ capped, stated subset: a chart with 10,000 lines or bars informs nobody and cost
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import math
 import os
 import tempfile
@@ -20,6 +22,7 @@ from launcher.rundir import RunState, iter_jsonl
 if TYPE_CHECKING:
     from launcher.collect.collection import Collection
 
+PLOTS_VERSION = 1  # bump when the drawing changes, so cached signatures redraw
 MAX_LOSS_CURVES = 40
 MAX_MEMORY_BARS = 60
 _LEGEND_ROWS = 20  # entries per legend column
@@ -111,14 +114,15 @@ def plot_loss(collection: Collection, plt: Any) -> None:
         if steps:
             ax.plot(steps, losses, color=color, linewidth=linewidth, label=label)
         if eval_steps:
-            ax.scatter(
+            ax.plot(
                 eval_steps,
                 eval_losses,
-                color=color,
+                linestyle="none",
                 marker="o",
-                s=28,
-                edgecolors="black",
-                linewidths=0.5,
+                markersize=5,
+                color=color,
+                markeredgecolor="black",
+                markeredgewidth=0.5,
                 zorder=3,
                 label=None if steps else label,
             )
@@ -200,6 +204,33 @@ def plot_memory(collection: Collection, plt: Any) -> None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     _save(fig, collection.exp.memory_png)
     plt.close(fig)
+
+
+def _file_fingerprint(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def plot_signature(collection: Collection) -> str:
+    """A hash of everything the two plots show: unchanged inputs -> the PNGs need not be redrawn.
+
+    Redrawing costs ~1-2 s (matplotlib import and rendering) whatever the number of runs, the biggest
+    share of re-collecting a large, unchanged experiment.
+    """
+    loss_part = [
+        [r.name, r.get("state"), r.get("eval_loss"), r.get("steps"), r.get("baseline"),
+         _file_fingerprint(collection.exp.run(r.name).metrics_jsonl),
+         _file_fingerprint(collection.exp.run(r.name).eval_jsonl)]
+        for r in _plotted_runs(collection, MAX_LOSS_CURVES, "eval_loss", reverse=False)
+    ]  # fmt: skip
+    memory_part = [
+        [r.name, r.get("peak_mem_gib"), r.get("peak_mem_kind"), r.get("baseline")] for r in collection.rows
+    ]
+    payload = [PLOTS_VERSION, collection.exp.root.name, collection.gpu_mem_gib, loss_part, memory_part]
+    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()
 
 
 def write_plots(collection: Collection) -> None:

@@ -22,14 +22,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--lines", type=int, default=None, help="only the last N lines")
 
 
-def find_log(logs_dir: Path, rank: int) -> Path:
-    """logs/rank{N}.log (the trainer's); else DeepSpeed's `<time>_rank{N}.log`, else the newest
-    scheduler log mentioning the rank (submitit's `<job>_<task>_log.out`); else a UserError listing
-    what exists."""
+def find_log(logs_dir: Path, rank: int, scheduler_logs: list[Path] | None = None) -> Path:
+    """logs/rank{N}.log (the trainer's); else DeepSpeed's `<time>_rank{N}.log`; else the scheduler's
+    stdout for that task (submitit's `<job>_<task>_log.out`); else a UserError listing what exists."""
     exact = logs_dir / f"rank{rank}.log"
     if exact.is_file():
         return exact
-    candidates = sorted(logs_dir.glob(f"*_rank{rank}.log")) + sorted(logs_dir.glob(f"*_{rank}_log.*"))
+    candidates = sorted(logs_dir.glob(f"*_rank{rank}.log")) + [p for p in scheduler_logs or [] if p.is_file()]
     if candidates:
         return max(candidates, key=lambda p: p.stat().st_mtime)
     existing = sorted(p.name for p in logs_dir.glob("*") if p.is_file()) if logs_dir.is_dir() else []
@@ -40,14 +39,19 @@ def find_log(logs_dir: Path, rank: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from launcher.manifest import load_manifest
     from launcher.rundir import RunState, read_status
     from launcher.status import resolve_experiment, resolve_run_names
 
     exp = resolve_experiment(args.experiment)
     resolve_run_names(exp, [args.run])
     paths = exp.run(args.run)
+    found = load_manifest(exp).by_name(args.run)
+    job_id = found[1].job_id if found else None
+    # Slurm (submitit) task logs: <experiment>/logs/slurm/<job id>_<task>_log.out (array ids: 12_3).
+    scheduler_logs = [exp.logs / "slurm" / f"{job_id}_{args.rank}_log.out"] if job_id else []
     if not args.follow:
-        text = find_log(paths.logs, args.rank).read_text(encoding="utf-8", errors="replace")
+        text = find_log(paths.logs, args.rank, scheduler_logs).read_text(encoding="utf-8", errors="replace")
         if args.lines is not None:
             text = "\n".join(text.splitlines()[-args.lines :]) + "\n"
         sys.stdout.write(text)
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     while True:
         if log_path is None:
             try:
-                log_path = find_log(paths.logs, args.rank)
+                log_path = find_log(paths.logs, args.rank, scheduler_logs)
             except UserError:
                 log_path = None
         if log_path is not None:

@@ -1,0 +1,364 @@
+"""Training throughput: our entrypoint (`launcher.train.entry.train_run`) vs Hugging Face `Trainer`.
+
+    .venv/bin/python bench/train_throughput.py [--steps 24] [--micro-batch 8] [--json out.json]
+
+Same model (the built-in tiny GLM, full fine-tuning), same DeepSpeed config (the run's rendered
+ds_config.json: ZeRO-2, AdamW, WarmupDecayLR), same encoded examples (same template and truncation),
+same micro-batch and seed; each configuration runs in its own subprocess, one after another, so peak
+memory is per configuration and they do not compete for the CPU.
+
+Two data sets:
+- fixed:    every example is exactly max_source + max_target + 1 tokens (no padding anywhere);
+- dialogue: the bundled multi-turn dialogues (lengths vary ~3x).
+
+Trainer variants: ``pad-max`` is the ChatGLM P-Tuning recipe (every example padded to
+max_source + max_target + 1, default collator) - the usual setup this tool replaces; ``dynamic`` pads
+per batch (DataCollatorForSeq2Seq); ``dynamic+group`` also groups by length
+(``train_sampling_strategy="group_by_length"``).
+Ours: dynamic padding + length-grouped batches (training.group_by_length: true).
+
+Measured: real (non-pad) tokens per second over the steady-state steps (the first ``--warmup``
+optimizer steps are excluded), and peak memory (CUDA max_memory_allocated on GPU, peak RSS on CPU).
+Targets (issue 3): >= 1.0x on fixed, >= 1.3x on dialogue vs pad-max; peak memory <= 1.0x.
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MAX_SOURCE, MAX_TARGET = 256, 64
+TRAINER_VARIANTS = ("pad-max", "dynamic", "dynamic+group")
+
+
+# --- set-up (parent process) ---------------------------------------------------------------------
+
+
+def _fixed_length_data(path: Path, count: int) -> None:
+    """Examples whose source is exactly MAX_SOURCE tokens and target exactly MAX_TARGET (+ eos)."""
+    from transformers import AutoTokenizer
+
+    from launcher.demo_data import pretraining_corpus
+    from launcher.tiny import ensure_tiny_model
+    from launcher.train.data import Example, encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
+    overhead = len(encode_prompt(Example("x", [], "", ""), tokenizer, "chatglm", 10_000))
+    text = "".join(pretraining_corpus(400))
+    q_len, a_len = MAX_SOURCE - overhead, MAX_TARGET
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(count):
+            start = (i * 97) % (len(text) - q_len - a_len)
+            query, answer = text[start : start + q_len], text[start + q_len : start + q_len + a_len]
+            handle.write(json.dumps({"prompt": query, "response": answer}, ensure_ascii=False) + "\n")
+
+
+def _spec(root: Path, name: str, data: dict[str, Any], args: argparse.Namespace, precision: str) -> Path:
+    spec = {
+        "experiment": f"bench-{name}",
+        "output_dir": str(root / "out"),
+        "model": {"builtin": "tiny-glm"},
+        "data": {**data, "max_eval_examples": 8},
+        "template": "chatglm",
+        "training": {
+            "precision": precision,
+            "learning_rate": 5.0e-4,
+            "max_steps": args.steps,
+            "per_device_batch_size": args.micro_batch,
+            "gradient_accumulation_steps": 1,
+            "warmup_ratio": 0.1,
+            "max_source_length": MAX_SOURCE,
+            "max_target_length": MAX_TARGET,
+            "group_by_length": True,
+            "logging_steps": args.warmup,
+            "save_steps": 1_000_000,
+            "seed": 42,
+        },
+        "eval": {"num_samples": 2, "max_new_tokens": 4, "batch_size": 2},
+        "methods": [{"method": "full"}],
+        "resources": {
+            "nodes": 1,
+            "gpus_per_node": 1,
+            "zero_stage": 2,
+            "offload_optimizer": False,
+            "offload_param": False,
+            "gradient_checkpointing": False,
+        },
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _plan_run_dir(spec_path: Path) -> Path:
+    from launcher.plan import build_plan, write_run_dirs
+    from launcher.spec import load_spec
+
+    spec = load_spec(spec_path)
+    runs = build_plan(spec, spec_path)
+    exp = write_run_dirs(spec, spec_path, runs, force=True)
+    return exp.run(runs[0].name).root
+
+
+# --- workers (one subprocess each) ---------------------------------------------------------------
+
+
+def _peak_gib(device: str) -> tuple[float, str]:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30, "cuda_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_rss"
+
+
+def worker_ours(run_dir: Path, warmup: int) -> dict[str, Any]:
+    from launcher.rundir import RunPaths, iter_jsonl, read_json
+    from launcher.train.entry import train_run
+
+    paths = RunPaths(run_dir)
+    state = train_run(run_dir)
+    rows = list(iter_jsonl(paths.metrics_jsonl))
+    first, last = rows[0], rows[-1]  # logged every `warmup` steps: the first row is the end of warmup
+    result = read_json(paths.result_json)
+    return {
+        "state": state,
+        "steps": last["step"] - first["step"],
+        "tokens": last["tokens"] - first["tokens"],
+        "time_s": last["elapsed_s"] - first["elapsed_s"],
+        "peak_mem_gib": result["peak_mem_gib"],
+        "peak_mem_kind": result["peak_mem_kind"],
+        "final_loss": last["loss"],
+    }
+
+
+def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from launcher.rundir import RunPaths, read_json
+    from launcher.spec import RunConfig
+    from launcher.train.data import encode_for_training, load_examples, resolve_data_files, resolve_model_dir
+
+    paths = RunPaths(run_dir)
+    cfg = RunConfig.from_yaml_file(paths.run_yaml)
+    ds_config = read_json(paths.ds_config)
+    t = cfg.training
+    # The scheduler's step counts are "auto" in our template; HF's integration fills the same keys.
+    ds_config["scheduler"]["params"] = {
+        k: ("auto" if k in ("total_num_steps", "warmup_num_steps", "warmup_max_lr", "warmup_min_lr") else v)
+        for k, v in ds_config["scheduler"]["params"].items()
+    }
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.config.use_cache = False
+    train_path, _ = resolve_data_files(cfg.data)
+    features = [
+        encode_for_training(ex, tokenizer, cfg.template, t.max_source_length, t.max_target_length)
+        for ex in load_examples(train_path, cfg.data.format)
+    ]
+    max_len = t.max_source_length + t.max_target_length + 1
+    pad = tokenizer.pad_token_id
+    if variant == "pad-max":  # ChatGLM ptuning/main.py: every example padded to max_seq_length
+
+        def rows(f: Any) -> dict[str, list[int]]:
+            n = max_len - len(f.input_ids)
+            return {
+                "input_ids": f.input_ids + [pad] * n,
+                "labels": f.labels + [-100] * n,
+                "attention_mask": [1] * len(f.input_ids) + [0] * n,
+            }
+
+        dataset = [rows(f) for f in features]
+        collator = None
+    else:
+        dataset = [{"input_ids": f.input_ids, "labels": f.labels} for f in features]
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    counted = {"tokens": 0}
+
+    def count_tokens(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        counted["tokens"] += int(kwargs["attention_mask"].sum())  # real tokens actually trained on
+
+    model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    marks: list[tuple[int, float, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step in (warmup, t.max_steps):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                marks.append((state.global_step, time.perf_counter(), counted["tokens"]))
+
+    opt = ds_config["optimizer"]["params"]
+    args = TrainingArguments(
+        output_dir=str(run_dir / "hf_trainer"),
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        adam_beta1=opt["betas"][0],
+        adam_beta2=opt["betas"][1],
+        adam_epsilon=opt["eps"],
+        warmup_steps=round(t.warmup_ratio * t.max_steps),
+        lr_scheduler_type="linear",
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        deepspeed=ds_config,
+        train_sampling_strategy="group_by_length" if variant == "dynamic+group" else "random",
+        logging_steps=1_000_000,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    output = trainer.train()
+    (s0, t0, k0), (s1, t1, k1) = marks[0], marks[-1]
+    peak, kind = _peak_gib("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "state": "COMPLETED",
+        "steps": s1 - s0,
+        "tokens": k1 - k0,
+        "time_s": t1 - t0,
+        "peak_mem_gib": peak,
+        "peak_mem_kind": kind,
+        "final_loss": output.training_loss,
+    }
+
+
+# --- orchestration -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run_worker(kind: str, run_dir: Path, variant: str, warmup: int, log_dir: Path) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if kind == "trainer":  # HF's DeepSpeed integration wants a torchrun-style environment
+        env.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    cmd = [sys.executable, __file__, "--worker", kind, "--run-dir", str(run_dir), "--variant", variant]
+    cmd += ["--warmup", str(warmup)]
+    log = log_dir / f"{run_dir.parent.parent.name}-{kind}-{variant}.log"
+    with open(log, "w") as handle:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=handle, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{kind}/{variant} failed (exit {proc.returncode}); see {log}")
+    return dict(json.loads(lines[-1][len("RESULT ") :]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=4, help="steps excluded from the timing")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--worker", choices=("ours", "trainer"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        if args.worker == "ours":
+            out = worker_ours(args.run_dir, args.warmup)
+        else:
+            out = worker_trainer(args.run_dir, args.variant, args.warmup)
+        print("RESULT " + json.dumps(out), flush=True)
+        return 0
+
+    if args.steps % args.warmup:
+        parser.error("--steps must be a multiple of --warmup (ours logs every --warmup steps)")
+    import torch
+
+    from launcher.tiny import ensure_tiny_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = "bf16" if device == "cuda" else "fp32"
+    ensure_tiny_model()
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    log_dir = Path(tempfile.gettempdir()) / "launcher-bench-train"
+    log_dir.mkdir(exist_ok=True)
+    print(f"worker logs: {log_dir}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        root = Path(tmp)
+        fixed = root / "fixed.jsonl"
+        _fixed_length_data(fixed, args.steps * args.micro_batch + 64)
+        datasets = {
+            "fixed": {"train_file": str(fixed), "eval_file": str(fixed)},
+            "dialogue": {"builtin": "dialogue"},
+        }
+        for data_name, data in datasets.items():
+            run_dir = _plan_run_dir(_spec(root, data_name, data, args, precision))
+            configs = [("ours", "dynamic+group")] + [("trainer", v) for v in TRAINER_VARIANTS]
+            for kind, variant in configs:
+                out = _run_worker(kind, run_dir, variant, args.warmup, log_dir)
+                out.update(data=data_name, runner=kind, variant=variant)
+                out["tokens_per_s"] = out["tokens"] / out["time_s"]
+                results.append(out)
+                print(
+                    f"  {data_name:<9} {kind:<8} {variant:<14} {out['tokens_per_s']:>9.0f} tok/s  "
+                    f"peak {out['peak_mem_gib']:.3f} GiB ({out['peak_mem_kind']})",
+                    flush=True,
+                )
+    print(
+        f"\ndevice: {device} ({precision}), micro-batch {args.micro_batch}, {args.steps} steps "
+        f"({args.warmup} warm-up excluded), ZeRO-2, full fine-tuning of the tiny GLM; "
+        f"total {time.perf_counter() - started:.0f} s\n"
+    )
+    print(f"{'data':<9} {'vs Trainer':<14} {'ours tok/s':>10} {'HF tok/s':>9} {'speed':>6} {'mem':>6}")
+    for data_name in datasets:
+        ours = next(r for r in results if r["data"] == data_name and r["runner"] == "ours")
+        for variant in TRAINER_VARIANTS:
+            hf = next(
+                r
+                for r in results
+                if r["data"] == data_name and r["variant"] == variant and r["runner"] == "trainer"
+            )
+            speed = ours["tokens_per_s"] / hf["tokens_per_s"]
+            mem = ours["peak_mem_gib"] / hf["peak_mem_gib"]
+            print(
+                f"{data_name:<9} {variant:<14} {ours['tokens_per_s']:>10.0f} {hf['tokens_per_s']:>9.0f} "
+                f"{speed:>5.2f}x {mem:>5.2f}x"
+            )
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

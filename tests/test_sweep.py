@@ -1,0 +1,80 @@
+"""Sweep expansion: grid x zip x seeds, method axes, readable names, stable run ids, run-dir rewrites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.errors import UserError
+from launcher.plan import build_plan, write_run_dirs
+from launcher.spec import JobSpec, load_spec
+from launcher.sweep import expand, format_value
+
+SPEC = """\
+experiment: sw
+model: {builtin: tiny-glm}
+data: {builtin: dialogue}
+training: {precision: fp32}
+methods:
+  - method: lora
+  - method: freeze
+    trainable_layers: 1
+sweep:
+  grid:
+    training.learning_rate: [1.0e-4, 1.0e-3]
+    method.r: [4, 8]
+  zip:
+    training.max_source_length: [64, 128]
+    training.max_target_length: [16, 32]
+  seeds: [1, 2]
+"""
+
+
+def _spec(tmp_path: Path, text: str = SPEC) -> tuple[JobSpec, Path]:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return load_spec(path), path
+
+
+def test_grid_zip_seeds_and_method_axes(tmp_path: Path) -> None:
+    spec, _ = _spec(tmp_path)
+    runs = expand(spec)
+    lora = [r for r in runs if r.method.method == "lora"]
+    freeze = [r for r in runs if r.method.method == "freeze"]
+    assert len(lora) == 2 * 2 * 2 * 2 and len(freeze) == 2 * 2 * 2  # method.r only applies to lora
+    assert lora[0].name == "lora-lr1e-4-r4-src64-tgt16-seed1"
+    assert {r.method.r for r in lora} == {4, 8}  # type: ignore[union-attr]
+    assert all(
+        r.config["training"]["max_target_length"] == r.config["training"]["max_source_length"] // 4
+        for r in runs
+    )
+    assert len({r.name for r in runs}) == len(runs)
+    assert expand(spec)[3].swept == runs[3].swept  # pure
+
+
+def test_run_ids_stable_and_config_sensitive(tmp_path: Path) -> None:
+    spec, path = _spec(tmp_path)
+    ids = [r.run_id for r in build_plan(spec, path)]
+    assert ids == [r.run_id for r in build_plan(load_spec(path), path)]
+    assert len(set(ids)) == len(ids)
+    other, path2 = _spec(tmp_path, SPEC.replace("precision: fp32", "precision: bf16"))
+    assert set(ids).isdisjoint(r.run_id for r in build_plan(other, path2))
+
+
+def test_format_value() -> None:
+    assert format_value(1e-4) == "1e-4" and format_value(2e-5) == "2e-5" and format_value(0.5) == "0.5"
+    assert format_value(True) == "on" and format_value(["q", "v"]) == "q+v"
+
+
+def test_rewriting_a_changed_run_is_refused_unless_forced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec, path = _spec(tmp_path, SPEC.split("sweep:")[0])
+    write_run_dirs(spec, path, build_plan(spec, path))
+    changed, path2 = _spec(tmp_path, SPEC.split("sweep:")[0].replace("fp32", "bf16"))
+    with pytest.raises(UserError, match="different configuration"):
+        write_run_dirs(changed, path2, build_plan(changed, path2))
+    exp = write_run_dirs(changed, path2, build_plan(changed, path2), force=True)
+    assert "bf16" in exp.run("lora").run_yaml.read_text()
