@@ -237,7 +237,9 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()]
+    )
     output = trainer.train()
     (s0, t0, k0), (s1, t1, k1) = marks[0], marks[-1]
     peak, kind = _peak_gib("cuda" if torch.cuda.is_available() else "cpu")

@@ -49,6 +49,9 @@ class ArchInfo:
     output_module: str | None
     """The LM head's module name (never a LoRA target for 'all-linear'); None when tied."""
     source: str = ""
+    leading_params: int = 1
+    """How many of ``other_params`` come before the layers in the model's order (the embeddings):
+    ZeRO-2 partitions the flat gradient buffer in this order."""
 
     @property
     def params_per_layer(self) -> int:
@@ -63,10 +66,12 @@ class ArchInfo:
         return self.num_key_value_heads * self.head_dim
 
     def param_names(self) -> Iterator[tuple[str, int]]:
+        """Every parameter in the model's own order: embeddings, layers, final norm, head."""
+        yield from self.other_params[: self.leading_params]
         for i in range(self.num_layers):
             for name, numel in self.layer_params:
                 yield f"{self.layer_prefix}.{i}.{name}", numel
-        yield from self.other_params
+        yield from self.other_params[self.leading_params :]
 
     def linear_modules(self) -> Iterator[tuple[str, Linear]]:
         """(full module name, shape) of every linear layer inside the transformer layers."""
@@ -242,6 +247,7 @@ def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
     layer_params: list[tuple[str, int]] = []
     other: list[tuple[str, int]] = []
     layer_ids: set[int] = set()
+    leading = 0
     for pname, p in params:
         m = _LAYER_RE.match(pname)
         if m and m.group(1) == prefix:
@@ -250,6 +256,8 @@ def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
                 layer_params.append((m.group(3), p.numel()))
         else:
             other.append((pname, p.numel()))
+            if not layer_ids:
+                leading += 1
     linears: list[Linear] = []
     for mname, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and mname.startswith(f"{prefix}.0."):
@@ -279,6 +287,7 @@ def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
         other_params=tuple(other),
         output_module=output_module,
         source=source,
+        leading_params=leading,
     )
 
 

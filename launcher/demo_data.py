@@ -266,22 +266,34 @@ def generate(name: str, split: str, count: int | None = None) -> list[dict[str, 
     return [_GENERATORS[name](rng) for _ in range(n)]
 
 
-def pretraining_corpus(num_dialogues: int = 3000, *, held_out: bool = False) -> list[str]:
-    """Single sentences (every utterance of fresh dialogues plus SPO sentences), shuffled.
+PRETRAIN_STYLES: tuple[str, ...] = ("sentences", "dialogue")
 
-    No question is followed by its answer and no prompt template appears: the base learns the language
-    and the facts, not the fine-tuning task. ``held_out`` draws from another seed (for evaluation).
+
+def pretraining_corpus(
+    num_dialogues: int = 3000, *, held_out: bool = False, style: str = "sentences"
+) -> list[str]:
+    """Pretraining texts from fresh dialogues (another seed than the train/eval splits) plus SPO sentences.
+
+    ``sentences``: every utterance on its own, shuffled - no question is followed by its answer.
+    ``dialogue``: each dialogue as plain lines (question, answer, question, ...), with no prompt
+    template and no speaker markers: the base learns to converse, the fine-tuning template is new to it.
+    ``held_out`` draws from another seed (for evaluation).
     """
+    if style not in PRETRAIN_STYLES:
+        raise ValueError(f"unknown pretraining style {style!r}: use one of {', '.join(PRETRAIN_STYLES)}")
     rng = random.Random(f"pretrain-{_SEEDS['pretrain']}" + ("-held-out" if held_out else ""))
-    lines: list[str] = []
+    texts: list[str] = []
     for _ in range(num_dialogues):
         record = _dialogue(rng)
-        for query, answer in record["history"]:
-            lines += [query, answer]
-        lines += [record["prompt"], record["response"]]
-    lines += [_spo_record(rng)["input"] for _ in range(num_dialogues // 3)]
-    rng.shuffle(lines)
-    return lines
+        turns = [*record["history"], [record["prompt"], record["response"]]]
+        lines = [text for turn in turns for text in turn]
+        if style == "dialogue":
+            texts.append("\n".join(lines))
+        else:
+            texts += lines
+    texts += [_spo_record(rng)["input"] for _ in range(num_dialogues // 3)]
+    rng.shuffle(texts)
+    return texts
 
 
 def ensure_builtin_data(name: str, cache_dir: Path | None = None) -> tuple[Path, Path]:

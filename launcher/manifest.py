@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,5 +139,28 @@ def locked_manifest(exp: ExperimentPaths) -> Iterator[Manifest]:
             manifest = load_manifest(exp)
             yield manifest
             save_manifest(exp, manifest)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def submission_lock(exp: ExperimentPaths, timeout_s: float = 60.0) -> Iterator[None]:
+    """Exclusive per-experiment lock for `launcher submit` (decide + submit + record)."""
+    exp.root.mkdir(parents=True, exist_ok=True)
+    with open(exp.root / ".submit.lock", "a+") as lock:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UserError(
+                        f"another `launcher submit` of {exp.root} has been submitting for {timeout_s:.0f}s; "
+                        "let it finish, then check `launcher status`"
+                    ) from None
+                time.sleep(0.5)
+        try:
+            yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -12,10 +12,11 @@ fp32) and only *trainable* parameters carrying gradients and optimizer state:
 
 DeepSpeed keeps a separate fp32 master partition even when training in fp32 (it clones), so the
 optimizer holds 12 bytes per trainable parameter (master + Adam's two moments) in every precision.
-ZeRO-2 also keeps whole gradients of parameters straddling a partition boundary, and with optimizer
-offload two staging buffers of the largest trainable tensor (one on the GPU, one pinned on the host). ``offload_optimizer`` moves the master
-copy, Adam states and the gradient partition (then fp32) to host memory; ``offload_param`` (ZeRO-3 only)
-moves the parameter partitions to the host, leaving only the gathered working set on the GPU.
+ZeRO-2 also keeps whole gradients of parameters straddling a partition boundary. ``offload_optimizer``
+moves the master copy, Adam states and the gradient partition (then fp32) to host memory (ZeRO-2 adds
+two staging buffers of the largest trainable tensor, one on the GPU, one pinned on the host);
+``offload_param`` (ZeRO-3 only) moves the parameter partitions to the host, leaving only the gathered
+working set on the GPU.
 
 On top of the model states the GPU holds activations (per layer and token, from the real layer shapes;
 only the layer inputs with gradient checkpointing, and nothing for frozen layers below the first
@@ -342,8 +343,10 @@ def buffer_bytes(arch: ArchInfo, *, zero_stage: int, world_size: int, precision:
 
 
 def bucket_size(arch: ArchInfo) -> int:
-    """hidden_size^2 elements (the Hugging Face 'auto' value), so buckets scale with the model."""
-    return arch.hidden_size * arch.hidden_size
+    """The bucket size launcher.dsconfig renders into ds_config.json (hidden_size^2, at least 4M)."""
+    from launcher.dsconfig import bucket_elements
+
+    return bucket_elements(arch.hidden_size)
 
 
 def estimate(

@@ -130,8 +130,24 @@ def _resource_key_path(problems: Problems, plan: RunPlan, key: str) -> tuple[str
     return tuple(found) if problems.has(found) else ("methods", i)
 
 
+class _RunProblems:
+    """Per-run problems, merged so a sweep of 12 runs with the same mistake gives one line naming them."""
+
+    def __init__(self) -> None:
+        self.by_cause: dict[tuple[tuple[str | int, ...], str], list[str]] = {}
+
+    def add(self, path: Any, run: str, message: str) -> None:
+        self.by_cause.setdefault((tuple(path), message), []).append(run)
+
+    def flush(self, problems: Problems) -> None:
+        for (path, message), names in self.by_cause.items():
+            label = f"run {names[0]}" if len(names) == 1 else f"runs {', '.join(names)}"
+            problems.error(path, f"{label}: {message}")
+
+
 def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunConfig]:
     """Every run of the spec as a RunConfig; problems are collected, runs with problems are skipped."""
+    per_run = _RunProblems()
     base_dir = spec_path.resolve().parent
     hostfile = resolve_path(spec.hostfile, base_dir)
     runs: list[RunConfig] = []
@@ -148,7 +164,7 @@ def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunCon
             data = DataSpec.model_validate(config["data"])
             eval_spec = EvalSpec.model_validate(config["eval"])
         except ValidationError as exc:  # reported with positions by the spec checks; keep the first line
-            problems.error(("sweep",), f"run {plan.name}: {exc.errors()[0]['msg']}")
+            per_run.add(("sweep",), plan.name, str(exc.errors()[0]["msg"]))
             continue
         key = repr(model.model_dump())
         if key not in arch_cache:
@@ -164,7 +180,7 @@ def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunCon
         try:
             layout = param_layout(arch, plan.method)
         except LayoutError as exc:
-            problems.error(problems.first_present((*where_method, exc.key), where_method), str(exc))
+            per_run.add(problems.first_present((*where_method, exc.key), where_method), plan.name, str(exc))
             continue
         try:
             resources = resolve_resources(
@@ -177,7 +193,7 @@ def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunCon
                 layout=layout,
             )
         except ResourceProblem as exc:
-            problems.error(_resource_key_path(problems, plan, exc.key), f"run {plan.name}: {exc}")
+            per_run.add(_resource_key_path(problems, plan, exc.key), plan.name, str(exc))
             continue
         if plan.name in seen:
             problems.error(
@@ -208,7 +224,8 @@ def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunCon
         try:
             _, _, accum = batch_sizes(run)
         except UserError as exc:
-            problems.error(problems.first_present(("training", "global_batch_size"), ("training",)), str(exc))
+            where = problems.first_present(("training", "global_batch_size"), ("training",))
+            per_run.add(where, plan.name, str(exc).split(": ", 1)[-1])
             continue
         t = training
         if (
@@ -219,15 +236,17 @@ def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunCon
             )
             and accum != t.gradient_accumulation_steps
         ):
-            problems.error(
+            per_run.add(
                 ("training", "gradient_accumulation_steps"),
-                f"run {plan.name}: global_batch_size {t.global_batch_size} = per_device_batch_size "
+                plan.name,
+                f"global_batch_size {t.global_batch_size} = per_device_batch_size "
                 f"{t.per_device_batch_size} x world size {resources.world_size} x {accum} accumulation "
                 f"steps, not {t.gradient_accumulation_steps}; drop one of the two",
             )
             continue
         run.run_id = run_id_of(run)
         runs.append(run)
+    per_run.flush(problems)
     if spec.baseline is not None and runs and spec.baseline not in {r.name for r in runs}:
         problems.error(
             ("baseline",),

@@ -173,7 +173,17 @@ def to_json(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(_clean_floats(obj), indent=indent, ensure_ascii=False, default=_json_default)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def _umask_mode() -> int:
+    """The mode a plain open() would give: mkstemp's 0600 would hide results from collaborators."""
+    current = os.umask(0)
+    os.umask(current)
+    return 0o666 & ~current
+
+
+_FILE_MODE = _umask_mode()  # read once: os.umask is process-global, so don't toggle it per write
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over the target.
 
     Readers see the old file or the new one, never a half-written one.
@@ -181,8 +191,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -190,6 +201,10 @@ def write_text_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -262,5 +277,6 @@ def read_status(paths: RunPaths) -> dict[str, Any]:
     except (json.JSONDecodeError, OSError) as exc:
         return {"state": RunState.PLANNED.value, "updated_at": None, "reason": f"unreadable status: {exc}"}
     if not isinstance(data, dict) or data.get("state") not in RunState.__members__:
-        return {"state": RunState.PLANNED.value, "updated_at": None, "reason": "status.json has no valid state"}
+        reason = "status.json has no valid state"
+        return {"state": RunState.PLANNED.value, "updated_at": None, "reason": reason}
     return data

@@ -100,7 +100,9 @@ def _is_branch_tag(part: Any) -> bool:
     return isinstance(part, str) and part not in METHOD_NAMES
 
 
-def _walk(loc: tuple[Any, ...], data: Any) -> tuple[list[str | int], Any, list[tuple[int, str]]]:
+def _walk(
+    loc: tuple[Any, ...], data: Any, kind: str = ""
+) -> tuple[list[str | int], Any, list[tuple[int, str]]]:
     """(data path, the key missing at the end or None, [(depth, union-branch tag)])."""
     cur = data
     path: list[str | int] = []
@@ -111,7 +113,7 @@ def _walk(loc: tuple[Any, ...], data: Any) -> tuple[list[str | int], Any, list[t
         if in_dict or in_list:
             path.append(part)
             cur = cur[part]
-        elif i == len(loc) - 1 and (isinstance(cur, dict) or not _is_branch_tag(part)):
+        elif i == len(loc) - 1 and (kind == "missing" or not _is_branch_tag(part)):
             return path, part, tags
         elif _is_branch_tag(part):
             tags.append((len(path), str(part)))
@@ -167,7 +169,7 @@ def translate_errors(exc: ValidationError, data: Any, problems: Problems) -> Non
     for details in exc.errors():
         err: dict[str, Any] = dict(details)
         loc = tuple(err["loc"])
-        path, missing, tags = _walk(loc, data)
+        path, missing, tags = _walk(loc, data, err["type"])
         if tags:
             depth, tag = tags[0]
             unions.setdefault(tuple(path[:depth]), []).append((tag, err))
@@ -184,7 +186,7 @@ def translate_errors(exc: ValidationError, data: Any, problems: Problems) -> Non
         if keep:
             for kept in keep:
                 loc = tuple(kept["loc"])
-                path, missing, _ = _walk(loc, data)
+                path, missing, _ = _walk(loc, data, kept["type"])
                 _report(kept, loc, path, missing, problems)
             continue
         labels = list(dict.fromkeys(_branch_label(t) for t, _ in branch_errors))
@@ -357,13 +359,43 @@ def _check_dotted_value(spec: JobSpec, key: str, value: Any, where: KeyPath, pro
         problems.error(where, str(exc), prefer_value=True)
 
 
+ALIASES = {
+    "lr": "learning_rate",
+    "bs": "per_device_batch_size",
+    "batch_size": "per_device_batch_size",
+    "epochs": "num_epochs",
+    "steps": "max_steps",
+    "src": "max_source_length",
+    "tgt": "max_target_length",
+    "ga": "gradient_accumulation_steps",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "rank": "r",
+    "zero": "zero_stage",
+}
+
+
+def suggest_dotted(key: str, valid: list[str]) -> str:
+    """The closest valid dotted key: a known abbreviation, the whole key, or the last part in its section."""
+    root, _, leaf = key.rpartition(".")
+    alias = ALIASES.get(leaf)
+    if alias is not None and f"{root}.{alias}" in valid:
+        return f"; did you mean {root}.{alias}?"
+    hint = did_you_mean(key, valid)
+    if hint:
+        return hint
+    same_root = {k.rpartition(".")[2]: k for k in valid if k.rpartition(".")[0] == root}
+    close = difflib.get_close_matches(leaf, list(same_root), n=1, cutoff=0.5)
+    return f"; did you mean {same_root[close[0]]}?" if close else ""
+
+
 def _check_key(spec: JobSpec, key: str, where: KeyPath, problems: Problems, valid: list[str]) -> bool:
     if key not in valid:
         roots = sorted({k.split(".", 1)[0] for k in valid})
         problems.error(
             where,
-            f"unknown key '{key}'{did_you_mean(key, valid)} (keys are dotted paths under {', '.join(roots)}, "
-            "e.g. training.learning_rate or method.r)",
+            f"unknown key '{key}'{suggest_dotted(key, valid)} (keys are dotted paths under "
+            f"{', '.join(roots)}, e.g. training.learning_rate or method.r)",
         )
         return False
     if key.startswith("method.") and not any(method_has_field(m, key) for m in spec.methods):

@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import fnmatch
 import shutil
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
-from launcher.manifest import config_hash, load_manifest, locked_manifest
+from launcher.manifest import config_hash, load_manifest, locked_manifest, submission_lock
 from launcher.rundir import ExperimentPaths, RunState, read_status
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from launcher.backends.base import Backend, SubmittedRun
-    from launcher.spec import RunConfig
+    from launcher.spec import JobSpec, RunConfig
 
 IN_FLIGHT = (RunState.PENDING.value, RunState.RUNNING.value)
+CANCEL_WAIT_S = 60.0
 RETRYABLE = (RunState.FAILED.value, RunState.CANCELLED.value)
 
 
@@ -184,6 +186,22 @@ def _cancel_in_flight(exp: ExperimentPaths, names: set[str]) -> None:
             by_backend.setdefault(sub.backend, []).append(sub)
     for backend_name, subs in by_backend.items():
         get_backend(backend_name, None).cancel(exp, subs)
+    # A cancelled Slurm job may still be writing into its run dir for a moment: the dir is about to
+    # be archived and re-created, so wait until the scheduler no longer lists the jobs as live.
+    from launcher.status import query_live_states
+
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while True:
+        live = query_live_states(load_manifest(exp), names=names)
+        busy = sorted(n for n, state in live.items() if state in IN_FLIGHT)
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"{', '.join(busy)} still running {CANCEL_WAIT_S:.0f}s after being cancelled; "
+                "nothing was resubmitted. Check `launcher status`, then submit with --force again"
+            )
+        time.sleep(2.0)
 
 
 def submit_spec(
@@ -201,8 +219,7 @@ def submit_spec(
     """Everything `launcher submit` does; `backend` may be passed ready-made (tests)."""
     from rich.console import Console
 
-    from launcher.backends.base import default_backend_name, get_backend
-    from launcher.plan import build_plan, experiment_paths, write_run_dirs
+    from launcher.plan import build_plan, experiment_paths
     from launcher.spec import load_spec
 
     if console is None:
@@ -213,65 +230,100 @@ def submit_spec(
     runs = build_plan(spec, spec_path)
     selected = select_runs(runs, only)
     exp = experiment_paths(spec)
-    name = backend.name if backend is not None else (backend_name or default_backend_name(spec))
     if backend is None:
-        backend = get_backend(name, spec)
-        from launcher.backends.local import LocalBackend
+        backend = make_backend(spec, backend_name, hostfile, console)
+    plan = _Plan(spec, spec_path, runs, selected, exp, backend)
+    if dry_run:
+        return _dry_run(plan, console, retry_failed=retry_failed, force=force)
+    # One submit at a time per experiment: two concurrent submits must not both see PLANNED and both
+    # submit. Held from reading the states to recording the jobs, not while local runs train.
+    with submission_lock(exp):
+        outcome = _submit(plan, console, retry_failed=retry_failed, force=force)
+    wait = getattr(backend, "wait", None)
+    if callable(wait) and outcome.submitted:  # local / hostfile: supervise the runs, then the table
+        outcome.final_states = wait(exp)
+        run_collector(exp, console)
+    return outcome
 
-        if isinstance(backend, LocalBackend):  # and HostfileBackend: progress goes where we print
-            backend.console = console
-        if hostfile is not None:
-            if name != "hostfile":
-                raise UserError("--hostfile only applies to --backend hostfile")
-            backend.hostfile = hostfile  # type: ignore[attr-defined]
 
-    changed = find_changed_configs(exp, runs)
+def make_backend(spec: JobSpec, backend_name: str | None, hostfile: Path | None, console: Console) -> Backend:
+    from launcher.backends.base import default_backend_name, get_backend
+    from launcher.backends.local import LocalBackend
+
+    name = backend_name or default_backend_name(spec)
+    if hostfile is not None and name != "hostfile":
+        raise UserError("--hostfile only applies to --backend hostfile")
+    backend = get_backend(name, spec)
+    if isinstance(backend, LocalBackend):  # and HostfileBackend: progress goes where we print
+        backend.console = console
+    if hostfile is not None:
+        backend.hostfile = hostfile  # type: ignore[attr-defined]
+    return backend
+
+
+@dataclass
+class _Plan:
+    spec: JobSpec
+    spec_path: Path
+    runs: list[RunConfig]
+    selected: list[RunConfig]
+    exp: ExperimentPaths
+    backend: Backend
+
+
+def _decisions(plan: _Plan, *, retry_failed: bool, force: bool) -> list[Decision]:
+    changed = find_changed_configs(plan.exp, plan.runs)
     if changed and not force:
         lines = "\n".join(f"  {n}: {what}" for n, what in sorted(changed.items()))
         raise UserError(
-            f"the spec changed the config of {len(changed)} run(s) already in {exp.root}:\n{lines}\n"
+            f"the spec changed the config of {len(changed)} run(s) already in {plan.exp.root}:\n{lines}\n"
             "nothing was submitted. Rename the run (methods[].name) or the experiment to keep both, "
             "or pass --force to replace them (old outputs are moved to "
-            f"{exp.root / 'replaced'}/)"
+            f"{plan.exp.root / 'replaced'}/)"
         )
-    selected_names = {r.name for r in selected}
-    states = current_states(exp, selected_names)
-    decisions = decide(selected, states, changed, retry_failed=retry_failed, force=force)
+    states = current_states(plan.exp, {r.name for r in plan.selected})
+    return decide(plan.selected, states, changed, retry_failed=retry_failed, force=force)
+
+
+def _dry_run(plan: _Plan, console: Console, *, retry_failed: bool, force: bool) -> SubmitOutcome:
+    from launcher.plan import write_run_dirs
+
+    decisions = _decisions(plan, retry_failed=retry_failed, force=force)
+    outcome = SubmitOutcome(plan.exp, plan.backend.name, decisions)
+    # Runs whose outputs would be replaced keep their old run dirs untouched in a dry run.
+    keep = {d.run.name for d in decisions if d.archive_first}
+    write_run_dirs(plan.spec, plan.spec_path, [r for r in plan.runs if r.name not in keep], force=True)
+    to_submit = [d.run for d in decisions if d.action == "submit"]
+    outcome.submitted = plan.backend.submit(plan.exp, to_submit, dry_run=True)
+    _print_decisions(console, outcome, dry_run=True)
+    _print_commands(console, outcome.submitted)
+    return outcome
+
+
+def _submit(plan: _Plan, console: Console, *, retry_failed: bool, force: bool) -> SubmitOutcome:
+    from launcher.plan import write_run_dirs
+
+    exp = plan.exp
+    decisions = _decisions(plan, retry_failed=retry_failed, force=force)
+    outcome = SubmitOutcome(exp, plan.backend.name, decisions)
     to_submit = [d for d in decisions if d.action == "submit"]
-    outcome = SubmitOutcome(exp, name, decisions)
-
-    if dry_run:
-        # Runs whose outputs would be replaced keep their old run dirs untouched in a dry run.
-        keep = {d.run.name for d in decisions if d.archive_first}
-        write_run_dirs(spec, spec_path, [r for r in runs if r.name not in keep], force=True)
-        outcome.submitted = backend.submit(exp, [d.run for d in to_submit], dry_run=True)
-        _print_decisions(console, outcome, dry_run=True)
-        _print_commands(console, outcome.submitted)
-        return outcome
-
     cancel = {d.run.name for d in to_submit if d.cancel_first}
     if cancel:
         _cancel_in_flight(exp, cancel)
     for d in to_submit:
-        if d.archive_first:
-            moved = archive_run_dir(exp, d.run.name)
-            if moved is not None:
-                console.print(f"{d.run.name}: old outputs moved to {moved}", highlight=False, markup=False)
+        moved = archive_run_dir(exp, d.run.name) if d.archive_first else None
+        if moved is not None:
+            console.print(f"{d.run.name}: old outputs moved to {moved}", highlight=False, markup=False)
     # Run dirs with the same run id keep their status and results (write_run_dirs' contract); ones
     # still holding another config are only never-submitted PLANNED dirs (or archived) by now.
-    write_run_dirs(spec, spec_path, runs, force=True)
-
-    outcome.submitted = backend.submit(exp, [d.run for d in to_submit], dry_run=False) if to_submit else []
+    write_run_dirs(plan.spec, plan.spec_path, plan.runs, force=True)
+    if to_submit:
+        outcome.submitted = plan.backend.submit(exp, [d.run for d in to_submit], dry_run=False)
     hashes = {d.run.name: config_hash(d.run) for d in to_submit}
     with locked_manifest(exp) as manifest:
         for sub in outcome.submitted:
             manifest.record(sub, hashes[sub.name])
     _print_decisions(console, outcome, dry_run=False)
-
-    wait = getattr(backend, "wait", None)
-    if callable(wait) and outcome.submitted:
-        outcome.final_states = wait(exp)
-        run_collector(exp, console)
     return outcome
 
 

@@ -190,7 +190,9 @@ def _corpus_sha256(lines: list[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
 def build_hash(cfg: TinyConfig = DEFAULT_CONFIG) -> str:
+    """Content hash of everything that determines the build: the cache directory's name."""
     corpus = demo_data.pretraining_corpus(cfg.corpus_dialogues)
     key = {"builder": BUILDER_VERSION, "data": demo_data.DATA_VERSION, "config": asdict(cfg)}
     key["corpus"] = _corpus_sha256(corpus)
@@ -269,10 +271,10 @@ def ensure_tiny_model(cache_dir: Path | None = None, cfg: TinyConfig = DEFAULT_C
     """
     root = cache_dir or default_cache_dir()
     target = root / f"tiny-glm-{build_hash(cfg)}"
-    return build_once(target, lambda tmp: _build_quietly(tmp, cfg))
+    return build_once(target, lambda tmp: _build_with_notice(tmp, cfg))
 
 
-def _build_quietly(out_dir: Path, cfg: TinyConfig) -> None:
+def _build_with_notice(out_dir: Path, cfg: TinyConfig) -> None:
     import sys
 
     print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,11 @@ def test_real_deepspeed_launcher_runs_two_ranks_on_localhost(
     assert "deepspeed.launcher.launch" in log
     assert list((exp.run("ds").logs).glob("*_rank1.log"))  # DeepSpeed's per-rank log
     assert sub.job_id is not None
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs Slurm's scontrol (the CI cluster has it)")
+def test_scontrol_and_python_expansion_agree() -> None:
+    from launcher.backends.hostfile import slurm_hostnames
+
+    for nodelist in ("node[1-2]", "gpu[01-03,7],cpu", "rack[1-2]-n[1-2]"):
+        assert slurm_hostnames(nodelist) == expand_nodelist(nodelist)

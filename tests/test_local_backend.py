@@ -283,3 +283,13 @@ def test_killed_supervisor_leaves_no_orphan_ranks(tmp_path: Path, monkeypatch: p
     [sub] = submitted_runs(load_manifest(exp))
     assert _backend().live_states([sub]) == {"orphan": "PREEMPTED"}
     assert [r.state for r in collect_rows(exp)] == ["PREEMPTED"]
+
+
+def test_a_run_whose_ranks_cannot_start_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
+    runs = [make_run("x"), make_run("y")]
+    exp = write_runs(tmp_path / "exp", runs)
+    backend = LocalBackend(None, train_command=[str(tmp_path / "no-such-python")], show_progress=False)
+    backend.submit(exp, runs, dry_run=False)
+    assert backend.wait(exp) == {"x": "FAILED", "y": "FAILED"}
+    assert "could not start its ranks" in read_status(exp.run("x"))["reason"]

@@ -78,3 +78,27 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     for p in procs:
         p.join(60)
     assert len(load_manifest(ExperimentPaths(tmp_path)).entries) == 30
+
+
+def test_submission_lock_excludes_a_second_submit(tmp_path: Path) -> None:
+    from launcher.manifest import submission_lock
+
+    exp = ExperimentPaths(tmp_path / "exp")
+    ctx = multiprocessing.get_context("fork")
+    holding = ctx.Event()
+    release = ctx.Event()
+
+    def hold() -> None:
+        with submission_lock(exp):
+            holding.set()
+            release.wait(30)
+
+    proc = ctx.Process(target=hold)
+    proc.start()
+    assert holding.wait(30)
+    with pytest.raises(UserError, match="another `launcher submit`"), submission_lock(exp, timeout_s=0.5):
+        pass
+    release.set()
+    proc.join(30)
+    with submission_lock(exp, timeout_s=5):  # free again
+        pass

@@ -101,10 +101,11 @@ def test_model_states_match_real_deepspeed_engines_per_rank(tmp_path: Path) -> N
             params = pred["params_device"] + pred["params_host"]
             grads = pred["grads_device"] + pred["grads_host"]
             optim = pred["optim_device"] + pred["optim_host"]
-            label = f"rank{rank} {measured['method']} z{measured['zero_stage']} off={measured['offload_optimizer']}"
+            m = measured
+            label = f"rank{rank} {m['method']} z{m['zero_stage']} off={m['offload_optimizer']}"
             lines.append(
-                f"{label}: params {measured['params_bytes']}/{params} grads {measured['grads_bytes']}/{grads} "
-                f"optim {measured['optim_bytes']}/{optim}"
+                f"{label}: params {m['params_bytes']}/{params} grads {m['grads_bytes']}/{grads} "
+                f"optim {m['optim_bytes']}/{optim}"
             )
             assert measured["params_bytes"] == pytest.approx(params, rel=0.10), label
             assert measured["optim_bytes"] == pytest.approx(optim, rel=0.10), label
@@ -156,8 +157,8 @@ def test_chatglm6b_predictions_are_in_the_published_range(capsys: pytest.Capture
     with capsys.disabled():
         for name, row in table.items():
             print(
-                f"\n{name:8s} predicted {row['predicted_gib']:5.1f} GiB  published {row['published_gib']:4.0f}G  "
-                f"ratio {row['ratio']:.2f}"
+                f"\n{name:8s} predicted {row['predicted_gib']:5.1f} GiB  "
+                f"published {row['published_gib']:4.0f}G  ratio {row['ratio']:.2f}"
             )
     for row in table.values():
         assert 0.4 <= row["ratio"] <= 2.0, table
@@ -231,3 +232,31 @@ def test_memory_grows_with_sequence_and_shrinks_with_checkpointing_and_offload()
     layout = param_layout(arch, lora)
     # LoRA is charged optimizer state for its adapters only.
     assert layout.trainable_params == 28 * 8 * (4096 + 3 * 4096)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"method": "ptuning", "version": "v1", "pre_seq_len": 6},
+        {"method": "ptuning", "version": "v1", "pre_seq_len": 6, "encoder_hidden_size": 32},
+        {"method": "ptuning", "version": "v2", "pre_seq_len": 5, "prefix_projection": True},
+        {"method": "lora", "r": 3, "target_modules": ["q_proj", "v_proj"]},
+        {"method": "freeze", "trainable_patterns": [r"layers\.0\.mlp", "norm"]},
+        {"method": "freeze", "trainable_layers": 2},
+    ],
+    ids=["ptuning-v1", "ptuning-v1-enc32", "ptuning-v2-projection", "lora-qv", "freeze-patterns", "freeze-2"],
+)
+def test_trainable_counts_match_what_the_trainer_builds(method: dict[str, Any]) -> None:
+    """The layout the plan charges for equals what apply_method (peft) really makes trainable."""
+    import torch
+    from transformers import GlmForCausalLM
+
+    from launcher.train.adapters import apply_method
+
+    torch.manual_seed(0)
+    spec = METHOD.validate_python(method)
+    with torch.device("meta"):
+        arch = arch_from_model(GlmForCausalLM(worker.glm_config()), "t")
+    _, counts = apply_method(GlmForCausalLM(worker.glm_config()), spec)
+    layout = param_layout(arch, spec)
+    assert (layout.trainable_params, layout.total_params) == (counts.trainable, counts.total)

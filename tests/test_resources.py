@@ -1,4 +1,4 @@
-"""The resource policy: method defaults, `auto` (fewest GPUs, then least offload), errors that say what to change."""
+"""The resource policy: method defaults, `auto` (fewest GPUs, then least offload), errors with the fix."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_method_defaults_and_auto_policy() -> None:
         True,
     )
     assert full.gradient_checkpointing
-    # auto: a 6B full fine-tune does not fit one 24 GiB GPU without offload; the policy takes fewest GPUs first.
+    # auto: a 6B full fine-tune does not fit one 24 GiB GPU without offload; fewest GPUs come first.
     auto = _resolve({"method": "full"}, {}, auto=True, mem=24, max_source_length=512, max_target_length=128)
     assert auto.fits and auto.est_mem_gib <= 24
     bigger = _resolve({"method": "full"}, {}, auto=True, mem=80, max_source_length=512, max_target_length=128)

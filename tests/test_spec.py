@@ -61,7 +61,9 @@ def test_local_config_json_is_counted_on_the_meta_device(tmp_path: Path) -> None
     ).save_pretrained(model_dir)
     path = tmp_path / "s.yaml"
     path.write_text(
-        SPEC.replace("  path: models/m\n  arch: chatglm2-6b", "  path: m").replace("[query_key_value]", "[q_proj]")
+        SPEC.replace("  path: models/m\n  arch: chatglm2-6b", "  path: m").replace(
+            "[query_key_value]", "[q_proj]"
+        )
     )
     spec = load_spec(path)
     from launcher.archs import arch_from_model_dir
@@ -74,7 +76,7 @@ def test_local_config_json_is_counted_on_the_meta_device(tmp_path: Path) -> None
 def test_only_safe_yaml(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text("!!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(SpecError, match="s.yaml:1:1"):
+    with pytest.raises(SpecError, match=r"s\.yaml:1:1"):
         load_spec(path)
 
 

@@ -149,7 +149,7 @@ CASES: list[tuple[str, str, int, list[str]]] = [
         "unknown override key",
         BASE.replace("    r: 8", "    r: 8\n    overrides: {training.lr: 0.1}"),
         12,
-        ["methods[0].overrides.training.lr", "unknown key"],
+        ["methods[0].overrides.training.lr", "did you mean training.learning_rate?"],
     ),
     (
         "method param for no method",

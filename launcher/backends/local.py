@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from launcher.backends.base import SubmittedRun
 from launcher.errors import UserError
@@ -356,23 +356,31 @@ class LocalBackend:
         paths.logs.mkdir(parents=True, exist_ok=True)
         preexec = _pdeathsig_preexec()
         procs: list[RankProcess] = []
-        for rank in range(run.resources.world_size):
-            log_path = paths.rank_log(rank)
-            # append: a resumed run keeps the earlier attempt's log; closed when the rank exits
-            log = open(log_path, "ab")  # noqa: SIM115
-            log.write(f"\n=== launcher local: rank {rank} started {utc_now()} ===\n".encode())
-            log.flush()
-            argv = [*self.train_command, str(paths.root.resolve())]
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self._child_env(self.rank_env(run, rank, port, gpus)),
-                start_new_session=True,
-                preexec_fn=preexec,
-            )
-            procs.append(RankProcess(rank, popen, log_path, log))
+        try:
+            for rank in range(run.resources.world_size):
+                log_path = paths.rank_log(rank)
+                # append: a resumed run keeps the earlier attempt's log; closed when the rank exits
+                log = open(log_path, "ab")  # noqa: SIM115
+                log.write(f"\n=== launcher local: rank {rank} started {utc_now()} ===\n".encode())
+                log.flush()
+                argv = [*self.train_command, str(paths.root.resolve())]
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self._child_env(self.rank_env(run, rank, port, gpus)),
+                    start_new_session=True,
+                    preexec_fn=preexec,
+                )
+                procs.append(RankProcess(rank, popen, log_path, log))
+        except BaseException:  # Ctrl-C or a failed spawn half-way: no rank may outlive a half-started run
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+                proc.log.close()
+            raise
         info = read_supervisor(paths)
         info.update(
             {
@@ -406,19 +414,11 @@ class LocalBackend:
             with progress:
                 while queue or active:
                     while queue and len(active) < max_concurrent:
-                        head = queue[0]
-                        if cancel_requested(head.paths):
-                            queue.pop(0)
-                            self._write_final(head.paths, RunState.CANCELLED, "cancelled before it started")
-                            states[head.run.name] = RunState.CANCELLED.value
-                            continue
-                        need = head.run.resources.world_size if self._gpu_pool() else 0
-                        if need > len(free_gpus):
-                            break  # wait for a running run to give its GPUs back
-                        gpus, free_gpus = free_gpus[:need], free_gpus[need:]
-                        queue.pop(0)
-                        procs = self.launch(head, gpus)
-                        active.append(ActiveRun(head.run, head.paths, procs, gpus, time.monotonic()))
+                        started = self._start_next(queue, free_gpus, states)
+                        if started is None:
+                            break  # the next run waits for a running one to give its GPUs back
+                        if started is not False:
+                            active.append(started)
                     for item in list(active):
                         if self._poll(item):
                             active.remove(item)
@@ -434,6 +434,32 @@ class LocalBackend:
         finally:
             _restore_sigterm(previous_sigterm)
         return states
+
+    def _start_next(
+        self, queue: list[QueuedRun], free_gpus: list[str], states: dict[str, str]
+    ) -> ActiveRun | Literal[False] | None:
+        """Start the head of the queue: its ActiveRun; None if it must wait for GPUs; False if it
+        ended without starting (cancelled meanwhile, or its ranks could not be spawned)."""
+        head = queue[0]
+        if cancel_requested(head.paths):
+            queue.pop(0)
+            self._write_final(head.paths, RunState.CANCELLED, "cancelled before it started")
+            states[head.run.name] = RunState.CANCELLED.value
+            return False
+        need = head.run.resources.world_size if self._gpu_pool() else 0
+        if need > len(free_gpus):
+            return None
+        gpus = free_gpus[:need]
+        del free_gpus[:need]
+        queue.pop(0)
+        try:
+            procs = self.launch(head, gpus)
+        except OSError as exc:  # e.g. the train command is missing: this run fails, the others go on
+            free_gpus.extend(gpus)
+            self._write_final(head.paths, RunState.FAILED, f"could not start its ranks: {exc}")
+            states[head.run.name] = RunState.FAILED.value
+            return False
+        return ActiveRun(head.run, head.paths, procs, gpus, time.monotonic())
 
     def max_concurrent_runs(self, queue: list[QueuedRun]) -> int:
         if self.spec is not None:

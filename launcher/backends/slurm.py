@@ -20,6 +20,7 @@ import re
 import shlex
 import subprocess
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -319,6 +320,7 @@ class SlurmBackend:
         exp_root = exp.root.resolve()
         submitted: list[SubmittedRun] = []
         array_ids: list[str] = []
+        pending: dict[str, dict[str, Any]] = {}
         for shape, members in chunks:
             executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=shape.max_requeues)
             executor.update_parameters(
@@ -343,18 +345,17 @@ class SlurmBackend:
                     command=str(script) if script.exists() else None,
                 )
                 submitted.append(item)
-                write_status(
-                    exp.run(run.name),
-                    RunState.PENDING,
-                    job_id=item.job_id,
-                    array_job_id=item.array_job_id,
-                    array_index=item.array_index,
-                    attempt=0,
-                    max_requeues=shape.max_requeues,
-                )
+                pending[item.name] = {
+                    "job_id": item.job_id,
+                    "array_job_id": item.array_job_id,
+                    "array_index": item.array_index,
+                    "attempt": 0,
+                    "max_requeues": shape.max_requeues,
+                }
             array_ids.append(jobs[0].job_id.split("_")[0])
         if self.with_collector:
             self._submit_collector(exp_root, folder, runs[0], array_ids, submitit, collect_task)
+        write_pending(exp, pending)
         return submitted
 
     def _submit_collector(
@@ -430,6 +431,21 @@ class SlurmBackend:
             if run.job_id and run.job_id in states and states[run.job_id] is not None:
                 out[run.name] = states[run.job_id].value  # type: ignore[union-attr]
         return out
+
+
+def write_pending(exp: ExperimentPaths, pending: dict[str, dict[str, Any]]) -> None:
+    """PENDING + job ids into each run's status.json. Each write is atomic and fsynced (~5-10 ms);
+    threads overlap the fsyncs so a 1,000-run sweep does not spend seconds here."""
+
+    def write(item: tuple[str, dict[str, Any]]) -> None:
+        write_status(exp.run(item[0]), RunState.PENDING, **item[1])
+
+    if len(pending) < 8:
+        for item in pending.items():
+            write(item)
+        return
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(write, pending.items()))
 
 
 def collector_parameters(first: RunConfig, array_ids: Iterable[str], *, hold: bool = False) -> dict[str, Any]:

@@ -17,12 +17,14 @@ import os
 import signal
 import socket
 import subprocess
+import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from launcher.rundir import RunPaths, RunState, read_status, write_json_atomic, write_status
+from launcher.rundir import RunPaths, RunState, read_json, read_status, write_json_atomic, write_status
 
 log = logging.getLogger("launcher.slurm")
 REQUEUE_TIMEOUT_S = 30.0
@@ -106,6 +108,35 @@ def _record_launch(paths: RunPaths, rank: int, attempt: int) -> None:
     _link(job_env.paths.stderr, paths.logs / f"slurm_rank{rank}.err")
 
 
+def _failure_reason(exc: BaseException) -> str:
+    lines = [line for line in traceback.format_exception_only(type(exc), exc) if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def record_failure(paths: RunPaths, rank: int, exc: BaseException) -> None:
+    """Each failing rank leaves ``logs/failure_rank{N}.json``; status.json gets the EARLIEST failure.
+
+    When one rank crashes, the others fail later with "connection closed by peer" - and a surviving
+    rank 0 may even overwrite the crashed rank's FAILED with a RUNNING update in between. The first
+    failure in time is the real cause, whichever rank writes last.
+    """
+    this_attempt = f"{slurm_job_id()}:{restart_count()}"
+    with contextlib.suppress(OSError):
+        write_json_atomic(
+            paths.logs / f"failure_rank{rank}.json",
+            {"rank": rank, "reason": _failure_reason(exc), "at": time.time(), "attempt": this_attempt},
+        )
+    failures = []
+    for path in paths.logs.glob("failure_rank*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            failure = read_json(path)
+            if failure.get("attempt") == this_attempt:  # files of earlier attempts are history
+                failures.append(failure)
+    first = min(failures, key=lambda f: float(f.get("at", 0.0)), default=None)
+    if first is not None:
+        update_status(paths, RunState.FAILED, reason=str(first.get("reason")), failed_rank=first.get("rank"))
+
+
 @dataclass(frozen=True)
 class SlurmTask:
     """The callable every rank of an array task runs with its run dir."""
@@ -128,9 +159,8 @@ class SlurmTask:
 
             try:
                 outcome = train_run(paths.root)
-            except BaseException:
-                if rank == 0:
-                    update_status(paths, attempt=attempt)
+            except Exception as exc:
+                record_failure(paths, rank, exc)
                 raise
         if rank == 0:
             if outcome == RunState.PREEMPTED.value:

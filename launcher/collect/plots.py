@@ -6,40 +6,23 @@ capped, stated subset: a chart with 10,000 lines or bars informs nobody and cost
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.collect.rows import RunRow
-from launcher.rundir import RunState, iter_jsonl
+from launcher.rundir import RunState, iter_jsonl, write_bytes_atomic
 
 if TYPE_CHECKING:
     from launcher.collect.collection import Collection
 
-PLOTS_VERSION = 1  # bump when the drawing changes, so cached signatures redraw
+PLOTS_VERSION = 2  # bump when the drawing changes, so cached signatures redraw
 MAX_LOSS_CURVES = 40
 MAX_MEMORY_BARS = 60
 _LEGEND_ROWS = 20  # entries per legend column
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _finite(value: Any) -> bool:
@@ -112,7 +95,9 @@ def plot_loss(collection: Collection, plt: Any) -> None:
             label += f" [{row.get('state')}]"
         linewidth = 2.2 if row.get("baseline") else 1.2
         if steps:
-            ax.plot(steps, losses, color=color, linewidth=linewidth, label=label)
+            # Colors repeat after cmap.N runs; the line style tells those runs apart.
+            style = ("-", "--", ":", "-.")[(index // cmap.N) % 4]
+            ax.plot(steps, losses, color=color, linestyle=style, linewidth=linewidth, label=label)
         if eval_steps:
             ax.plot(
                 eval_steps,

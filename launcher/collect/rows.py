@@ -163,17 +163,20 @@ def clean_value(key: str, value: Any, where: str, warnings: list[str]) -> Any:
 def _read_json_object(path: str | Path, warnings: list[str], label: str) -> dict[str, Any] | None:
     """The JSON object in ``path``; None when missing (silently) or damaged (with a warning)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            text = handle.read()
+        with open(path, "rb") as handle:  # bytes: json detects UTF-8 itself, no text layer per file
+            raw = handle.read()
     except FileNotFoundError:
         return None
     except OSError as exc:
         warnings.append(f"{label}: unreadable ({exc}), skipped")
         return None
     try:
-        data = json.loads(text)
+        data = json.loads(raw)
     except json.JSONDecodeError as exc:
         warnings.append(f"{label}: not valid JSON ({exc.msg} at line {exc.lineno}), skipped")
+        return None
+    except ValueError as exc:  # not UTF-8
+        warnings.append(f"{label}: not valid JSON ({type(exc).__name__}), skipped")
         return None
     if not isinstance(data, dict):
         warnings.append(f"{label}: not a JSON object, skipped")

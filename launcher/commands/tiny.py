@@ -36,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
         "build_time_s",
         "weights_sha256",
     ):
-        print(f"{key + ':':<18} {record.get(key)}")
-    print(f"{'config:':<18} {json.dumps(record.get('config', {}))}")
+        print(f"{key + ':':<26} {record.get(key)}")
+    print(f"{'config:':<26} {json.dumps(record.get('config', {}))}")
     return 0
