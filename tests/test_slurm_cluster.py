@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path

@@ -104,9 +104,10 @@ def normalise(text: str, exp: ExperimentPaths) -> str:
 
 def check_golden(name: str, text: str) -> None:
     path = GOLDEN / name
-    if os.environ.get("LAUNCHER_UPDATE_GOLDEN") == "1" or not path.exists():
+    if os.environ.get("LAUNCHER_UPDATE_GOLDEN") == "1":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+    assert path.exists(), f"missing golden file {path} (LAUNCHER_UPDATE_GOLDEN=1 to write it)"
     assert text == path.read_text(), (
         f"{name} differs from the golden file (LAUNCHER_UPDATE_GOLDEN=1 to accept)"
     )

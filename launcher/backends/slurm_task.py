@@ -200,10 +200,22 @@ class SlurmTask:
             proc = subprocess.run(
                 ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=REQUEUE_TIMEOUT_S
             )
-            if proc.returncode != 0:
-                log.warning("scontrol requeue %s: %s", job_id, (proc.stderr or proc.stdout).strip())
         except (OSError, subprocess.SubprocessError) as exc:
+            # Killed or timed out: under preemption Slurm is requeueing the job itself at this moment.
             log.warning("scontrol requeue %s failed: %s (Slurm requeues preempted jobs itself)", job_id, exc)
+            return True
+        if proc.returncode != 0:
+            message = (proc.stderr or proc.stdout).strip()
+            log.warning("scontrol requeue %s: %s", job_id, message)
+            # "Job is pending execution": Slurm (preemption, an admin) already requeued it.
+            if "pending" not in message.lower():
+                update_status(
+                    paths,
+                    RunState.PREEMPTED,
+                    reason=f"{why}; `scontrol requeue` failed ({message}): `launcher submit` again to resume",
+                    requeued=False,
+                )
+                return False
         return True
 
 

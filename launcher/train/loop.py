@@ -178,7 +178,11 @@ def run_training(
         )
     total_steps = total_optimizer_steps(t, batches_per_epoch)
     ds = fill_ds_config(
-        ds_config, total_steps=total_steps, warmup_ratio=t.warmup_ratio, world_size=env.world_size
+        ds_config,
+        total_steps=total_steps,
+        warmup_ratio=t.warmup_ratio,
+        world_size=env.world_size,
+        on_cpu=device.type == "cpu",
     )
     log.info("steps: %d optimizer steps, %d micro-batches per epoch per rank", total_steps, batches_per_epoch)
 
