@@ -59,7 +59,7 @@ def cancel_by_name(name: str) -> None:
 
 def count_jobs(name: str) -> int:
     out = subprocess.run(
-        ["squeue", "--noheader", "--array", "--states=all", f"--name={name}", "--format=%i"],
+        ["squeue", "--noheader", "--array", "--states=PENDING", f"--name={name}", "--format=%i"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -7,8 +7,8 @@
 - ``spo``: SPO triple extraction in the style of ChatGLM fine-tuning's ``data/spo_0.json``, in
   instruction/input/output form: a sentence in, ``subject_predicate_object`` lines out.
 
-``pretraining_corpus`` gives the single sentences (no question/answer pairing, no prompt template) the
-built-in tiny model is pretrained on, so the base knows the language but not the fine-tuning task.
+``pretraining_corpus`` gives the plain-text dialogues (no prompt template) the built-in tiny model is
+pretrained on, so the base knows the language but not the fine-tuning format.
 """
 
 from __future__ import annotations

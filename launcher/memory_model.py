@@ -13,8 +13,8 @@ fp32) and only *trainable* parameters carrying gradients and optimizer state:
 DeepSpeed keeps a separate fp32 master partition even when training in fp32 (it clones), so the
 optimizer holds 12 bytes per trainable parameter (master + Adam's two moments) in every precision.
 ZeRO-2 also keeps whole gradients of parameters straddling a partition boundary. ``offload_optimizer``
-moves the master copy, Adam states and the gradient partition (then fp32) to host memory (ZeRO-2 adds
-two staging buffers of the largest trainable tensor, one on the GPU, one pinned on the host);
+moves the master copy, Adam states and the gradient partition to host memory (ZeRO-2: in fp32, plus two
+staging buffers of the largest trainable tensor, one on the GPU, one pinned on the host);
 ``offload_param`` (ZeRO-3 only) moves the parameter partitions to the host, leaving only the gathered
 working set on the GPU.
 
@@ -62,8 +62,11 @@ class ParamLayout:
     frozen: list[int] = field(default_factory=list)
     trained_layers: int = 0
     """Transformer layers whose activations are kept for backward (from the first trainable layer on)."""
+    weight_layers: int = 0
+    """Layers whose own linear weights train: they also keep each linear's input for the weight gradient."""
     lora_extra_per_token: int = 0
-    """Extra activation elements per token and layer that LoRA keeps (dropout output and r-dim input)."""
+    """Extra activation elements per token and layer that LoRA keeps (dropout output and mask, r-wide
+    intermediate)."""
     prefix_tokens: int = 0
     """P-Tuning v2 prefix length added to every layer's keys and values."""
     input_tokens: int = 0
@@ -90,7 +93,7 @@ def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
     layout = ParamLayout()
     if isinstance(method, FullMethod):
         layout.trainable = [n for _, n in base]
-        layout.trained_layers = arch.num_layers
+        layout.trained_layers = layout.weight_layers = arch.num_layers
         return layout
     if isinstance(method, FreezeMethod):
         if method.trainable_patterns:
@@ -126,6 +129,7 @@ def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
         )
         first_trained = 0 if embed_trains else min(trained_ids, default=arch.num_layers)
         layout.trained_layers = arch.num_layers - first_trained
+        layout.weight_layers = len(set(trained_ids))
         return layout
     layout.frozen = [n for _, n in base]
     layout.trained_layers = arch.num_layers
@@ -142,7 +146,12 @@ def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
         for _ in range(arch.num_layers):
             for lin in per_layer:
                 layout.trainable += [method.r * lin.in_features, lin.out_features * method.r]
-        layout.lora_extra_per_token = sum(lin.in_features + method.r for lin in per_layer)
+        # Each target keeps its dropout output (plus a 1-byte mask, a quarter element) and the r-wide
+        # intermediate; with dropout 0 peft passes the input itself, which the layer keeps anyway.
+        dropout_factor = 1.25 if method.lora_dropout > 0 else 0.0
+        layout.lora_extra_per_token = round(
+            sum(lin.in_features * dropout_factor + method.r for lin in per_layer)
+        )
         return layout
     assert isinstance(method, PtuningMethod)
     nv = method.pre_seq_len
@@ -281,11 +290,15 @@ def model_state_bytes(
     out = {"params_device": params, "params_host": 0, "grads_device": grads_elems * d, "grads_host": 0}
     out |= {"optim_device": optim, "optim_host": 0}
     if offload_optimizer:
-        # The optimizer steps on the CPU, so the reduced gradient partition lands there too (fp32);
-        # ZeRO-2 also stages each parameter's gradient through one buffer of the largest size on each side.
-        staging = largest * d if zero_stage < 3 else 0
+        # The optimizer steps on the CPU, so the reduced gradient partition lands there too: in fp32 for
+        # ZeRO-1/2, which also stage each gradient through one buffer of the largest tensor on each side;
+        # ZeRO-3 keeps its flat gradient buffer in the training dtype, on the host.
+        if zero_stage < 3:
+            staging = largest * d
+            out |= {"grads_device": staging, "grads_host": shard * 4 + staging}
+        else:
+            out |= {"grads_device": 0, "grads_host": shard * d}
         out |= {"optim_device": 0, "optim_host": optim}
-        out |= {"grads_device": staging, "grads_host": shard * 4 + staging}
     if offload_param:
         out |= {"params_device": 0, "params_host": params}
     return out
@@ -303,26 +316,40 @@ def activation_bytes(
     """Activations kept for backward on one rank (memory-efficient attention: no s x s scores stored)."""
     d = dtype_bytes(precision)
     tokens = micro_batch * (seq_len + layout.input_tokens)
-    h = arch.hidden_size
-    # Per token and layer: both norm inputs (2h), the attention input (h), q/k/v and the attention output
-    # (saved for SDPA and o_proj), the MLP input (h), the MLP's up/gate outputs and the activation output.
-    q_dim = arch.num_attention_heads * arch.head_dim
-    attn_width = h + 2 * q_dim + 2 * arch.kv_dim
-    mlp_up = sum(
-        lin.out_features
-        for lin in arch.layer_linears
-        if lin.in_features == h and lin.out_features >= arch.intermediate_size
-    )
-    mlp_width = h + mlp_up + arch.intermediate_size
-    per_token_layer = 2 * h + attn_width + mlp_width + layout.lora_extra_per_token
+    per_layer_frozen, per_layer_trained = per_token_layer_elems(arch, layout)
     prefix_kv = micro_batch * layout.prefix_tokens * 2 * arch.kv_dim * arch.num_layers * d
-    layers = layout.trained_layers
+    layers, weight_layers = layout.trained_layers, min(layout.weight_layers, layout.trained_layers)
     if layers == 0:
         return 0
     if gradient_checkpointing:
-        # Layer inputs only, plus one layer recomputed in full during backward.
-        return tokens * h * d * layers + tokens * per_token_layer * d + prefix_kv
-    return tokens * per_token_layer * d * layers + prefix_kv
+        # Each layer's input only, plus one layer recomputed in full during backward.
+        recompute = per_layer_trained if weight_layers else per_layer_frozen
+        return tokens * d * (arch.hidden_size * layers + recompute) + prefix_kv
+    elems = weight_layers * per_layer_trained + (layers - weight_layers) * per_layer_frozen
+    return tokens * d * elems + prefix_kv
+
+
+def per_token_layer_elems(arch: ArchInfo, layout: ParamLayout) -> tuple[int, int]:
+    """Elements one token keeps per transformer layer: (frozen weights, trained weights).
+
+    Always kept: the norms' inputs (RMSNorm also keeps its normalised value), q and k before and after
+    rotary embedding plus the rotated halves, v, and the MLP's up/gate outputs and activation output.
+    A layer whose weights train also keeps every linear layer's input (attention input, attention
+    output, MLP input, down-projection input); a frozen linear needs only its weight for backward.
+    """
+    h = arch.hidden_size
+    q_dim = arch.num_attention_heads * arch.head_dim
+    ffn = arch.intermediate_size
+    layer_norm = any(name.endswith("norm.bias") for name, _ in arch.layer_params)
+    norms = 2 * (h if layer_norm else 2 * h)
+    mlp_up = sum(
+        lin.out_features for lin in arch.layer_linears if lin.in_features == h and lin.out_features >= ffn
+    )
+    gated = mlp_up >= 2 * ffn
+    core = 3 * q_dim + 4 * arch.kv_dim + mlp_up + (ffn if gated else 0)
+    linear_inputs = h + q_dim + h + ffn
+    frozen = norms + core + layout.lora_extra_per_token
+    return frozen, norms + core + linear_inputs
 
 
 def logits_bytes(arch: ArchInfo, *, micro_batch: int, seq_len: int, precision: Precision) -> int:

@@ -111,7 +111,8 @@ def _walk(
         in_dict = isinstance(cur, dict) and part in cur
         in_list = isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur)
         if in_dict or in_list:
-            path.append(part)
+            # A non-string mapping key (``1: x``) is named as written in the file.
+            path.append(str(part) if in_dict and not isinstance(part, str) else part)
             cur = cur[part]
         elif i == len(loc) - 1 and (kind == "missing" or not _is_branch_tag(part)):
             return path, part, tags
@@ -122,7 +123,7 @@ def _walk(
 
 def _get(data: Any, path: list[str | int]) -> Any:
     for part in path:
-        data = data[part]
+        data = data[part] if not isinstance(data, dict) or part in data else data.get(int(part))
     return data
 
 

@@ -7,9 +7,13 @@ hash of (builder version, model config, pretraining settings, corpus) in
 ``cache_dir()/tiny-glm-<hash>/``. Concurrent callers (several ranks) build it once: a lock plus an
 atomic rename (``launcher.cache.build_once``).
 
-Pretraining uses single sentences without any prompt template or question->answer pairing
-(``demo_data.pretraining_corpus``): the base knows words and facts but not the fine-tuning task, so
-every fine-tuning method has something to learn.
+Pretraining uses the bundled dialogues as plain text - each turn's question and answer on their own
+lines, with no prompt template and no speaker markers (``demo_data.pretraining_corpus``) - on other
+dialogues than the train/eval splits. The base therefore knows the language, the facts and how a
+conversation goes, but not the fine-tuning format ("[Round i]\n问：...\n答："): its loss on the task
+stays high until it is fine-tuned (tests/test_tiny.py checks both), and prompt-based methods
+(P-Tuning) have a working model to steer. Pretraining on shuffled single sentences instead
+(``corpus_style="sentences"``) left P-Tuning v2 almost unable to learn the task in a small budget.
 """
 
 from __future__ import annotations
@@ -54,11 +58,13 @@ class TinyConfig:
     max_position_embeddings: int = 2048
     seed: int = 1234
     pretrain_steps: int = 300
-    batch_size: int = 16
-    block_size: int = 128
+    batch_size: int = 8
+    block_size: int = 256
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     corpus_dialogues: int = 3000
+    corpus_style: str = "dialogue"
+    """``demo_data.pretraining_corpus`` style: 'dialogue' (plain turns, no template) or 'sentences'."""
 
 
 DEFAULT_CONFIG = TinyConfig()
@@ -193,7 +199,7 @@ def _corpus_sha256(lines: list[str]) -> str:
 @functools.lru_cache(maxsize=8)
 def build_hash(cfg: TinyConfig = DEFAULT_CONFIG) -> str:
     """Content hash of everything that determines the build: the cache directory's name."""
-    corpus = demo_data.pretraining_corpus(cfg.corpus_dialogues)
+    corpus = demo_data.pretraining_corpus(cfg.corpus_dialogues, style=cfg.corpus_style)
     key = {"builder": BUILDER_VERSION, "data": demo_data.DATA_VERSION, "config": asdict(cfg)}
     key["corpus"] = _corpus_sha256(corpus)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -205,9 +211,9 @@ def build_tiny_model(out_dir: Path, cfg: TinyConfig = DEFAULT_CONFIG) -> dict[st
     from transformers import GlmForCausalLM
 
     started = time.perf_counter()
-    corpus = demo_data.pretraining_corpus(cfg.corpus_dialogues)
+    corpus = demo_data.pretraining_corpus(cfg.corpus_dialogues, style=cfg.corpus_style)
     tokenizer = build_tokenizer(_vocabulary(_vocab_texts()))
-    held_out = demo_data.pretraining_corpus(300, held_out=True)
+    held_out = demo_data.pretraining_corpus(300, held_out=True, style=cfg.corpus_style)
     with _deterministic_torch(cfg.seed):
         encode = tokenizer(corpus, add_special_tokens=False)["input_ids"]
         train_blocks = _blocks(encode, cfg.block_size)

@@ -47,7 +47,9 @@ def glm_config() -> Any:
     return GlmConfig(**TINY_GLM)
 
 
-def run_config(method: dict[str, Any], zero_stage: int, offload_optimizer: bool, world_size: int) -> Any:
+def run_config(
+    method: dict[str, Any], zero_stage: int, offload_optimizer: bool, world_size: int, precision: str = "fp32"
+) -> Any:
     from launcher.spec import (
         ClusterSpec,
         DataSpec,
@@ -69,7 +71,7 @@ def run_config(method: dict[str, Any], zero_stage: int, offload_optimizer: bool,
             "tokenizer": TokenizerSpec(),
             "data": DataSpec(builtin="dialogue"),
             "template": "chatglm",
-            "training": TrainingSpec(precision="fp32", per_device_batch_size=2, learning_rate=1e-3),
+            "training": TrainingSpec(precision=precision, per_device_batch_size=2, learning_rate=1e-3),  # type: ignore[arg-type]
             "eval": EvalSpec(),
             "resources": ResolvedResources(
                 nodes=1,
@@ -165,8 +167,13 @@ def measure(case: dict[str, Any], world_size: int) -> dict[str, Any]:
     from launcher.train.adapters import apply_method
 
     torch.manual_seed(0)
-    cfg = run_config(METHODS[case["method"]], case["zero_stage"], case["offload_optimizer"], world_size)
+    precision = case.get("precision", "fp32")
+    cfg = run_config(
+        METHODS[case["method"]], case["zero_stage"], case["offload_optimizer"], world_size, precision
+    )
     model, counts = apply_method(GlmForCausalLM(glm_config()), cfg.method)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
     ds_config = fill_scheduler_auto(render_ds_config(cfg, TINY_GLM["hidden_size"]), 10, 0.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)

@@ -15,15 +15,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from methods_helpers import EVAL_METHODS, EXPORT_METHODS, features, load, zero3_ds_config
+from methods_helpers import EVAL_METHODS, EXPORT_METHODS, OFFLOADED, features, load, zero3_ds_config
 
 
-def engine_for(model: Any, lr: float, world_size: int) -> Any:
+def engine_for(model: Any, lr: float, world_size: int, offload: bool = False) -> Any:
     import deepspeed
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=zero3_ds_config(2, world_size, lr)
+        model=model, model_parameters=trainable, config=zero3_ds_config(2, world_size, lr, offload)
     )
     return engine
 
@@ -59,7 +59,7 @@ def export(model_dir: str, eval_file: str, out: Path, rank: int, world_size: int
         model, tokenizer, cfg = load(model_dir, method)
         _, encoded = features(eval_file, tokenizer, cfg, 8)
         pad = tokenizer.pad_token_id
-        engine = engine_for(model, 2e-2, world_size)
+        engine = engine_for(model, 2e-2, world_size, offload=cfg.name in OFFLOADED)
         engine.train()
         for step in range(3):  # each rank its own micro-batch
             start = (step * world_size + rank) * 2 % len(encoded)

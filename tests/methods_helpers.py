@@ -32,7 +32,12 @@ EXPORT_METHODS: list[dict[str, Any]] = [
     {"method": "ptuning", "name": "ptuning_v1", "version": "v1", "pre_seq_len": 4},
     {"method": "freeze", "trainable_layers": 1},
     {"method": "full"},
+    {
+        "method": "full",
+        "name": "full_offload",
+    },  # ZeRO-3 + optimizer and parameter offload (the demo's full run)
 ]
+OFFLOADED = {"full_offload"}
 
 
 def run_config(model_dir: Path, method: dict[str, Any], **eval_overrides: Any) -> RunConfig:
@@ -65,16 +70,19 @@ def run_config(model_dir: Path, method: dict[str, Any], **eval_overrides: Any) -
     )
 
 
-def zero3_ds_config(micro_batch: int, world_size: int, lr: float) -> dict[str, Any]:
+def zero3_ds_config(micro_batch: int, world_size: int, lr: float, offload: bool = False) -> dict[str, Any]:
     """Real ZeRO-3 on CPU; persistence threshold 0 so even the tiny model's small tensors are partitioned
     (otherwise DeepSpeed keeps them whole and the test would not see partitioned parameters)."""
+    zero: dict[str, Any] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    if offload:
+        zero |= {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * world_size,
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0}},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": zero,
         "steps_per_print": 1000000,
     }
 

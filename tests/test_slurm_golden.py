@@ -29,10 +29,18 @@ GOLDEN = Path(__file__).parent / "golden"
 
 FAKE_SBATCH = """#!/bin/sh
 # Records the script it is given and answers like sbatch.
+if grep -q -- "--partition=nosuch" "$1"; then
+    echo "sbatch: error: invalid partition specified: nosuch" >&2
+    echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2
+    exit 1
+fi
 n=$(ls "$FAKE_SLURM_DIR"/call_*.sh 2>/dev/null | wc -l)
 n=$((n + 1))
 cp "$1" "$FAKE_SLURM_DIR/call_$n.sh"
 echo "Submitted batch job $((1000 + n))"
+"""
+FAKE_SCANCEL = """#!/bin/sh
+echo "$@" >> "$FAKE_SLURM_DIR/scancel.txt"
 """
 FAKE_SCONTROL = """#!/bin/sh
 echo "MaxArraySize            = ${FAKE_MAX_ARRAY_SIZE:-1001}"
@@ -73,7 +81,12 @@ def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir.mkdir()
     calls = tmp_path / "calls"
     calls.mkdir()
-    for name, text in (("sbatch", FAKE_SBATCH), ("scontrol", FAKE_SCONTROL), ("srun", "#!/bin/sh\nexit 0\n")):
+    for name, text in (
+        ("sbatch", FAKE_SBATCH),
+        ("scontrol", FAKE_SCONTROL),
+        ("scancel", FAKE_SCANCEL),
+        ("srun", "#!/bin/sh\nexit 0\n"),
+    ):
         path = bin_dir / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
@@ -198,6 +211,18 @@ def test_array_split_at_max_array_size(
     assert [s.split("#SBATCH --array=")[1].split("\n")[0] for s in scripts[:3]] == ["0-3%4", "0-3%4", "0-1%2"]
     assert "afterany:1001:1002:1003" in scripts[3]
     assert submitted[9].job_id == "1003_1"
+
+
+def test_refused_sbatch_withdraws_what_was_queued(tmp_path: Path, fake_slurm: Path) -> None:
+    exp = _exp(tmp_path)
+    runs = [make_run("ok"), make_run("bad", nodes=2, gpus=2, partition="nosuch")]
+    _prepare(exp, runs)
+    with pytest.raises(UserError) as info:
+        SlurmBackend(None).submit(exp, runs, dry_run=False)
+    message = str(info.value)
+    assert "Invalid partition name specified" in message and "bad" in message and "Withdrawn: 1001" in message
+    assert (fake_slurm / "scancel.txt").read_text().split() == ["1001"]
+    assert read_status(exp.run("ok"))["state"] == RunState.PLANNED.value  # nothing recorded as submitted
 
 
 def test_parse_max_array_size() -> None:

@@ -121,7 +121,7 @@ def test_pretrained_base_knows_the_language_but_not_the_task(tiny_model_dir: Pat
     random_init = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir)).eval()
 
     # held-out sentences (a seed the pretraining never saw), plain text
-    lines = pretraining_corpus(40, held_out=True)[:128]
+    lines = pretraining_corpus(40, held_out=True)[:32]
     ids = [[*tok(line)["input_ids"], tok.eos_token_id] for line in lines]
     plain = collate([{"input_ids": x, "labels": x} for x in ids], tok.pad_token_id)
     base_loss, random_loss = _sequence_loss(base, plain), _sequence_loss(random_init, plain)
@@ -149,3 +149,14 @@ def test_cli_build_and_info(tiny_model_dir: Path, capsys: pytest.CaptureFixture[
     assert main(["tiny", "info", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["path"] == str(tiny_model_dir) and record["num_parameters"] > 100_000
+
+
+def test_pretraining_corpus_has_no_prompt_template() -> None:
+    dialogues = pretraining_corpus(200)
+    assert len(dialogues) == 200 + 200 // 3  # dialogues + SPO sentences
+    assert not any("问：" in t or "答：" in t or "[Round" in t or "###" in t for t in dialogues)
+    assert sum("\n" in t for t in dialogues) == 200  # one multi-line text per dialogue
+    assert pretraining_corpus(200) == dialogues  # deterministic
+    held_out = [t for t in pretraining_corpus(200, held_out=True) if "\n" in t]
+    assert set(held_out).isdisjoint(dialogues)
+    assert not any("\n" in t for t in pretraining_corpus(50, style="sentences"))

@@ -216,7 +216,30 @@ def test_methods_zero2_one_rank(method: str, method_runs) -> None:
     assert any(paths.final.iterdir())
 
 
-# --- failures in the user's terms ------------------------------------------------------------------
+# --- failures -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_nan_loss_fails_the_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A model with a NaN weight (a corrupt checkpoint) -> FAILED "loss is NaN at step 1", exit code 1."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights_file = next(broken.glob("*.safetensors"))
+    weights = load_file(weights_file)
+    name = next(k for k in weights if "layers.0" in k and k.endswith("weight") and weights[k].dim() == 2)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, weights_file, metadata={"format": "pt"})
+
+    paths = make_run_dir(tmp_path / "runs", "lora", max_steps=4, save_steps=100, model_path=broken)
+    assert run_ranks(paths, 1, timeout_s=300) == [1], rank_output(paths)
+    st = status(paths)
+    assert st["state"] == "FAILED" and st["reason"] == "loss is NaN at step 1", st
+    assert "Traceback" in paths.rank_log(0).read_text()
+    assert not paths.result_json.exists() and not metrics(paths)
 
 
 def test_missing_run_yaml_is_a_user_error(tmp_path: Path) -> None:
@@ -253,6 +276,19 @@ def test_fill_ds_config() -> None:
     assert filled["scheduler"]["params"]["warmup_num_steps"] == 10
     assert filled["train_batch_size"] == 8  # planned for 2 ranks, running on 1
     assert ds["scheduler"]["params"]["total_num_steps"] == "auto"  # the input is not modified
+    # on CPU torch's AdamW replaces DeepSpeed's FusedAdam fallback (exact resume), unless offloaded
+    adamw = {"type": "AdamW", "params": {"lr": 1e-3}}
+    on_cpu = fill_ds_config(
+        {**ds, "optimizer": adamw}, total_steps=10, warmup_ratio=0, world_size=2, on_cpu=True
+    )
+    assert on_cpu["optimizer"]["params"]["torch_adam"] is True
+    offloaded = {
+        **ds,
+        "optimizer": adamw,
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+    }
+    filled = fill_ds_config(offloaded, total_steps=10, warmup_ratio=0, world_size=2, on_cpu=True)
+    assert "torch_adam" not in filled["optimizer"]["params"]
     with pytest.raises(ValueError, match=r"optimizer\.params\.lr"):
         fill_ds_config(
             {**ds, "optimizer": {"params": {"lr": "auto"}}}, total_steps=1, warmup_ratio=0, world_size=2

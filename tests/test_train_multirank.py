@@ -1,5 +1,6 @@
 """Two ranks (two real processes, gloo): full fine-tuning under ZeRO-3 with optimizer + parameter
-offload, LoRA under ZeRO-3, and a rank that crashes mid-run (FAILED with its reason, no hang)."""
+offload and gradient checkpointing, LoRA and P-Tuning v2 under ZeRO-3, and a rank that crashes mid-run (FAILED with its reason,
+no hang)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def test_full_zero3_offload_two_ranks(tmp_path: Path, tiny_model_dir: Path) -> N
     assert run_ranks(paths, 2, timeout_s=400) == [0, 0], rank_output(paths)
     result = _check_completed(paths, steps=6, zero_stage=3, offload=True)
     print(f"\n2-rank full ZeRO-3 offload: {time.monotonic() - started:.1f}s wall, {result}")
+    assert result["gradient_checkpointing"] is True
     # a full model export, gathered from the ZeRO-3 shards
     assert (paths.final / "config.json").is_file()
     assert any(paths.final.glob("*.safetensors"))
@@ -55,8 +57,9 @@ def test_full_zero3_offload_two_ranks(tmp_path: Path, tiny_model_dir: Path) -> N
     assert min(losses[-2:]) < losses[0], losses
 
 
-def test_lora_zero3_two_ranks(tmp_path: Path, tiny_model_dir: Path) -> None:
-    paths = make_run_dir(tmp_path, "lora", world_size=2, zero_stage=3, max_steps=4, save_steps=4)
+@pytest.mark.parametrize("method", ["lora", "ptuning_v2"])
+def test_adapter_zero3_two_ranks(method: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    paths = make_run_dir(tmp_path, method, world_size=2, zero_stage=3, max_steps=4, save_steps=4)
     assert run_ranks(paths, 2, timeout_s=400) == [0, 0], rank_output(paths)
     _check_completed(paths, steps=4, zero_stage=3, offload=False)
     assert (paths.final / "adapter_config.json").is_file()

@@ -60,6 +60,8 @@ def make_run_dir(
     accumulation: int = 2,
     train_examples: int = 96,
     eval_examples: int = 8,
+    model_path: Path | None = None,
+    gradient_checkpointing: bool = False,
     **training: Any,
 ) -> RunPaths:
     """A planned run dir (status PLANNED) for the built-in tiny model on the bundled dialogue data."""
@@ -69,7 +71,7 @@ def make_run_dir(
         name=run_name,
         run_id=f"test-{run_name}",
         method=METHODS[method],  # type: ignore[arg-type]
-        model=ModelSpec(builtin="tiny-glm"),
+        model=ModelSpec(path=str(model_path)) if model_path else ModelSpec(builtin="tiny-glm"),
         tokenizer=TokenizerSpec(),
         data=DataSpec(builtin="dialogue", max_train_examples=train_examples, max_eval_examples=eval_examples),
         template="chatglm",
@@ -95,7 +97,7 @@ def make_run_dir(
             zero_stage=zero_stage,  # type: ignore[arg-type]
             offload_optimizer=offload,
             offload_param=offload and zero_stage == 3,
-            gradient_checkpointing=False,
+            gradient_checkpointing=gradient_checkpointing,
             est_mem_gib=0.1,
             fits=True,
         ),

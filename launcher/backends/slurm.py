@@ -14,6 +14,7 @@ written or submitted.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -264,6 +265,12 @@ def slurm_log_folder(exp: ExperimentPaths) -> Path:
     return exp.logs / "slurm"
 
 
+def _sbatch_message(exc: BaseException) -> str:
+    """sbatch's own error lines, once each."""
+    lines = [ln.strip() for ln in str(exc).replace("sbatch: ", "\nsbatch: ").splitlines() if ln.strip()]
+    return "\n  ".join(dict.fromkeys(lines)) or type(exc).__name__
+
+
 def _python() -> str:
     import sys
 
@@ -329,7 +336,18 @@ class SlurmBackend:
             )
             run_dirs = [str(exp_root / "runs" / run.name) for run in members]
             task = SlurmTask(max_requeues=shape.max_requeues)
-            jobs = executor.map_array(task, run_dirs)
+            try:
+                jobs = executor.map_array(task, run_dirs)
+            except (submitit.core.utils.FailedJobError, OSError) as exc:
+                # All or nothing: what this call already queued is withdrawn, so a fixed spec can be
+                # submitted again without duplicates.
+                self._withdraw(array_ids)
+                raise UserError(
+                    f"sbatch refused the array for runs {', '.join(r.name for r in members)}:\n"
+                    f"  {_sbatch_message(exc)}\n"
+                    "Check cluster.partition / account / qos / extra_sbatch in the spec "
+                    f"(`sinfo` lists partitions).{' Withdrawn: ' + ', '.join(array_ids) if array_ids else ''}"
+                ) from exc
             self.sbatch_calls += 1
             for index, (run, job) in enumerate(zip(members, jobs, strict=True)):
                 is_array = len(members) > 1
@@ -354,9 +372,22 @@ class SlurmBackend:
                 }
             array_ids.append(jobs[0].job_id.split("_")[0])
         if self.with_collector:
-            self._submit_collector(exp_root, folder, runs[0], array_ids, submitit, collect_task)
+            try:
+                self._submit_collector(exp_root, folder, runs[0], array_ids, submitit, collect_task)
+            except (submitit.core.utils.FailedJobError, OSError) as exc:
+                self._withdraw(array_ids)
+                raise UserError(
+                    f"sbatch refused the collector job:\n  {_sbatch_message(exc)}\n"
+                    f"Withdrawn: {', '.join(array_ids)}"
+                ) from exc
         write_pending(exp, pending)
         return submitted
+
+    @staticmethod
+    def _withdraw(job_ids: list[str]) -> None:
+        if job_ids:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["scancel", *job_ids], capture_output=True, timeout=SCANCEL_TIMEOUT_S)
 
     def _submit_collector(
         self,

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.rundir import RunPaths, RunState, read_json, read_status, write_status
+from launcher.rundir import RunPaths, RunState, read_json, read_status, write_json_atomic, write_status
 from launcher.spec import RunConfig
 
 PREEMPTED_EXIT_CODE = 3
@@ -62,19 +63,36 @@ def _load_inputs(paths: RunPaths) -> tuple[RunConfig, dict[str, Any]]:
 
 
 def _failure_reason(exc: BaseException) -> str:
+    """The exception's last line; our own errors (UserError, NonFiniteLoss) are already in the user's
+    terms, so just their message."""
+    if type(exc).__module__.startswith("launcher.") and str(exc):
+        return str(exc).strip().splitlines()[-1]
     lines = [line for line in traceback.format_exception_only(type(exc), exc) if line.strip()]
     return lines[-1].strip() if lines else type(exc).__name__
 
 
+def _failure_file(paths: RunPaths, rank: int) -> Path:
+    return paths.logs / f"failure_rank{rank}.json"
+
+
 def _record_failure(paths: RunPaths, rank: int, exc: BaseException) -> None:
-    """Traceback into this rank's log; FAILED into status.json unless another rank already said why
-    (a rank that dies first has the real reason; the others only see a broken connection)."""
+    """Traceback into this rank's log, this rank's reason into logs/failure_rank{N}.json, and FAILED into
+    status.json with the EARLIEST failure of any rank: the rank that died first has the real reason;
+    the others only see a broken connection (gloo "Connection closed by peer") a moment later."""
     log.error(
         "rank %d failed:\n%s", rank, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     )
-    if read_status(paths).get("state") == RunState.FAILED.value:
-        return
-    write_status(paths, RunState.FAILED, reason=_failure_reason(exc), failed_rank=rank)
+    write_json_atomic(
+        _failure_file(paths, rank), {"rank": rank, "reason": _failure_reason(exc), "time": time.time()}
+    )
+    failures = []
+    for path in paths.logs.glob("failure_rank*.json"):
+        try:
+            failures.append(read_json(path))
+        except (OSError, ValueError):
+            continue
+    first = min(failures, key=lambda f: float(f.get("time", 0)))
+    write_status(paths, RunState.FAILED, reason=first.get("reason"), failed_rank=first.get("rank"))
 
 
 def train_run(run_dir: Path) -> str:
@@ -97,6 +115,7 @@ def train_run(run_dir: Path) -> str:
     try:
         env = detect_dist_env()
         handler = _setup_logging(paths, env.rank)
+        _failure_file(paths, env.rank).unlink(missing_ok=True)  # a previous attempt's failure is history
     except BaseException:
         flag.uninstall()
         raise

@@ -37,8 +37,12 @@ def fill_ds_config(
     filled = fill_scheduler_auto(ds_config, total_steps, warmup_ratio)
     optimizer = filled.get("optimizer")
     offloaded = bool(filled.get("zero_optimization", {}).get("offload_optimizer"))
-    is_adam = isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() in ("adam", "adamw")
-    if on_cpu and is_adam and not offloaded:
+    if (
+        isinstance(optimizer, dict)
+        and str(optimizer.get("type", "")).lower() in ("adam", "adamw")
+        and on_cpu
+        and not offloaded
+    ):
         optimizer.setdefault("params", {}).setdefault("torch_adam", True)
     micro = int(filled["train_micro_batch_size_per_gpu"])
     accumulation = int(filled.get("gradient_accumulation_steps", 1))
