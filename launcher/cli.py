@@ -32,7 +32,9 @@ COMMANDS: tuple[str, ...] = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launcher",
-        description="Controlled LLM fine-tuning experiments: YAML spec -> Slurm/local runs -> one comparison table.",
+        description=(
+            "Controlled LLM fine-tuning experiments: YAML spec -> Slurm/local runs -> one comparison table."
+        ),
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
