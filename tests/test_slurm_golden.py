@@ -257,6 +257,7 @@ REJECTED: list[tuple[dict[str, Any], str]] = [
     ({"extra_sbatch": {"dependency": "afterok:1"}}, "sets --dependency itself"),
     ({"setup": ["module load cuda\nrm -rf /"]}, "cluster.setup[1]"),
     ({"setup": ["echo ok", "echo \r bad"]}, "cluster.setup[2]"),
+    ({"time_min": 2, "signal_delay_s": 120}, "cluster.signal_delay_s"),
 ]
 
 # Values that are legal and must arrive at Slurm byte for byte (quoted, one line each).
@@ -388,3 +389,72 @@ def test_query_falls_back_from_squeue_to_sacct_to_unknown() -> None:
 
     # accounting disabled (sacct fails) and squeue unreachable: nothing known, no exception
     assert query_job_states(["5"], lambda cmd: None) == {}
+
+
+# --- requeue bookkeeping of the task (rank 0), scontrol at the subprocess boundary ------------------------
+
+
+@pytest.mark.parametrize(
+    ("restarts", "scontrol_reply", "expect_call", "requeued", "reason_part"),
+    [
+        (0, "", True, True, "requeued: attempt 2 of at most 3 next"),
+        (1, "scontrol: error: Job is pending execution for job 77", True, True, "attempt 3 of at most 3"),
+        (0, "scontrol: error: Invalid job id specified", True, False, "`scontrol requeue` failed"),
+        (2, "", False, False, "stopped after 2 requeues (cluster.max_requeues=2)"),
+    ],
+)
+def test_task_requeue_is_bounded_and_recorded(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    restarts: int,
+    scontrol_reply: str,
+    expect_call: bool,
+    requeued: bool,
+    reason_part: str,
+) -> None:
+    from launcher.backends.slurm_task import SlurmTask
+    from launcher.rundir import RunPaths, write_status
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.txt"
+    fail = "exit 1" if scontrol_reply else "exit 0"
+    script = bin_dir / "scontrol"
+    record = f'echo "$@" >> {shlex.quote(str(log))}'
+    script.write_text(f'#!/bin/sh\n{record}\necho "{scontrol_reply}" >&2\n{fail}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+    paths = RunPaths(tmp_path / "run")
+    write_status(paths, RunState.PREEMPTED, reason="SIGUSR2 received; checkpoint saved at step 5", step=5)
+
+    done = SlurmTask(max_requeues=2).requeue(paths, attempt=restarts + 1)
+
+    assert done is requeued
+    assert (log.read_text().split() == ["requeue", "77"]) if expect_call else not log.exists()
+    status = read_status(paths)
+    assert status["state"] == "PREEMPTED" and status["attempt"] == restarts + 1
+    assert reason_part in status["reason"]
+    assert status["step"] == 5  # the trainer's keys survive
+    if expect_call:
+        assert status["reason"].startswith("SIGUSR2 received")
+
+
+def test_earliest_rank_failure_is_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 crashes first; rank 0 fails later with a broken connection after overwriting the status
+    with RUNNING: status.json must still name rank 1's error."""
+    from launcher.backends.slurm_task import record_failure
+    from launcher.rundir import RunPaths, write_status
+
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    paths = RunPaths(tmp_path / "run")
+    paths.logs.mkdir(parents=True)
+    (paths.logs / "failure_rank1.json").write_text('{"rank": 1, "reason": "old", "at": 1.0, "attempt": "8:0"}')
+    record_failure(paths, 1, RuntimeError("simulated crash of rank 1"))
+    write_status(paths, RunState.RUNNING, step=2)
+    record_failure(paths, 0, RuntimeError("Connection closed by peer"))
+    status = read_status(paths)
+    assert status["state"] == "FAILED" and status["failed_rank"] == 1
+    assert status["reason"] == "RuntimeError: simulated crash of rank 1"  # not the stale file of job 8

@@ -1,6 +1,6 @@
 """Two ranks (two real processes, gloo): full fine-tuning under ZeRO-3 with optimizer + parameter
-offload and gradient checkpointing, LoRA and P-Tuning v2 under ZeRO-3, and a rank that crashes mid-run (FAILED with its reason,
-no hang)."""
+offload and gradient checkpointing, LoRA and P-Tuning v2 under ZeRO-3, and a rank that crashes
+mid-run (FAILED with its reason, no hang)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,14 @@ def read_json_lines(path: Path) -> list[str]:
 
 def test_full_zero3_offload_two_ranks(tmp_path: Path, tiny_model_dir: Path) -> None:
     paths = make_run_dir(
-        tmp_path, "full", world_size=2, zero_stage=3, offload=True, max_steps=6, save_steps=3
+        tmp_path,
+        "full",
+        world_size=2,
+        zero_stage=3,
+        offload=True,
+        gradient_checkpointing=True,  # what the resource policy picks for full fine-tuning
+        max_steps=6,
+        save_steps=3,
     )
     started = time.monotonic()
     assert run_ranks(paths, 2, timeout_s=400) == [0, 0], rank_output(paths)

@@ -119,6 +119,12 @@ def cluster_problems(cluster: ClusterSpec) -> list[str]:
             problems.append(
                 f"cluster.extra_sbatch.{key}: {_describe(value)} contains a newline or control character"
             )
+    if cluster.signal_delay_s >= cluster.time_min * 60:
+        problems.append(
+            f"cluster.signal_delay_s: {cluster.signal_delay_s} s is not less than cluster.time_min "
+            f"({cluster.time_min} min): the warning signal would come at the start and every attempt "
+            "would stop at once; lower signal_delay_s or raise time_min"
+        )
     for number, line in enumerate(cluster.setup, start=1):
         if _CONTROL.search(line.replace("\t", " ")):
             problems.append(
