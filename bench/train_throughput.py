@@ -124,10 +124,20 @@ def _peak_gib(device: str) -> tuple[float, str]:
 
 
 def worker_ours(run_dir: Path, warmup: int) -> dict[str, Any]:
+    import launcher.train.loop as loop
     from launcher.rundir import RunPaths, iter_jsonl, read_json
     from launcher.train.entry import train_run
 
     paths = RunPaths(run_dir)
+    cpu_at_step: dict[int, float] = {}
+    append = loop.append_jsonl
+
+    def append_and_clock(path: Path, obj: Any) -> None:  # the loop logs right after a step's update
+        if path == paths.metrics_jsonl:
+            cpu_at_step[int(obj["step"])] = time.process_time()
+        append(path, obj)
+
+    loop.append_jsonl = append_and_clock  # type: ignore[assignment]
     state = train_run(run_dir)
     rows = list(iter_jsonl(paths.metrics_jsonl))
     first, last = rows[0], rows[-1]  # logged every `warmup` steps: the first row is the end of warmup
@@ -137,6 +147,7 @@ def worker_ours(run_dir: Path, warmup: int) -> dict[str, Any]:
         "steps": last["step"] - first["step"],
         "tokens": last["tokens"] - first["tokens"],
         "time_s": last["elapsed_s"] - first["elapsed_s"],
+        "cpu_s": cpu_at_step[last["step"]] - cpu_at_step[first["step"]],
         "peak_mem_gib": result["peak_mem_gib"],
         "peak_mem_kind": result["peak_mem_kind"],
         "final_loss": last["loss"],
@@ -201,14 +212,14 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
         counted["tokens"] += int(kwargs["attention_mask"].sum())  # real tokens actually trained on
 
     model.register_forward_pre_hook(count_tokens, with_kwargs=True)
-    marks: list[tuple[int, float, int]] = []
+    marks: list[tuple[int, float, int, float]] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step in (warmup, t.max_steps):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                marks.append((state.global_step, time.perf_counter(), counted["tokens"]))
+                marks.append((state.global_step, time.perf_counter(), counted["tokens"], time.process_time()))
 
     opt = ds_config["optimizer"]["params"]
     args = TrainingArguments(
@@ -241,13 +252,14 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()]
     )
     output = trainer.train()
-    (s0, t0, k0), (s1, t1, k1) = marks[0], marks[-1]
+    (s0, t0, k0, c0), (s1, t1, k1, c1) = marks[0], marks[-1]
     peak, kind = _peak_gib("cuda" if torch.cuda.is_available() else "cpu")
     return {
         "state": "COMPLETED",
         "steps": s1 - s0,
         "tokens": k1 - k0,
         "time_s": t1 - t0,
+        "cpu_s": c1 - c0,
         "peak_mem_gib": peak,
         "peak_mem_kind": kind,
         "final_loss": output.training_loss,
@@ -331,18 +343,25 @@ def main(argv: list[str] | None = None) -> int:
                 out = _run_worker(kind, run_dir, variant, args.warmup, log_dir)
                 out.update(data=data_name, runner=kind, variant=variant)
                 out["tokens_per_s"] = out["tokens"] / out["time_s"]
+                out["tokens_per_cpu_s"] = out["tokens"] / out["cpu_s"]
                 results.append(out)
                 print(
-                    f"  {data_name:<9} {kind:<8} {variant:<14} {out['tokens_per_s']:>9.0f} tok/s  "
+                    f"  {data_name:<9} {kind:<8} {variant:<14} {out['tokens_per_s']:>9.0f} tok/s wall  "
+                    f"{out['tokens_per_cpu_s']:>9.0f} tok/cpu-s  "
                     f"peak {out['peak_mem_gib']:.3f} GiB ({out['peak_mem_kind']})",
                     flush=True,
                 )
     print(
         f"\ndevice: {device} ({precision}), micro-batch {args.micro_batch}, {args.steps} steps "
         f"({args.warmup} warm-up excluded), ZeRO-2, full fine-tuning of the tiny GLM; "
-        f"total {time.perf_counter() - started:.0f} s\n"
+        f"total {time.perf_counter() - started:.0f} s"
     )
-    print(f"{'data':<9} {'vs Trainer':<14} {'ours tok/s':>10} {'HF tok/s':>9} {'speed':>6} {'mem':>6}")
+    print(
+        "speed = ours / Trainer real-token throughput, by wall clock and by process CPU time (on a shared\n"
+        "CPU the CPU-time ratio is the stable one); mem = peak memory ratio (<= 1.0 is better)\n"
+    )
+    print(f"{'data':<9} {'vs Trainer':<14} {'ours tok/s':>10} {'HF tok/s':>9}", end="")
+    print(f" {'speed':>6} {'cpu':>6} {'mem':>6}")
     for data_name in datasets:
         ours = next(r for r in results if r["data"] == data_name and r["runner"] == "ours")
         for variant in TRAINER_VARIANTS:
@@ -352,10 +371,11 @@ def main(argv: list[str] | None = None) -> int:
                 if r["data"] == data_name and r["variant"] == variant and r["runner"] == "trainer"
             )
             speed = ours["tokens_per_s"] / hf["tokens_per_s"]
+            cpu_speed = ours["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
             mem = ours["peak_mem_gib"] / hf["peak_mem_gib"]
             print(
                 f"{data_name:<9} {variant:<14} {ours['tokens_per_s']:>10.0f} {hf['tokens_per_s']:>9.0f} "
-                f"{speed:>5.2f}x {mem:>5.2f}x"
+                f"{speed:>5.2f}x {cpu_speed:>5.2f}x {mem:>5.2f}x"
             )
     if args.json:
         args.json.write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")

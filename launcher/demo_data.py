@@ -270,7 +270,7 @@ PRETRAIN_STYLES: tuple[str, ...] = ("sentences", "dialogue")
 
 
 def pretraining_corpus(
-    num_dialogues: int = 3000, *, held_out: bool = False, style: str = "sentences"
+    num_dialogues: int = 3000, *, held_out: bool = False, style: str = "dialogue"
 ) -> list[str]:
     """Pretraining texts from fresh dialogues (another seed than the train/eval splits) plus SPO sentences.
 

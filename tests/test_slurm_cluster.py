@@ -406,12 +406,15 @@ def test_preemption_and_requeue_resume_with_the_same_loss_curve(tmp_path: Path, 
 @pytest.mark.slow
 def test_time_limit_warning_checkpoints_requeues_and_finishes(tmp_path: Path, tiny_ready: None) -> None:
     """The job's time limit is cut to 1 minute mid-run: Slurm sends USR2 signal_delay_s before the
-    limit, the run checkpoints, rank 0 requeues it, the next attempt resumes and finishes."""
+    limit, the run checkpoints, rank 0 requeues it, the next attempt resumes and finishes.
+
+    slurmctld checks time limits every 30 s, so the warning comes up to 30 s after the cut: the run
+    is long enough (700 steps, ~45 s of training on an idle 2-core box) to still be training then."""
     spec_path = write_spec(
         tmp_path,
         "timelimit",
         [{"method": "lora", "r": 4}],
-        training={**LONG_TRAINING, "max_steps": 300},
+        training={**LONG_TRAINING, "max_steps": 700},
         cluster={"time_min": 10, "signal_delay_s": 55},
     )
     outcome, _ = submit(spec_path, with_collector=False)
@@ -434,7 +437,7 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(tmp_path: Path, ti
     assert _drive_until_final(exp, run.name, job_id, 400) == "COMPLETED"
     status = read_status(exp.run(run.name))
     assert int(status["attempt"]) == 2
-    assert sorted(losses(exp, run.name)) == list(range(1, 301))
+    assert sorted(losses(exp, run.name)) == list(range(1, 701))
 
 
 # --- cancel, status without accounting ------------------------------------------------------------------

@@ -8,6 +8,7 @@ executables on PATH record the script and answer like Slurm. Regenerate the gold
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import stat
@@ -451,7 +452,8 @@ def test_earliest_rank_failure_is_the_reason(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     paths = RunPaths(tmp_path / "run")
     paths.logs.mkdir(parents=True)
-    (paths.logs / "failure_rank1.json").write_text('{"rank": 1, "reason": "old", "at": 1.0, "attempt": "8:0"}')
+    stale = {"rank": 2, "reason": "old", "at": 1.0, "attempt": "8:0"}  # an earlier job's failure
+    (paths.logs / "failure_rank2.json").write_text(json.dumps(stale))
     record_failure(paths, 1, RuntimeError("simulated crash of rank 1"))
     write_status(paths, RunState.RUNNING, step=2)
     record_failure(paths, 0, RuntimeError("Connection closed by peer"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from train_helpers import REPO, make_run_dir, metrics, rank_output, run_ranks, start_ranks, status, wait_all
 
-from launcher.rundir import read_json
+from launcher.rundir import RunState, read_json, write_status
 from launcher.spec import TrainingSpec
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DIST_TIMEOUT_ENV, detect_dist_env, dist_timeout_s
@@ -77,6 +77,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, dia
         save_total_limit=2,
         eval_steps=6,
     )
+    write_status(paths, RunState.PENDING, job_id="4242_0", attempt=1)  # what a backend writes
     started = time.monotonic()
     codes = run_ranks(paths, 1, timeout_s=300)
     wall_s = time.monotonic() - started
@@ -113,6 +114,7 @@ def test_status_completed(lora_run) -> None:
     st = status(lora_run)
     assert st["state"] == "COMPLETED" and st["reason"] is None
     assert st["step"] == STEPS and st["total_steps"] == STEPS
+    assert st["job_id"] == "4242_0" and st["attempt"] == 1  # the backend's keys are kept
 
 
 @pytest.mark.slow
@@ -259,6 +261,8 @@ def test_total_optimizer_steps() -> None:
     assert total_optimizer_steps(TrainingSpec(num_epochs=2, gradient_accumulation_steps=4), 25) == 12
     assert total_optimizer_steps(TrainingSpec(num_epochs=0.5, gradient_accumulation_steps=1), 9) == 5
     assert total_optimizer_steps(TrainingSpec(gradient_accumulation_steps=8), 3) == 1
+    # ds_config's accumulation (derived from global_batch_size by the planner) wins
+    assert total_optimizer_steps(TrainingSpec(num_epochs=1, gradient_accumulation_steps=1), 40, 4) == 10
 
 
 def test_fill_ds_config() -> None:

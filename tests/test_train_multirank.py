@@ -5,13 +5,26 @@ mid-run (FAILED with its reason, no hang)."""
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 
 import pytest
-from train_helpers import make_run_dir, metrics, rank_output, run_ranks, status
+from train_helpers import (
+    losses_by_step,
+    make_run_dir,
+    metrics,
+    rank_output,
+    resumed_from_steps,
+    run_ranks,
+    signal_all,
+    start_ranks,
+    status,
+    wait_all,
+    wait_until,
+)
 
-from launcher.rundir import read_json
+from launcher.rundir import RunPaths, read_json
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DIST_TIMEOUT_ENV
 from launcher.train.loop import TEST_CRASH_ENV
@@ -41,27 +54,67 @@ def read_json_lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def test_full_zero3_offload_two_ranks(tmp_path: Path, tiny_model_dir: Path) -> None:
-    paths = make_run_dir(
-        tmp_path,
-        "full",
-        world_size=2,
-        zero_stage=3,
-        offload=True,
-        gradient_checkpointing=True,  # what the resource policy picks for full fine-tuning
-        max_steps=6,
-        save_steps=3,
-    )
+FULL_SETTINGS = {
+    "method": "full",
+    "world_size": 2,
+    "zero_stage": 3,
+    "offload": True,
+    "gradient_checkpointing": True,  # what the resource policy picks for full fine-tuning
+    "max_steps": 12,
+    "save_steps": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[RunPaths, float]:
+    """2-rank full fine-tuning, ZeRO-3 + offload, uninterrupted: checked below and the reference for the
+    2-rank kill-and-resume test."""
+    paths = make_run_dir(tmp_path_factory.mktemp("full"), name="full-reference", **FULL_SETTINGS)
     started = time.monotonic()
     assert run_ranks(paths, 2, timeout_s=400) == [0, 0], rank_output(paths)
-    result = _check_completed(paths, steps=6, zero_stage=3, offload=True)
-    print(f"\n2-rank full ZeRO-3 offload: {time.monotonic() - started:.1f}s wall, {result}")
+    return paths, time.monotonic() - started
+
+
+def test_full_zero3_offload_two_ranks(full_run: tuple[RunPaths, float]) -> None:
+    paths, wall_s = full_run
+    result = _check_completed(paths, steps=12, zero_stage=3, offload=True)
+    print(f"\n2-rank full ZeRO-3 offload: {wall_s:.1f}s wall, {result}")
     assert result["gradient_checkpointing"] is True
     # a full model export, gathered from the ZeRO-3 shards
     assert (paths.final / "config.json").is_file()
     assert any(paths.final.glob("*.safetensors"))
     losses = [m["loss"] for m in metrics(paths)]
     assert min(losses[-2:]) < losses[0], losses
+
+
+def test_sigkill_both_ranks_then_resume_zero3_offload(
+    full_run: tuple[RunPaths, float], tmp_path: Path
+) -> None:
+    """Both ranks SIGKILLed after a checkpoint was published and training moved past it; the restart
+    resumes from it and reproduces the uninterrupted losses (ZeRO-3 shards + per-rank RNG restored)."""
+    reference = losses_by_step(full_run[0])
+    paths = make_run_dir(tmp_path, name="full-killed", **FULL_SETTINGS)
+    procs = start_ranks(paths, 2)
+    wait_until(
+        lambda: (
+            ckpt.latest_complete(paths.checkpoints) is not None and max(losses_by_step(paths), default=0) >= 4
+        ),
+        timeout_s=300,
+        procs=procs,
+    )
+    signal_all(procs, signal.SIGKILL)
+    wait_all(procs, 30)
+    logged_before_kill = max(losses_by_step(paths))
+    published = [step for step, _ in ckpt.complete_checkpoints(paths.checkpoints)]
+    assert published and logged_before_kill < 12, "the run finished before it could be killed"
+
+    assert run_ranks(paths, 2, timeout_s=400) == [0, 0], rank_output(paths)
+    assert resumed_from_steps(paths) == [published[-1]]
+    assert logged_before_kill - published[-1] <= FULL_SETTINGS["save_steps"]
+    resumed = losses_by_step(paths)
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(1, 13):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
 
 
 @pytest.mark.parametrize("method", ["lora", "ptuning_v2"])

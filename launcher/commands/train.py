@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = "train one run directory on this rank (exit 0 completed, 3 preempted, 1 failed)"
@@ -22,6 +23,6 @@ def run(args: argparse.Namespace) -> int:
 
         if isinstance(exc, UserError):
             raise
-        print(f"error: training failed: {_failure_reason(exc)}")
+        print(f"error: training failed: {_failure_reason(exc)}", file=sys.stderr)
         return FAILED_EXIT_CODE
     return exit_code_for(state)

@@ -256,8 +256,8 @@ def encode_for_training(
     target = [*response_ids[:max_target_length], eos]
     budget = max_source_length
     if max_length is not None:
-        if len(target) >= max_length:
-            target = target[: max_length - 1]
+        if len(target) >= max_length:  # leave room for one source token; keep the eos
+            target = [*target[: max_length - 2], eos]
         budget = max(1, min(budget, max_length - len(target)))
     source, truncated = _encode_source(ex, tokenizer, get_template(template), budget)
     return Encoded(source + target, [IGNORE_INDEX] * len(source) + target, truncated, len(source))

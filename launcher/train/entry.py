@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.rundir import RunPaths, RunState, read_json, read_status, write_json_atomic, write_status
+from launcher.rundir import RunPaths, RunState, read_json, read_status, write_json_atomic
 from launcher.spec import RunConfig
 
 PREEMPTED_EXIT_CODE = 3
@@ -24,26 +24,30 @@ FAILED_EXIT_CODE = 1
 log = logging.getLogger("launcher.train")
 
 
-def _setup_logging(paths: RunPaths, rank: int) -> logging.Handler:
-    """Everything this rank logs (ours, DeepSpeed's, transformers') also goes to logs/rank{N}.log."""
+def _setup_logging(paths: RunPaths, rank: int) -> list[logging.Handler]:
+    """Everything this rank logs (ours, DeepSpeed's, transformers') goes to logs/rank{N}.log, and to stderr
+    (the scheduler's log) unless the caller already configured logging."""
     paths.logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(paths.rank_log(rank), encoding="utf-8")
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
+    formatter = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(paths.rank_log(rank), encoding="utf-8")
+    handlers: list[logging.Handler] = [file_handler]
     root = logging.getLogger()
-    root.addHandler(handler)
+    if not root.handlers:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
     if root.level == logging.NOTSET or root.level > logging.INFO:
         root.setLevel(logging.INFO)
-    for name in ("launcher", "DeepSpeed"):
-        logging.getLogger(name).addHandler(handler)
-        logging.getLogger(name).propagate = False
-    return handler
+    logging.getLogger("DeepSpeed").addHandler(file_handler)  # DeepSpeed's logger does not propagate
+    return handlers
 
 
-def _teardown_logging(handler: logging.Handler) -> None:
-    for name in ("", "launcher", "DeepSpeed"):
-        logging.getLogger(name).removeHandler(handler)
-    logging.getLogger("launcher").propagate = True
-    handler.close()
+def _teardown_logging(handlers: list[logging.Handler]) -> None:
+    for handler in handlers:
+        for name in ("", "DeepSpeed"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
 
 
 def _load_inputs(paths: RunPaths) -> tuple[RunConfig, dict[str, Any]]:
@@ -92,7 +96,9 @@ def _record_failure(paths: RunPaths, rank: int, exc: BaseException) -> None:
         except (OSError, ValueError):
             continue
     first = min(failures, key=lambda f: float(f.get("time", 0)))
-    write_status(paths, RunState.FAILED, reason=first.get("reason"), failed_rank=first.get("rank"))
+    from launcher.train.loop import set_status
+
+    set_status(paths, RunState.FAILED, reason=first.get("reason"), failed_rank=first.get("rank"))
 
 
 def train_run(run_dir: Path) -> str:
@@ -114,7 +120,7 @@ def train_run(run_dir: Path) -> str:
 
     try:
         env = detect_dist_env()
-        handler = _setup_logging(paths, env.rank)
+        handlers = _setup_logging(paths, env.rank)
         _failure_file(paths, env.rank).unlink(missing_ok=True)  # a previous attempt's failure is history
     except BaseException:
         flag.uninstall()
@@ -129,7 +135,7 @@ def train_run(run_dir: Path) -> str:
     finally:
         flag.uninstall()
         shutdown_distributed()
-        _teardown_logging(handler)
+        _teardown_logging(handlers)
 
 
 def exit_code_for(state: str) -> int:

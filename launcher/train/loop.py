@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.rundir import RunPaths, RunState, append_jsonl, iter_jsonl, write_status, write_text_atomic
+from launcher.rundir import (
+    RunPaths,
+    RunState,
+    append_jsonl,
+    iter_jsonl,
+    read_status,
+    write_status,
+    write_text_atomic,
+)
 from launcher.spec import RunConfig
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
@@ -119,6 +127,22 @@ def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
     )
 
 
+_STALE_STATUS_KEYS = ("failed_rank",)
+
+
+def set_status(paths: RunPaths, state: RunState, reason: str | None = None, **extra: Any) -> None:
+    """Write status.json keeping the keys a backend put there (job_id, attempt, ...)."""
+    current = read_status(paths)
+    kept = {
+        k: v
+        for k, v in current.items()
+        if k not in ("state", "updated_at", "reason")
+        and (state == RunState.FAILED or k not in _STALE_STATUS_KEYS)
+    }
+    kept.update(extra)
+    write_status(paths, state, reason, **kept)
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -176,7 +200,9 @@ def run_training(
             f"no training batch per rank: {len(data.train_features)} examples, micro-batch "
             f"{t.per_device_batch_size}, {env.world_size} ranks"
         )
-    total_steps = total_optimizer_steps(t, batches_per_epoch)
+    # The accumulation DeepSpeed will use (the planner derives it from global_batch_size when that is set).
+    accumulation = int(ds_config.get("gradient_accumulation_steps", t.gradient_accumulation_steps))
+    total_steps = total_optimizer_steps(t, batches_per_epoch, accumulation)
     ds = fill_ds_config(
         ds_config,
         total_steps=total_steps,
@@ -206,7 +232,7 @@ def run_training(
         if rank0:
             _truncate_logs_after(paths, state.global_step)
     if rank0:
-        write_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
+        set_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
 
     def save() -> None:
         ckpt.save_checkpoint(
@@ -226,15 +252,19 @@ def run_training(
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_micro = 0
     window_tokens = 0
+    batches_epoch, batches = -1, []
     while state.global_step < total_steps:
-        batches = data.order.batches(state.epoch)
+        if batches_epoch != state.epoch:  # one permutation per epoch, not per micro-batch
+            batches_epoch, batches = state.epoch, data.order.batches(state.epoch)
         if state.batches_done >= len(batches):
             state.epoch += 1
             state.batches_done = 0
             continue
         step_started = time.perf_counter()
         indices = batches[state.batches_done]
-        batch = _to_device(collate([data.train_features[i] for i in indices], data.pad_token_id), device)
+        cpu_batch = collate([data.train_features[i] for i in indices], data.pad_token_id)
+        window_tokens += int(cpu_batch["attention_mask"].sum())  # counted on the host: no device sync
+        batch = _to_device(cpu_batch, device)
         loss = engine(**batch).loss
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()  # must be asked before step()
@@ -243,7 +273,6 @@ def run_training(
         state.micro_steps += 1
         window_loss += loss.detach().double()
         window_micro += 1
-        window_tokens += int(batch["attention_mask"].sum().item())
         if not boundary:
             state.train_time_s += time.perf_counter() - step_started
             continue
@@ -278,7 +307,7 @@ def run_training(
                     "elapsed_s": round(state.train_time_s, 3),
                 },
             )
-            write_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
+            set_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
         if t.eval_steps and state.global_step % t.eval_steps == 0 and state.global_step < total_steps:
             value = run_eval_loss()
             engine.train()
@@ -289,7 +318,7 @@ def run_training(
         if stop_votes > 0 and state.global_step < total_steps:
             save()
             if rank0:
-                write_status(
+                set_status(
                     paths,
                     RunState.PREEMPTED,
                     reason=f"{flag.signal_name} received; checkpoint saved at step {state.global_step}",
@@ -329,7 +358,7 @@ def run_training(
             scores=scores,
         )
         write_result(paths, build_result(cfg, paths, outcome, RunState.COMPLETED.value))
-        write_status(paths, RunState.COMPLETED, step=state.global_step, total_steps=total_steps)
+        set_status(paths, RunState.COMPLETED, step=state.global_step, total_steps=total_steps)
     barrier()
     return RunState.COMPLETED.value
 

@@ -11,15 +11,18 @@ from launcher.spec import TrainingSpec
 log = logging.getLogger(__name__)
 
 
-def total_optimizer_steps(training: TrainingSpec, batches_per_epoch: int) -> int:
+def total_optimizer_steps(
+    training: TrainingSpec, batches_per_epoch: int, accumulation: int | None = None
+) -> int:
     """Optimizer steps of the run: ``max_steps`` if set, else epochs x micro-batches per rank / accumulation.
 
     A trailing partial accumulation window is dropped (it would be an optimizer step on fewer samples).
+    ``accumulation`` defaults to ``training.gradient_accumulation_steps``; pass ds_config's value.
     """
     if training.max_steps is not None:
         return training.max_steps
     micro_batches = math.ceil(training.num_epochs * batches_per_epoch)
-    return max(1, micro_batches // training.gradient_accumulation_steps)
+    return max(1, micro_batches // (accumulation or training.gradient_accumulation_steps))
 
 
 def fill_ds_config(
