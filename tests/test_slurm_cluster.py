@@ -7,8 +7,10 @@ Runs use the built-in tiny model with tiny budgets; requeued jobs are released a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -327,6 +329,51 @@ def _drive_until_final(exp: ExperimentPaths, name: str, job_id: str, timeout_s: 
         raise AssertionError(f"{exc}\n{diagnostics(exp)}") from None
 
 
+def _signalled(pid: int, signum: int) -> bool:
+    """Whether the stopped process ``pid`` got ``signum``: pending, or already running again (slurmstepd
+    sends SIGCONT along with a job signal) or gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    mask = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            mask |= int(line.split()[1], 16)
+        if line.startswith("State:") and "stopped" not in line:
+            return True
+    return bool(mask & (1 << (signum - 1)))
+
+
+def launch_pid(exp: ExperimentPaths, name: str, attempt: int) -> int | None:
+    """The pid of rank 0 of this attempt (the task records it in logs/launch_rank0.json)."""
+    try:
+        launch = read_json(exp.run(name).logs / "launch_rank0.json")
+    except (OSError, ValueError):
+        return None
+    return int(launch["pid"]) if int(launch["attempt"]) == attempt else None
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """Hold the rank still (SIGSTOP) while Slurm acts, so the signal is sure to land mid-training
+    however fast this machine trains; slurmstepd sends SIGCONT with its signals, and so do we after."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def _submit_high_priority_job() -> str:
+    """A job in the `high` partition that needs both GPUs of node2: it preempts what runs there."""
+    cmd = ["sbatch", "--parsable", "-p", "high", "-w", "node2", "--gpus-per-node=2", "-o", "/dev/null"]
+    return subprocess.run(
+        [*cmd, "--wrap", "sleep 3"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()
+
+
 @pytest.mark.slow
 def test_preemption_and_requeue_resume_with_the_same_loss_curve(tmp_path: Path, tiny_ready: None) -> None:
     """A high-priority job preempts the run (partition_prio, REQUEUE); later `scontrol requeue` stops it
@@ -352,42 +399,27 @@ def test_preemption_and_requeue_resume_with_the_same_loss_curve(tmp_path: Path, 
 
     # 1) preemption by a job in the high partition that needs both GPUs of node2
     wait_for(lambda: steps_logged(vexp, vrun.name) >= 3, 180, "the victim to train a few steps")
-    high = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "-p",
-            "high",
-            "-w",
-            "node2",
-            "--gpus-per-node=2",
-            "-o",
-            "/dev/null",
-            "--wrap",
-            "sleep 3",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=10,
-    ).stdout.strip()
+    pid = launch_pid(vexp, vrun.name, attempt=1)
+    assert pid is not None
+    with frozen(pid):
+        high = _submit_high_priority_job()
+        wait_for(lambda: _signalled(pid, signal.SIGTERM), 60, "Slurm to preempt the victim")
     wait_for(lambda: state_of(vexp, vrun.name) == "PREEMPTED", 90, "the victim to checkpoint on preemption")
     first_stop = read_status(vexp.run(vrun.name))
-    assert "checkpoint" in str(first_stop["reason"])
+    assert "received; checkpoint saved" in str(first_stop["reason"]), first_stop
     wait_for(lambda: squeue_row(high) in (None, ("COMPLETED", "None")), 60, "the high-priority job")
 
     # 2) it comes back (same job id), resumes; then an admin requeue mid-run
-    def resumed_and_training() -> bool:
+    def resumed_and_training() -> int | None:
         release_if_begin_time(job_id)
         status = read_status(vexp.run(vrun.name))
-        return (
-            status["state"] == "RUNNING"
-            and int(status.get("attempt") or 0) >= 2
-            and int(status.get("step") or 0) > int(first_stop.get("step") or 0)
-        )
+        training = status["state"] == "RUNNING" and int(status.get("step") or 0) > int(first_stop["step"])
+        return launch_pid(vexp, vrun.name, attempt=2) if training else None
 
-    wait_for(resumed_and_training, 180, "the victim to resume after preemption")
-    scontrol("requeue", job_id)
+    pid = wait_for(resumed_and_training, 180, "the victim to resume after preemption")
+    with frozen(pid):
+        scontrol("requeue", job_id)
+        wait_for(lambda: _signalled(pid, signal.SIGTERM), 60, "Slurm to stop the victim for the requeue")
     wait_for(lambda: state_of(vexp, vrun.name) == "PREEMPTED", 90, "the victim to checkpoint on requeue")
 
     assert _drive_until_final(vexp, vrun.name, job_id, 300) == "COMPLETED"
@@ -403,29 +435,45 @@ def test_preemption_and_requeue_resume_with_the_same_loss_curve(tmp_path: Path, 
         assert curve[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), (step, curve[step], loss)
 
 
+def _elapsed_s(job_id: str) -> int:
+    cmd = ["squeue", "--noheader", f"--jobs={job_id}", "--format=%M"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    days, _, clock = out.rpartition("-")
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86400
+
+
 @pytest.mark.slow
 def test_time_limit_warning_checkpoints_requeues_and_finishes(tmp_path: Path, tiny_ready: None) -> None:
-    """The job's time limit is cut to 1 minute mid-run: Slurm sends USR2 signal_delay_s before the
+    """The job's time limit is cut mid-run to 90 s from now: Slurm sends USR2 signal_delay_s before the
     limit, the run checkpoints, rank 0 requeues it, the next attempt resumes and finishes.
 
-    slurmctld checks time limits every 30 s, so the warning comes up to 30 s after the cut: the run
-    is long enough (700 steps, ~45 s of training on an idle 2-core box) to still be training then."""
+    slurmctld checks time limits only every 30 s. So the test freezes the rank (SIGSTOP) while it waits
+    for Slurm's signal, and lets it go on as soon as the signal is pending: the run is then sure to be
+    mid-training when the warning lands, however fast this machine trains."""
     spec_path = write_spec(
         tmp_path,
         "timelimit",
         [{"method": "lora", "r": 4}],
-        training={**LONG_TRAINING, "max_steps": 700},
-        cluster={"time_min": 10, "signal_delay_s": 55},
+        training=LONG_TRAINING,
+        cluster={"time_min": 10, "signal_delay_s": 120},
     )
     outcome, _ = submit(spec_path, with_collector=False)
     exp = outcome.exp
     (run,) = outcome.submitted
     job_id = str(run.job_id)
     wait_for(lambda: steps_logged(exp, run.name) >= 2, 180, "a few steps")
-    scontrol("update", f"jobid={job_id}", "TimeLimit=1")  # the warning time (55 s before) has passed
-    wait_for(lambda: state_of(exp, run.name) == "PREEMPTED", 75, "the checkpoint on the time-limit warning")
+    pid = launch_pid(exp, run.name, attempt=1)
+    assert pid is not None
+    with frozen(pid):
+        limit_s = _elapsed_s(job_id) + 90  # 90 s left < signal_delay_s: the warning is due now
+        scontrol("update", f"jobid={job_id}", f"TimeLimit={limit_s // 60}:{limit_s % 60:02d}")
+        wait_for(lambda: _signalled(pid, signal.SIGUSR2), 45, "Slurm's USR2 (next time-limit check)")
+    wait_for(lambda: state_of(exp, run.name) == "PREEMPTED", 60, "the checkpoint on the time-limit warning")
     stopped = read_status(exp.run(run.name))
-    # The warning signal (USR2, signal_delay_s before the limit) made it checkpoint; rank 0 requeued it.
+    # The warning signal made it checkpoint; rank 0 requeued it.
     assert stopped["requeued"] is True and "SIGUSR2" in str(stopped["reason"]), stopped
 
     def pending_again() -> bool:
@@ -434,10 +482,13 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(tmp_path: Path, ti
 
     wait_for(pending_again, 60, "the job to be requeued")
     scontrol("update", f"jobid={job_id}", "TimeLimit=10")
-    assert _drive_until_final(exp, run.name, job_id, 400) == "COMPLETED"
+    assert _drive_until_final(exp, run.name, job_id, 300) == "COMPLETED"
     status = read_status(exp.run(run.name))
     assert int(status["attempt"]) == 2
-    assert sorted(losses(exp, run.name)) == list(range(1, 701))
+    steps = LONG_TRAINING["max_steps"]
+    assert sorted(losses(exp, run.name)) == list(range(1, steps + 1))
+    log = (exp.run(run.name).logs / "rank0.log").read_text(errors="replace")
+    assert log.count("resumed from step") == 1
 
 
 # --- cancel, status without accounting ------------------------------------------------------------------

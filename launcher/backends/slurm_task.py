@@ -101,6 +101,7 @@ def _record_launch(paths: RunPaths, rank: int, attempt: int) -> None:
             "job_id": job_env.job_id,
             "slurm_job_id": slurm_job_id(),
             "attempt": attempt,
+            "pid": os.getpid(),
         },
     )
     # submitit's per-task logs, reachable from the run dir (`launcher logs` reads them there).

@@ -202,9 +202,11 @@ stop_all() {
     for f in "$STATE_DIR"/slurmd-node1.pid "$STATE_DIR"/slurmd-node2.pid "$STATE_DIR"/slurmctld.pid \
         "$STATE_DIR"/slurmdbd.pid "$STATE_DIR"/mysql/mariadb.pid; do
         if pid_alive "$f"; then
-            log "stopping $(basename "$f" .pid) ($(cat "$f"))"
-            kill "$(cat "$f")" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.2; done
+            local pid
+            pid=$(cat "$f")
+            log "stopping $(basename "$f" .pid) ($pid)"
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         fi
         rm -f "$f"
     done
