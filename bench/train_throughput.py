@@ -18,7 +18,8 @@ per batch (DataCollatorForSeq2Seq); ``dynamic+group`` also groups by length
 Ours: dynamic padding + length-grouped batches (training.group_by_length: true).
 
 Measured: real (non-pad) tokens per second over the steady-state steps (the first ``--warmup``
-optimizer steps are excluded), and peak memory (CUDA max_memory_allocated on GPU, peak RSS on CPU).
+optimizer steps are excluded) by wall clock and per second of process CPU time (the stable number
+on a shared CPU), and peak memory (CUDA max_memory_allocated on GPU, peak RSS on CPU).
 Targets (issue 3): >= 1.0x on fixed, >= 1.3x on dialogue vs pad-max; peak memory <= 1.0x.
 Not part of the test suite.
 """

@@ -251,7 +251,14 @@ def utc_now() -> str:
 
 # Scheduler bookkeeping written by a backend survives the trainer's own status updates (which do not
 # know them): `launcher status` shows the attempt and job id while a requeued run trains.
-STICKY_STATUS_KEYS: tuple[str, ...] = ("job_id", "array_job_id", "array_index", "attempt", "max_requeues")
+STICKY_STATUS_KEYS: tuple[str, ...] = (
+    "job_id",
+    "array_job_id",
+    "array_index",
+    "attempt",
+    "max_requeues",
+    "cancel_requested",
+)
 
 
 def write_status(paths: RunPaths, state: RunState, reason: str | None = None, **extra: Any) -> None:

@@ -617,3 +617,21 @@ def _cancel_leftover_jobs() -> Iterator[None]:
     leftover = sorted(_queued_job_ids() - before)
     if leftover:
         subprocess.run(["scancel", *leftover], check=False, timeout=10)
+
+
+@pytest.mark.slow
+def test_cancel_a_running_run_is_not_requeued(tmp_path: Path, tiny_ready: None) -> None:
+    """scancel's SIGTERM makes the run checkpoint like a preemption; it must end CANCELLED, not requeue."""
+    spec_path = write_spec(tmp_path, "cancel_running", [{"method": "lora", "r": 4}], training=LONG_TRAINING)
+    outcome, backend = submit(spec_path, with_collector=False)
+    exp = outcome.exp
+    (run,) = outcome.submitted
+    wait_for(lambda: steps_logged(exp, run.name) >= 2, 180, "a few steps")
+    backend.cancel(exp, outcome.submitted)
+    wait_for(lambda: (squeue_row(str(run.job_id)) or ("CANCELLED",))[0] == "CANCELLED", 60, "the job to end")
+    status = read_status(exp.run(run.name))
+    assert status["state"] == "CANCELLED", status
+    assert not status.get("requeued")
+    time.sleep(2)  # a requeue would show up as PENDING again by now
+    assert (squeue_row(str(run.job_id)) or ("CANCELLED",))[0] == "CANCELLED"
+    assert read_status(exp.run(run.name))["state"] == "CANCELLED"

@@ -375,6 +375,7 @@ class SlurmBackend:
                     "array_index": item.array_index,
                     "attempt": 0,
                     "max_requeues": shape.max_requeues,
+                    "cancel_requested": False,
                 }
             array_ids.append(jobs[0].job_id.split("_")[0])
         if self.with_collector:
@@ -445,6 +446,18 @@ class SlurmBackend:
 
     def cancel(self, exp: ExperimentPaths, runs: list[SubmittedRun]) -> None:
         ids = [r.job_id for r in runs if r.job_id]
+        # Marked first: a running rank that checkpoints on scancel's SIGTERM must not requeue itself.
+        for run in runs:
+            paths = exp.run(run.name)
+            status = read_status(paths)
+            if paths.root.is_dir() and not RunState(status["state"]).is_final:
+                extra = {k: v for k, v in status.items() if k not in ("state", "updated_at", "reason")}
+                write_status(
+                    paths,
+                    RunState(status["state"]),
+                    status.get("reason"),
+                    **{**extra, "cancel_requested": True},
+                )
         if ids:
             try:
                 subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=SCANCEL_TIMEOUT_S)

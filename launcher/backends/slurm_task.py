@@ -109,6 +109,13 @@ def _record_launch(paths: RunPaths, rank: int, attempt: int) -> None:
     _link(job_env.paths.stderr, paths.logs / f"slurm_rank{rank}.err")
 
 
+def mark_cancelled(paths: RunPaths) -> None:
+    """`launcher cancel` stopped this run: CANCELLED, whatever the ranks made of the SIGTERM."""
+    status = read_status(paths)
+    kept = f"; checkpoint kept at step {status['step']}" if status.get("step") else ""
+    update_status(paths, RunState.CANCELLED, reason=f"cancelled by the user (scancel){kept}")
+
+
 def _failure_reason(exc: BaseException) -> str:
     lines = [line for line in traceback.format_exception_only(type(exc), exc) if line.strip()]
     return lines[-1].strip() if lines else type(exc).__name__
@@ -134,7 +141,9 @@ def record_failure(paths: RunPaths, rank: int, exc: BaseException) -> None:
             if failure.get("attempt") == this_attempt:  # files of earlier attempts are history
                 failures.append(failure)
     first = min(failures, key=lambda f: float(f.get("at", 0.0)), default=None)
-    if first is not None:
+    if read_status(paths).get("cancel_requested"):
+        mark_cancelled(paths)  # ranks killed by scancel fail on broken connections: not a failure
+    elif first is not None:
         update_status(paths, RunState.FAILED, reason=str(first.get("reason")), failed_rank=first.get("rank"))
 
 
@@ -164,7 +173,9 @@ class SlurmTask:
                 record_failure(paths, rank, exc)
                 raise
         if rank == 0:
-            if outcome == RunState.PREEMPTED.value:
+            if outcome == RunState.PREEMPTED.value and read_status(paths).get("cancel_requested"):
+                mark_cancelled(paths)
+            elif outcome == RunState.PREEMPTED.value:
                 self.requeue(paths, attempt)
             else:
                 update_status(paths, attempt=attempt)
