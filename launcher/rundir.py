@@ -145,6 +145,40 @@ class ExperimentPaths:
         return [RunPaths(p) for p in sorted(self.runs_dir.iterdir()) if p.is_dir()]
 
 
+# The keys of result.json, in the order summary.json shows them (trainer writes, collector reads).
+RESULT_KEYS: tuple[str, ...] = (
+    "run_id",
+    "name",
+    "method",
+    "state",
+    "steps",
+    "epochs",
+    "train_loss_final",
+    "train_loss_min",
+    "eval_loss",
+    "bleu",
+    "chrf",
+    "bleu4_chatglm",
+    "peak_mem_gib",
+    "peak_mem_kind",
+    "peak_mem_reserved_gib",
+    "tokens_per_s",
+    "train_time_s",
+    "world_size",
+    "nodes",
+    "gpus_per_node",
+    "zero_stage",
+    "offload_optimizer",
+    "offload_param",
+    "gradient_checkpointing",
+    "truncated_frac",
+    "seed",
+    "swept",
+    "versions",
+    "reason",
+)
+
+
 # --- atomic writes -------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from launcher.rundir import RunState, iter_jsonl, write_bytes_atomic
 if TYPE_CHECKING:
     from launcher.collect.collection import Collection
 
-PLOTS_VERSION = 2  # bump when the drawing changes, so cached signatures redraw
+PLOTS_VERSION = 3  # bump when the drawing changes, so cached signatures redraw
 MAX_LOSS_CURVES = 40
 MAX_MEMORY_BARS = 60
 _LEGEND_ROWS = 20  # entries per legend column
@@ -160,7 +160,8 @@ def plot_memory(collection: Collection, plt: Any) -> None:
         )
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r.name for r in rows], rotation=60, ha="right", fontsize="small")
-    capacity = collection.gpu_mem_gib
+    # GPU capacity is only a yardstick for GPU measurements: against CPU RSS it would dwarf the bars.
+    capacity = collection.gpu_mem_gib if "cuda_allocated" in kinds else None
     if capacity is not None:
         ax.axhline(
             capacity,

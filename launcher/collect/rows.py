@@ -17,43 +17,11 @@ from typing import Any, TypeGuard
 
 import yaml
 
-from launcher.rundir import RunPaths, RunState, iter_jsonl
+from launcher.rundir import RESULT_KEYS, RunPaths, RunState, iter_jsonl
 
 # libyaml is ~10x faster than the pure-Python loader; run.yaml is read for every unfinished run.
 _YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-# The result.json keys (BRIEFING contract), in the order summary.json shows them.
-RESULT_KEYS: tuple[str, ...] = (
-    "run_id",
-    "name",
-    "method",
-    "state",
-    "steps",
-    "epochs",
-    "train_loss_final",
-    "train_loss_min",
-    "eval_loss",
-    "bleu",
-    "chrf",
-    "bleu4_chatglm",
-    "peak_mem_gib",
-    "peak_mem_kind",
-    "peak_mem_reserved_gib",
-    "tokens_per_s",
-    "train_time_s",
-    "world_size",
-    "nodes",
-    "gpus_per_node",
-    "zero_stage",
-    "offload_optimizer",
-    "offload_param",
-    "gradient_checkpointing",
-    "truncated_frac",
-    "seed",
-    "swept",
-    "versions",
-    "reason",
-)
 # Added by the collector (significance against the baseline, seed groups, human review).
 SUMMARY_EXTRA_KEYS: tuple[str, ...] = (
     "baseline",

@@ -6,41 +6,9 @@ import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.rundir import RunPaths, iter_jsonl, write_json_atomic
+from launcher.rundir import RESULT_KEYS, RunPaths, iter_jsonl, write_json_atomic
 from launcher.spec import RunConfig
 from launcher.train.memory import PeakMemory
-
-RESULT_KEYS: tuple[str, ...] = (
-    "run_id",
-    "name",
-    "method",
-    "state",
-    "steps",
-    "epochs",
-    "train_loss_final",
-    "train_loss_min",
-    "eval_loss",
-    "bleu",
-    "chrf",
-    "bleu4_chatglm",
-    "peak_mem_gib",
-    "peak_mem_kind",
-    "peak_mem_reserved_gib",
-    "tokens_per_s",
-    "train_time_s",
-    "world_size",
-    "nodes",
-    "gpus_per_node",
-    "zero_stage",
-    "offload_optimizer",
-    "offload_param",
-    "gradient_checkpointing",
-    "truncated_frac",
-    "seed",
-    "swept",
-    "versions",
-    "reason",
-)
 
 _VERSIONED = ("torch", "transformers", "peft", "deepspeed", "launcher")
 
