@@ -9,6 +9,7 @@ nothing it would overwrite belongs to a different run.
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ from launcher.spec import (
 )
 from launcher.sweep import RunPlan, config_hash, expand
 from launcher.yaml_source import Problems
+
+_WRITE_THREADS = 16  # overlapping fsyncs; more threads stop paying off on one disk
 
 RUN_ID_EXCLUDED = ("est_mem_gib", "fits")
 """Estimates are not configuration: improving the memory model must not change run ids."""
@@ -348,7 +351,8 @@ def write_run_dirs(
             "runs": [plan_row(run) for run in runs],
         },
     )
-    for run, ds_config in rendered:
+
+    def write_run(run: RunConfig, ds_config: dict[str, Any]) -> None:
         paths = exp.run(run.name)
         if run.name in replace and paths.root.exists():
             shutil.rmtree(paths.root)
@@ -358,4 +362,10 @@ def write_run_dirs(
         write_json_atomic(paths.ds_config, ds_config)
         if fresh:
             write_status(paths, RunState.PLANNED)
+
+    # Each file is fsynced; fsync waits on the disk with the GIL released, so threads overlap the waits
+    # (a 1,000-run sweep otherwise spends most of its plan time in 3,000 sequential fsyncs).
+    with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
+        for future in [pool.submit(write_run, run, ds_config) for run, ds_config in rendered]:
+            future.result()
     return exp

@@ -275,7 +275,8 @@ class RunConfig(StrictModel):
     hostfile: str | None = None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: ~10x faster for big sweeps
+        return yaml.dump(self.model_dump(mode="json"), Dumper=dumper, sort_keys=False, allow_unicode=True)
 
     @classmethod
     def from_yaml_file(cls, path: Path) -> RunConfig:
