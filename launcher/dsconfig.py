@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,15 @@ from typing import Any
 from launcher.errors import UserError
 from launcher.spec import RunConfig
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "deepspeed_configs"
+
+def _template_dir() -> Path:
+    """The source tree's ``deepspeed_configs/``; a wheel install carries a copy as data files."""
+    source_tree = Path(__file__).resolve().parent.parent / "deepspeed_configs"
+    installed = Path(sys.prefix) / "share" / "launcher" / "deepspeed_configs"
+    return source_tree if source_tree.is_dir() or not installed.is_dir() else installed
+
+
+TEMPLATE_DIR = _template_dir()
 TEMPLATES = ("zero2", "zero2_offload", "zero3", "zero3_offload")
 AUTO = "auto"
 SCHEDULERS = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR", "constant": "WarmupLR"}
