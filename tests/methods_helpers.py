@@ -18,6 +18,7 @@ WORKER = Path(__file__).with_name("methods_dist_worker.py")
 EVAL_METHODS: list[dict[str, Any]] = [
     {"method": "full"},
     {"method": "ptuning", "name": "ptuning_v2", "version": "v2", "pre_seq_len": 4},
+    {"method": "ptuning", "name": "ptuning_v1", "version": "v1", "pre_seq_len": 4},
 ]
 EXPORT_METHODS: list[dict[str, Any]] = [
     {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "merge": True},

@@ -15,8 +15,15 @@ import torch
 from methods_helpers import EVAL_METHODS, features, load, run_config, spawn_ranks
 
 from launcher.train.bleu_chatglm import bleu4_chatglm, sentence_bleu4_chatglm
-from launcher.train.data import collate
-from launcher.train.evaluate import bleu_scores, eval_loss, generate_samples, left_pad, shard_batches
+from launcher.train.data import collate, encode_prompt
+from launcher.train.evaluate import (
+    _embeds_with_virtual_tokens,
+    bleu_scores,
+    eval_loss,
+    generate_samples,
+    left_pad,
+    shard_batches,
+)
 
 torch.set_num_threads(1)
 
@@ -109,6 +116,39 @@ def test_generation_greedy_deterministic_and_independent_of_batching(base: Any, 
     assert generate_samples(model, tokenizer, examples, single, 0, 1) == first
 
 
+def test_ptuning_v1_generation_independent_of_batching(
+    tiny_model_dir: Path, dialogue_files: tuple[Path, Path]
+) -> None:
+    """P-Tuning v1 prepends virtual tokens; peft's own generate puts them before the left padding and
+    drops the position ids, so a padded row's prediction depended on its batch. Now padded batches,
+    batches of 1 and a cache-free greedy loop through peft's forward (as in training) all agree."""
+    method = {"method": "ptuning", "name": "ptuning_v1", "version": "v1", "pre_seq_len": 4}
+    model, tokenizer, cfg = load(str(tiny_model_dir), method)
+    examples, _ = features(str(dialogue_files[1]), tokenizer, cfg, 9)
+    padded = [s["prediction"] for s in generate_samples(model, tokenizer, examples, cfg, 0, 1)]
+    single_cfg = run_config(tiny_model_dir, method, batch_size=1)
+    assert [s["prediction"] for s in generate_samples(model, tokenizer, examples, single_cfg, 0, 1)] == padded
+    prompts = [encode_prompt(ex, tokenizer, cfg.template, cfg.training.max_source_length) for ex in examples]
+    ids, mask = left_pad(prompts[:4], tokenizer.pad_token_id)
+    assert (mask == 0).any()
+    with torch.no_grad():
+        alone = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts[:4]])
+        embeds, full_mask = _embeds_with_virtual_tokens(model, ids, mask)
+        ours = model.get_base_model()(inputs_embeds=embeds, attention_mask=full_mask).logits[:, -1]
+        assert torch.allclose(ours, alone, atol=1e-4)
+        # peft's layout (virtual tokens, padding, prompt) moves a padded row's prompt away from them
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits[:, -1], alone, atol=1e-3)
+        for prompt, prediction in zip(prompts[:3], padded, strict=False):
+            seq, new = list(prompt), []
+            for _ in range(cfg.eval.max_new_tokens):
+                token = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                seq.append(token)
+                new.append(token)
+            assert tokenizer.decode(new, skip_special_tokens=True).strip() == prediction
+
+
 def test_eval_loss_is_token_weighted(base: Any) -> None:
     model, tokenizer, _, _, encoded = base
     pad = tokenizer.pad_token_id
@@ -141,7 +181,7 @@ def test_two_ranks_plain_and_zero3_equal_one_rank(
     tiny_model_dir: Path, dialogue_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """2 gloo ranks, first as plain processes, then under real DeepSpeed ZeRO-3 (every tensor
-    partitioned, uneven batches per rank, synced generation), for the base model and P-Tuning v2."""
+    partitioned, uneven batches per rank, synced generation), for the base model and P-Tuning v2 and v1."""
     spawn_ranks(["evaluate", str(tiny_model_dir), str(dialogue_files[1]), str(tmp_path)], timeout_s=400)
     got = json.loads((tmp_path / "evaluate.json").read_text(encoding="utf-8"))
     want = one_rank_reference(tiny_model_dir, dialogue_files[1])

@@ -145,6 +145,37 @@ def _eos_ids(tokenizer: Any, module: nn.Module) -> list[int]:
     return ids
 
 
+def _input_prompt_model(module: nn.Module) -> Any | None:
+    """The peft model when it is P-Tuning v1 (virtual tokens prepended to the input embeddings), else None."""
+    config = getattr(module, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return None
+    from peft import PeftType
+
+    return module if config.peft_type == PeftType.P_TUNING else None
+
+
+def _embeds_with_virtual_tokens(
+    peft_model: Any, input_ids: torch.Tensor, attention: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows laid out ``[pads, virtual tokens, prompt]``, as in training ``[virtual tokens, prompt]``.
+
+    peft's own ``generate`` puts the virtual tokens before the left padding and drops ``position_ids``
+    for P-Tuning, so a padded row's prompt sits further from its virtual tokens than in training (its
+    prediction then depends on the batch). Here the virtual tokens follow the padding and the base
+    model derives the positions from the attention mask.
+    """
+    words = peft_model.word_embeddings(input_ids)
+    prompts = peft_model.get_prompt(batch_size=input_ids.shape[0]).to(words.dtype)
+    ones = torch.ones(prompts.shape[:2], dtype=attention.dtype, device=attention.device)
+    rows, masks = [], []
+    for row in range(input_ids.shape[0]):
+        pads = int((attention[row] == 0).sum().item())  # left_pad: all padding comes first
+        rows.append(torch.cat([words[row, :pads], prompts[row], words[row, pads:]]))
+        masks.append(torch.cat([attention[row, :pads], ones[row], attention[row, pads:]]))
+    return torch.stack(rows), torch.stack(masks)
+
+
 def generate_samples(
     model: Any, tokenizer: Any, examples: Sequence[Any], cfg: RunConfig, rank: int, world_size: int
 ) -> list[dict[str, Any]]:
@@ -167,6 +198,7 @@ def generate_samples(
     rounds = _rounds(len(mine), total, world_size, zero3)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(tokenizer, module)
+    prompt_model = _input_prompt_model(module)
     gen_config = GenerationConfig(
         max_new_tokens=cfg.eval.max_new_tokens,
         do_sample=cfg.eval.do_sample,
@@ -186,16 +218,31 @@ def generate_samples(
                 input_ids, attention = left_pad([prompts[i] for i in indices], pad_id)
                 if cfg.eval.do_sample:  # the global batch number, so the seed does not depend on ranks
                     torch.manual_seed(cfg.training.seed + r * world_size + rank)
-                out = module.generate(  # type: ignore[operator]
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention.to(device),
-                    generation_config=gen_config,
-                    synced_gpus=zero3 and world_size > 1,
-                )
+                synced = zero3 and world_size > 1
+                if prompt_model is not None:
+                    embeds, mask = _embeds_with_virtual_tokens(
+                        prompt_model, input_ids.to(device), attention.to(device)
+                    )
+                    # given only embeddings, generate returns only the new tokens
+                    out = prompt_model.get_base_model().generate(
+                        inputs_embeds=embeds,
+                        attention_mask=mask,
+                        generation_config=gen_config,
+                        synced_gpus=synced,
+                    )
+                    start = 0
+                else:
+                    out = module.generate(  # type: ignore[operator]
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention.to(device),
+                        generation_config=gen_config,
+                        synced_gpus=synced,
+                    )
+                    start = input_ids.shape[1]
                 if not real:
                     continue
                 for row, index in enumerate(indices):
-                    new_tokens = out[row, input_ids.shape[1] :].tolist()
+                    new_tokens = out[row, start:].tolist()
                     for pos, token in enumerate(new_tokens):
                         if token in eos_ids:
                             new_tokens = new_tokens[:pos]
