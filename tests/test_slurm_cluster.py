@@ -205,7 +205,9 @@ def test_cluster_runs_two_nodes_two_tasks_each(tmp_path: Path) -> None:
     import submitit
 
     executor = submitit.SlurmExecutor(folder=tmp_path / "logs")
-    executor.update_parameters(nodes=2, ntasks_per_node=2, gpus_per_node=2, cpus_per_task=1, time=2)
+    # time=10: submitit warns with USR2 90 s before the limit; a 2-minute limit would signal the job
+    # 30 s after it starts, which a loaded machine can spend just starting Python.
+    executor.update_parameters(nodes=2, ntasks_per_node=2, gpus_per_node=2, cpus_per_task=1, time=10)
     job = executor.submit(submitit.helpers.CommandFunction([sys.executable, "-c", WHERE]))
     results = [json.loads(out) for out in job.results()]
     assert sorted(r["rank"] for r in results) == [0, 1, 2, 3]
