@@ -5,39 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from spec_helpers import SPEC, load_text_spec
 
 from launcher.dsconfig import TEMPLATES, fill_scheduler_auto, load_template, render_ds_config, template_name
 from launcher.plan import build_plan
-from launcher.spec import JobSpec, load_spec
-
-SPEC = """\
-experiment: sw
-model: {builtin: tiny-glm}
-data: {builtin: dialogue}
-training: {precision: fp32}
-methods:
-  - method: lora
-  - method: freeze
-    trainable_layers: 1
-sweep:
-  grid:
-    training.learning_rate: [1.0e-4, 1.0e-3]
-    method.r: [4, 8]
-  zip:
-    training.max_source_length: [64, 128]
-    training.max_target_length: [16, 32]
-  seeds: [1, 2]
-"""
-
-
-def _spec(tmp_path: Path, text: str = SPEC) -> tuple[JobSpec, Path]:
-    path = tmp_path / "s.yaml"
-    path.write_text(text)
-    return load_spec(path), path
 
 
 def test_render_and_fill(tmp_path: Path) -> None:
-    spec, path = _spec(
+    spec, path = load_text_spec(
         tmp_path,
         SPEC.split("sweep:")[0].replace(
             "{precision: fp32}", "{precision: bf16, lr_scheduler: cosine, gradient_accumulation_steps: 4}"
@@ -91,7 +66,7 @@ def test_every_template_renders_a_config_deepspeed_accepts(
     )
     flags = f"offload_optimizer: {str(offload_opt).lower()}, offload_param: {str(offload_param).lower()}"
     text += f"resources: {{nodes: 2, gpus_per_node: 2, zero_stage: {zero}, {flags}}}\n"
-    spec, path = _spec(tmp_path, text)
+    spec, path = load_text_spec(tmp_path, text)
     run = build_plan(spec, path)[0]
     ds = render_ds_config(run, 4096)
     assert template_name(zero, offload_opt, offload_param).startswith("zero3" if zero == 3 else "zero2")

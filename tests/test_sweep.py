@@ -5,40 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from spec_helpers import SPEC, load_text_spec
 
 from launcher.errors import UserError
 from launcher.plan import build_plan, write_run_dirs
-from launcher.spec import JobSpec, load_spec
+from launcher.spec import load_spec
 from launcher.sweep import expand, format_value
-
-SPEC = """\
-experiment: sw
-model: {builtin: tiny-glm}
-data: {builtin: dialogue}
-training: {precision: fp32}
-methods:
-  - method: lora
-  - method: freeze
-    trainable_layers: 1
-sweep:
-  grid:
-    training.learning_rate: [1.0e-4, 1.0e-3]
-    method.r: [4, 8]
-  zip:
-    training.max_source_length: [64, 128]
-    training.max_target_length: [16, 32]
-  seeds: [1, 2]
-"""
-
-
-def _spec(tmp_path: Path, text: str = SPEC) -> tuple[JobSpec, Path]:
-    path = tmp_path / "s.yaml"
-    path.write_text(text)
-    return load_spec(path), path
 
 
 def test_grid_zip_seeds_and_method_axes(tmp_path: Path) -> None:
-    spec, _ = _spec(tmp_path)
+    spec, _ = load_text_spec(tmp_path)
     runs = expand(spec)
     lora = [r for r in runs if r.method.method == "lora"]
     freeze = [r for r in runs if r.method.method == "freeze"]
@@ -54,11 +30,11 @@ def test_grid_zip_seeds_and_method_axes(tmp_path: Path) -> None:
 
 
 def test_run_ids_stable_and_config_sensitive(tmp_path: Path) -> None:
-    spec, path = _spec(tmp_path)
+    spec, path = load_text_spec(tmp_path)
     ids = [r.run_id for r in build_plan(spec, path)]
     assert ids == [r.run_id for r in build_plan(load_spec(path), path)]
     assert len(set(ids)) == len(ids)
-    other, path2 = _spec(tmp_path, SPEC.replace("precision: fp32", "precision: bf16"))
+    other, path2 = load_text_spec(tmp_path, SPEC.replace("precision: fp32", "precision: bf16"))
     assert set(ids).isdisjoint(r.run_id for r in build_plan(other, path2))
 
 
@@ -71,9 +47,9 @@ def test_rewriting_a_changed_run_is_refused_unless_forced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    spec, path = _spec(tmp_path, SPEC.split("sweep:")[0])
+    spec, path = load_text_spec(tmp_path, SPEC.split("sweep:")[0])
     write_run_dirs(spec, path, build_plan(spec, path))
-    changed, path2 = _spec(tmp_path, SPEC.split("sweep:")[0].replace("fp32", "bf16"))
+    changed, path2 = load_text_spec(tmp_path, SPEC.split("sweep:")[0].replace("fp32", "bf16"))
     with pytest.raises(UserError, match="different configuration"):
         write_run_dirs(changed, path2, build_plan(changed, path2))
     exp = write_run_dirs(changed, path2, build_plan(changed, path2), force=True)
