@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from launcher.launch_env import free_port, torchrun_env
 
 MAX_SOURCE, MAX_TARGET = 256, 64
 TRAINER_VARIANTS = ("pad-max", "dynamic", "dynamic+group")
@@ -270,18 +271,10 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
 # --- orchestration -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _run_worker(kind: str, run_dir: Path, variant: str, warmup: int, log_dir: Path) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if kind == "trainer":  # HF's DeepSpeed integration wants a torchrun-style environment
-        env.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-        )
+        env.update(torchrun_env(0, 1, free_port()))
     cmd = [sys.executable, __file__, "--worker", kind, "--run-dir", str(run_dir), "--variant", variant]
     cmd += ["--warmup", str(warmup)]
     log = log_dir / f"{run_dir.parent.parent.name}-{kind}-{variant}.log"

@@ -13,7 +13,9 @@ from launcher.spec import FreezeMethod, FullMethod, LoraMethod, MethodSpec, Ptun
 
 
 @dataclass(frozen=True)
-class DefaultResources:
+class ResourceChoice:
+    """One way to run a method: a method's default, or a candidate the resource policy weighs."""
+
     nodes: int
     gpus_per_node: int
     zero_stage: int
@@ -21,16 +23,20 @@ class DefaultResources:
     offload_param: bool
     gradient_checkpointing: bool
 
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
 
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
     summary: str
-    defaults: DefaultResources
+    defaults: ResourceChoice
 
 
-_ADAPTER_DEFAULTS = DefaultResources(1, 1, 2, False, False, False)
-_FULL_DEFAULTS = DefaultResources(1, 4, 3, True, True, True)
+_ADAPTER_DEFAULTS = ResourceChoice(1, 1, 2, False, False, False)
+_FULL_DEFAULTS = ResourceChoice(1, 4, 3, True, True, True)
 
 METHODS: dict[str, MethodInfo] = {
     "freeze": MethodInfo(

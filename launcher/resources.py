@@ -8,12 +8,11 @@ checkpointing off before on. A run that cannot fit is an error that says what to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from launcher.archs import ArchInfo
 from launcher.memory_model import MemoryEstimate, ParamLayout, estimate
-from launcher.methods import method_info, supports_gradient_checkpointing
+from launcher.methods import ResourceChoice, method_info, supports_gradient_checkpointing
 from launcher.spec import ClusterSpec, MethodSpec, ResolvedResources, TrainingSpec
 
 
@@ -23,20 +22,6 @@ class ResourceProblem(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key = key
-
-
-@dataclass(frozen=True)
-class Candidate:
-    nodes: int
-    gpus_per_node: int
-    zero_stage: int
-    offload_optimizer: bool
-    offload_param: bool
-    gradient_checkpointing: bool
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
 
 
 # (zero_stage, offload_optimizer, offload_param) from cheapest to most offloaded.
@@ -58,7 +43,7 @@ def run_estimate(
     arch: ArchInfo,
     method: MethodSpec,
     training: TrainingSpec,
-    c: Candidate,
+    c: ResourceChoice,
     layout: ParamLayout | None = None,
 ) -> MemoryEstimate:
     return estimate(
@@ -96,7 +81,7 @@ def _world_shapes(cluster: ClusterSpec, explicit: dict[str, Any]) -> list[tuple[
     return sorted(set(shapes), key=lambda s: (s[0] * s[1], s[0]))
 
 
-def _advice(c: Candidate, method: MethodSpec) -> str:
+def _advice(c: ResourceChoice, method: MethodSpec) -> str:
     fixes = []
     if not c.gradient_checkpointing and supports_gradient_checkpointing(method):
         fixes.append("gradient_checkpointing: true")
@@ -156,13 +141,13 @@ def resolve_resources(
     gc_default = defaults.gradient_checkpointing and supports_gradient_checkpointing(method)
     mem_gib = cluster.gpu_mem_gib
 
-    def fits(c: Candidate) -> tuple[bool, float]:
+    def fits(c: ResourceChoice) -> tuple[bool, float]:
         gib = run_estimate(arch, method, training, c, layout).device_gib
         return gib <= mem_gib, gib
 
     if not auto:
         zero = explicit.get("zero_stage", defaults.zero_stage)
-        c = Candidate(
+        c = ResourceChoice(
             nodes=explicit.get("nodes", 1 if "gpus_per_node" in explicit else defaults.nodes),
             gpus_per_node=explicit.get("gpus_per_node", defaults.gpus_per_node),
             zero_stage=zero,
@@ -185,7 +170,7 @@ def resolve_resources(
     )
     if not supports_gradient_checkpointing(method):
         gc_options = [False]
-    last: tuple[Candidate, float] | None = None
+    last: tuple[ResourceChoice, float] | None = None
     ladder = _ZERO_LADDER
     if stage is not None:
         ladder = tuple(
@@ -200,7 +185,7 @@ def resolve_resources(
             if explicit.get("offload_param", off_param) != off_param:
                 continue
             for gc in dict.fromkeys(gc_options):
-                c = Candidate(nodes, gpus, zero, off_opt, off_param, bool(gc))
+                c = ResourceChoice(nodes, gpus, zero, off_opt, off_param, bool(gc))
                 ok, gib = fits(c)
                 last = (c, gib)
                 if ok:

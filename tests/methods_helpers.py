@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import torch
 
+from launcher.launch_env import free_port, torchrun_env
 from launcher.spec import RunConfig
 
 WORKER = Path(__file__).with_name("methods_dist_worker.py")
@@ -88,12 +88,6 @@ def zero3_ds_config(micro_batch: int, world_size: int, lr: float, offload: bool 
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def spawn_ranks(args: list[str], world_size: int = 2, timeout_s: float = 300) -> None:
     """Run the worker on ``world_size`` ranks (gloo on CPU) and fail with every rank's output."""
     port = free_port()
@@ -102,12 +96,7 @@ def spawn_ranks(args: list[str], world_size: int = 2, timeout_s: float = 300) ->
     for rank in range(world_size):
         env = {
             **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
+            **torchrun_env(rank, world_size, port),
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from launcher.archs import arch_from_model, bundled_arch
+from launcher.launch_env import free_port, torchrun_env
 from launcher.memory_model import estimate, model_state_bytes, param_layout
 from launcher.spec import MethodSpec
 
@@ -35,25 +35,14 @@ CASES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _spawn(cases: list[dict[str, Any]], out: Path, world_size: int = 2) -> list[list[dict[str, Any]]]:
     (out / "cases.json").write_text(json.dumps(cases))
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world_size):
         env = {
             **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
+            **torchrun_env(rank, world_size, port),
             "OMP_NUM_THREADS": "1",
         }
         log = open(out / f"log{rank}.txt", "w")  # noqa: SIM115 - the child owns it; closed by exit

@@ -134,7 +134,7 @@ def base_scores(model_dir: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_every_method_beats_the_untuned_base(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from methods_helpers import free_port
+    from launcher.launch_env import free_port
 
     torch.set_num_threads(1)
     hidden_size = int(json.loads((tiny_model_dir / "config.json").read_text())["hidden_size"])

@@ -31,11 +31,11 @@ from launcher.backends.local import (
     LocalBackend,
     QueuedRun,
     RankProcess,
-    free_port,
     supervisor_file,
     supervisor_job_id,
 )
 from launcher.errors import UserError
+from launcher.launch_env import free_port
 from launcher.rundir import (
     ExperimentPaths,
     RunPaths,

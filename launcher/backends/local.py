@@ -16,7 +16,6 @@ import ctypes
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from launcher.backends.base import SubmittedRun
 from launcher.errors import UserError
+from launcher.launch_env import TORCHRUN_KEYS, free_port, torchrun_env
 from launcher.rundir import (
     ExperimentPaths,
     RunPaths,
@@ -49,18 +49,7 @@ SUPERVISOR_FILE = "local.json"  # inside the run's logs/: supervisor pid, rank p
 # Environment a rank must not inherit: the trainer prefers submitit/Slurm variables over RANK/WORLD_SIZE,
 # so a `launcher submit --backend local` typed inside a Slurm allocation would otherwise misroute ranks.
 _STRIP_ENV_PREFIXES = ("SLURM_", "SUBMITIT_")
-_STRIP_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def free_port(exclude: set[int] | None = None) -> int:
-    """A TCP port the OS just reported free on 127.0.0.1 (not one handed out earlier by us)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if not exclude or port not in exclude:
-            return port
-    raise RuntimeError("no free TCP port found on 127.0.0.1")
+_STRIP_ENV_KEYS = TORCHRUN_KEYS
 
 
 def visible_gpus() -> list[str]:
@@ -309,16 +298,8 @@ class LocalBackend:
         threads = run.local.cpu_threads_per_rank or max(
             1, (os.cpu_count() or 1) // max(1, world_size * run.local.max_concurrent_runs)
         )
-        env = {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": str(threads),
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = torchrun_env(rank, world_size, port)
+        env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         return env

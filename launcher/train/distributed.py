@@ -10,12 +10,13 @@ Sources, first match wins:
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
 import torch
+
+from launcher.launch_env import free_port
 
 DIST_TIMEOUT_ENV = "LAUNCHER_DIST_TIMEOUT_S"
 DEFAULT_DIST_TIMEOUT_S = 600.0
@@ -66,7 +67,7 @@ def detect_dist_env() -> DistEnv:
             source="torchrun",
         )
     return DistEnv(
-        rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port(), source="single"
+        rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), source="single"
     )
 
 
@@ -145,9 +146,3 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
