@@ -21,6 +21,9 @@ Measured: real (non-pad) tokens per second over the steady-state steps (the firs
 optimizer steps are excluded) by wall clock and per second of process CPU time (the stable number
 on a shared CPU), and peak memory (CUDA max_memory_allocated on GPU, peak RSS on CPU).
 Targets (issue 3): >= 1.0x on fixed, >= 1.3x on dialogue vs pad-max; peak memory <= 1.0x.
+On dialogue the gain comes from padding: the table prints each runner's share of pad tokens and the
+speed-up removing it alone would give (the padding bound), so a ratio can be read against what the
+baseline's batches leave to gain: with equally fast loops, speed ~ bound.
 Not part of the test suite.
 """
 
@@ -126,20 +129,30 @@ def _peak_gib(device: str) -> tuple[float, str]:
 
 
 def worker_ours(run_dir: Path, warmup: int) -> dict[str, Any]:
+    import launcher.train.data as data
     import launcher.train.loop as loop
     from launcher.rundir import RunPaths, iter_jsonl, read_json
     from launcher.train.entry import train_run
 
     paths = RunPaths(run_dir)
     cpu_at_step: dict[int, float] = {}
-    append = loop.append_jsonl
+    padded_at_step: dict[int, int] = {}
+    padded = {"tokens": 0}
+    append, collate = loop.append_jsonl, data.collate
 
     def append_and_clock(path: Path, obj: Any) -> None:  # the loop logs right after a step's update
         if path == paths.metrics_jsonl:
             cpu_at_step[int(obj["step"])] = time.process_time()
+            padded_at_step[int(obj["step"])] = padded["tokens"]
         append(path, obj)
 
+    def collate_and_count(*args: Any, **kwargs: Any) -> Any:  # real + pad tokens of every batch
+        batch = collate(*args, **kwargs)
+        padded["tokens"] += int(batch["attention_mask"].numel())
+        return batch
+
     loop.append_jsonl = append_and_clock  # type: ignore[assignment]
+    data.collate = collate_and_count  # type: ignore[assignment]
     state = train_run(run_dir)
     rows = list(iter_jsonl(paths.metrics_jsonl))
     first, last = rows[0], rows[-1]  # logged every `warmup` steps: the first row is the end of warmup
@@ -150,6 +163,7 @@ def worker_ours(run_dir: Path, warmup: int) -> dict[str, Any]:
         "tokens": last["tokens"] - first["tokens"],
         "time_s": last["elapsed_s"] - first["elapsed_s"],
         "cpu_s": cpu_at_step[last["step"]] - cpu_at_step[first["step"]],
+        "padded_tokens": padded_at_step[last["step"]] - padded_at_step[first["step"]],
         "peak_mem_gib": result["peak_mem_gib"],
         "peak_mem_kind": result["peak_mem_kind"],
         "final_loss": last["loss"],
@@ -208,20 +222,22 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
         dataset = [{"input_ids": f.input_ids, "labels": f.labels} for f in features]
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
-    counted = {"tokens": 0}
+    counted = {"tokens": 0, "padded": 0}
 
     def count_tokens(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         counted["tokens"] += int(kwargs["attention_mask"].sum())  # real tokens actually trained on
+        counted["padded"] += int(kwargs["attention_mask"].numel())  # real + pad
 
     model.register_forward_pre_hook(count_tokens, with_kwargs=True)
-    marks: list[tuple[int, float, int, float]] = []
+    marks: list[tuple[int, float, int, float, int]] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step in (warmup, t.max_steps):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                marks.append((state.global_step, time.perf_counter(), counted["tokens"], time.process_time()))
+                now = (time.perf_counter(), counted["tokens"], time.process_time(), counted["padded"])
+                marks.append((state.global_step, *now))
 
     opt = ds_config["optimizer"]["params"]
     args = TrainingArguments(
@@ -254,7 +270,7 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()]
     )
     output = trainer.train()
-    (s0, t0, k0, c0), (s1, t1, k1, c1) = marks[0], marks[-1]
+    (s0, t0, k0, c0, p0), (s1, t1, k1, c1, p1) = marks[0], marks[-1]
     peak, kind = _peak_gib("cuda" if torch.cuda.is_available() else "cpu")
     return {
         "state": "COMPLETED",
@@ -262,6 +278,7 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
         "tokens": k1 - k0,
         "time_s": t1 - t0,
         "cpu_s": c1 - c0,
+        "padded_tokens": p1 - p0,
         "peak_mem_gib": peak,
         "peak_mem_kind": kind,
         "final_loss": output.training_loss,
@@ -338,10 +355,12 @@ def main(argv: list[str] | None = None) -> int:
                 out.update(data=data_name, runner=kind, variant=variant)
                 out["tokens_per_s"] = out["tokens"] / out["time_s"]
                 out["tokens_per_cpu_s"] = out["tokens"] / out["cpu_s"]
+                out["pad_frac"] = 1 - out["tokens"] / out["padded_tokens"]
                 results.append(out)
                 print(
                     f"  {data_name:<9} {kind:<8} {variant:<14} {out['tokens_per_s']:>9.0f} tok/s wall  "
                     f"{out['tokens_per_cpu_s']:>9.0f} tok/cpu-s  "
+                    f"pad {out['pad_frac']:6.1%}  "
                     f"peak {out['peak_mem_gib']:.3f} GiB ({out['peak_mem_kind']})",
                     flush=True,
                 )
@@ -352,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "speed = ours / Trainer real-token throughput, by wall clock and by process CPU time (on a shared\n"
-        "CPU the CPU-time ratio is the stable one); mem = peak memory ratio (<= 1.0 is better)\n"
+        "CPU the CPU-time ratio is the stable one); mem = peak memory ratio (<= 1.0 is better);\n"
+        "pad = share of the trained tokens that were padding; bound = (1 - pad ours) / (1 - pad HF):\n"
+        "the speed-up that the padding difference alone gives when the cost per token is the same\n"
     )
     print(f"{'data':<9} {'vs Trainer':<14} {'ours tok/s':>10} {'HF tok/s':>9}", end="")
-    print(f" {'speed':>6} {'cpu':>6} {'mem':>6}")
+    print(f" {'speed':>6} {'cpu':>6} {'mem':>6} {'pad HF':>7} {'pad ours':>8} {'bound':>6}")
     for data_name in datasets:
         ours = next(r for r in results if r["data"] == data_name and r["runner"] == "ours")
         for variant in TRAINER_VARIANTS:
@@ -367,9 +388,11 @@ def main(argv: list[str] | None = None) -> int:
             speed = ours["tokens_per_s"] / hf["tokens_per_s"]
             cpu_speed = ours["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
             mem = ours["peak_mem_gib"] / hf["peak_mem_gib"]
+            bound = (1 - ours["pad_frac"]) / (1 - hf["pad_frac"])
             print(
                 f"{data_name:<9} {variant:<14} {ours['tokens_per_s']:>10.0f} {hf['tokens_per_s']:>9.0f} "
-                f"{speed:>5.2f}x {cpu_speed:>5.2f}x {mem:>5.2f}x"
+                f"{speed:>5.2f}x {cpu_speed:>5.2f}x {mem:>5.2f}x "
+                f"{hf['pad_frac']:>7.1%} {ours['pad_frac']:>8.1%} {bound:>5.2f}x"
             )
     if args.json:
         args.json.write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")

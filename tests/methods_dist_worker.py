@@ -90,3 +90,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from launcher.train.entry import exit_rank_process
+
+    exit_rank_process(0)  # as a real rank does: no interpreter teardown after ZeRO-3 (see its docstring)

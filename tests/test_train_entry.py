@@ -20,7 +20,7 @@ from launcher.spec import TrainingSpec
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DIST_TIMEOUT_ENV, detect_dist_env, dist_timeout_s
 from launcher.train.entry import PREEMPTED_EXIT_CODE, exit_code_for, train_run
-from launcher.train.memory import peak_memory, peak_rss_gib
+from launcher.train.memory import PeakMemory, combine_peaks, peak_memory, peak_rss_gib
 from launcher.train.result import RESULT_KEYS
 from launcher.train.schedule import fill_ds_config, total_optimizer_steps
 from launcher.train.signals import PreemptionFlag
@@ -364,6 +364,20 @@ def test_peak_memory_is_rss_in_gib() -> None:
     assert after.peak_mem_gib >= before and after.peak_mem_gib >= 0.19
     assert after.peak_mem_gib < 64  # KiB read as bytes (or as GiB) would be far off
     del block
+
+
+def test_peak_of_a_resumed_run_covers_the_earlier_attempts() -> None:
+    from dataclasses import asdict
+
+    now = PeakMemory(peak_mem_gib=2.0, peak_mem_reserved_gib=2.5, kind="cuda_allocated")
+    earlier = asdict(PeakMemory(peak_mem_gib=3.0, peak_mem_reserved_gib=None, kind="cuda_allocated"))
+    assert combine_peaks(now, earlier) == PeakMemory(3.0, 2.5, "cuda_allocated")
+    higher_now = PeakMemory(peak_mem_gib=4.0, peak_mem_reserved_gib=None, kind="cuda_allocated")
+    assert combine_peaks(higher_now, earlier) == higher_now
+    assert combine_peaks(now, None) == now  # a first attempt
+    # An attempt measured as CPU RSS is not comparable with a CUDA peak: keep this attempt's.
+    cpu_earlier = asdict(PeakMemory(peak_mem_gib=9.0, peak_mem_reserved_gib=None, kind="cpu_rss"))
+    assert combine_peaks(now, cpu_earlier) == now
 
 
 def test_preemption_flag_overrides_previous_handler() -> None:

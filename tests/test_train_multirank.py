@@ -5,6 +5,7 @@ mid-run (FAILED with its reason, no hang)."""
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def test_full_zero3_offload_two_ranks(full_run: tuple[RunPaths, float]) -> None:
     result = _check_completed(paths, steps=12, zero_stage=3, offload=True)
     print(f"\n2-rank full ZeRO-3 offload: {wall_s:.1f}s wall, {result}")
     assert result["gradient_checkpointing"] is True
+    assert_partitioned_at_load(paths)  # with parameter offload: the shards went straight to CPU
     # a full model export, gathered from the ZeRO-3 shards
     assert (paths.final / "config.json").is_file()
     assert any(paths.final.glob("*.safetensors"))
@@ -117,12 +119,32 @@ def test_sigkill_both_ranks_then_resume_zero3_offload(
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
 
 
-@pytest.mark.parametrize("method", ["lora", "ptuning_v2"])
-def test_adapter_zero3_two_ranks(method: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("method", "export_file"),
+    [
+        ("lora", "adapter_config.json"),
+        ("ptuning_v2", "adapter_config.json"),
+        ("ptuning_v1", "adapter_config.json"),
+        ("freeze", "config.json"),
+    ],
+)
+def test_methods_zero3_two_ranks(method: str, export_file: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Every method on a model built already sharded (zero.Init): peft wraps partitioned weights."""
     paths = make_run_dir(tmp_path, method, world_size=2, zero_stage=3, max_steps=4, save_steps=4)
     assert run_ranks(paths, 2, timeout_s=400) == [0, 0], rank_output(paths)
     _check_completed(paths, steps=4, zero_stage=3, offload=False)
-    assert (paths.final / "adapter_config.json").is_file()
+    assert (paths.final / export_file).is_file()
+    assert_partitioned_at_load(paths)
+
+
+def assert_partitioned_at_load(paths: RunPaths) -> None:
+    """ZeRO-3 built the model already sharded (zero.Init): each rank held half of it from the start."""
+    for rank in (0, 1):
+        text = paths.rank_log(rank).read_text(errors="replace")
+        match = re.search(r"weights partitioned at load \(zero.Init\): (\d+) of (\d+) elements", text)
+        assert match, f"rank {rank} loaded the whole model: no zero.Init"
+        here, total = int(match.group(1)), int(match.group(2))
+        assert 0 < here <= total // 2 + 1024, (here, total)
 
 
 def test_crashed_rank_fails_the_run_without_hanging(tmp_path: Path, tiny_model_dir: Path) -> None:

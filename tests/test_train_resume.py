@@ -24,6 +24,7 @@ from train_helpers import (
     wait_until,
 )
 
+from launcher.rundir import read_json
 from launcher.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,10 @@ def test_sigkill_then_resume_matches_uninterrupted(
     published = [step for step, _ in ckpt.complete_checkpoints(paths.checkpoints)]
     assert published and logged_before_kill < STEPS, "the run finished before it could be killed"
     assert status(paths)["state"] == "RUNNING"  # a SIGKILL leaves no chance to write anything
+    peak_in_checkpoint = {
+        str(step): read_json(path / "trainer_state.json")["peak_memory"]
+        for step, path in ckpt.complete_checkpoints(paths.checkpoints)
+    }
 
     assert run_ranks(paths, 1, timeout_s=300) == [0], rank_output(paths)
     reference = reference_losses(reference_root)
@@ -65,3 +70,7 @@ def test_sigkill_then_resume_matches_uninterrupted(
     assert sorted(resumed) == list(range(1, STEPS + 1))  # no duplicated or missing metric lines
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+    # The peak memory covers the killed attempt too: it travelled in the checkpoints.
+    first_attempt_peak = peak_in_checkpoint[str(published[-1])]
+    assert first_attempt_peak["kind"] == "cpu_rss" and first_attempt_peak["peak_mem_gib"] > 0
+    assert read_json(paths.result_json)["peak_mem_gib"] >= first_attempt_peak["peak_mem_gib"]

@@ -14,7 +14,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.train.entry import FAILED_EXIT_CODE, _failure_reason, exit_code_for, train_run
+    from launcher.train.entry import (
+        FAILED_EXIT_CODE,
+        _failure_reason,
+        exit_code_for,
+        exit_rank_process,
+        train_run,
+    )
 
     try:
         state = train_run(args.run_dir)
@@ -22,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         from launcher.errors import UserError
 
         if isinstance(exc, UserError):
-            raise
+            raise  # printed by the CLI, exit code 2 (nothing was started)
         print(f"error: training failed: {_failure_reason(exc)}", file=sys.stderr)
-        return FAILED_EXIT_CODE
-    return exit_code_for(state)
+        exit_rank_process(FAILED_EXIT_CODE)
+    exit_rank_process(exit_code_for(state))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.train.entry import main
+from launcher.train.entry import exit_rank_process, main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_rank_process(main())

@@ -55,6 +55,10 @@ class TrainState:
     """Real (non-pad) tokens processed so far, summed over ranks."""
     train_time_s: float = 0.0
     """Seconds spent in the training loop, summed over restarts."""
+    peak_memory: dict[str, Any] | None = None
+    """Peak memory (max over ranks and over the attempts so far) when this state was saved, as
+    ``dataclasses.asdict(PeakMemory)``: a resumed run reports the peak of the whole run, not its last
+    attempt's."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:

@@ -6,13 +6,15 @@ Exit codes: 0 COMPLETED, 3 PREEMPTED (checkpoint saved; the scheduler may requeu
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from launcher.errors import UserError
 from launcher.rundir import RunPaths, RunState, read_json, read_status, write_json_atomic
@@ -162,3 +164,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: training failed: {_failure_reason(exc)}", file=sys.stderr)
         return FAILED_EXIT_CODE
     return exit_code_for(state)
+
+
+def exit_rank_process(code: int) -> NoReturn:
+    """End a rank process without the interpreter's teardown. Everything is on disk by now (results and
+    checkpoints are written atomically, the process group is destroyed, log files are closed); but
+    during finalization gloo's worker threads can still hold tensors from ZeRO-3's asynchronous
+    collectives, and freeing them then aborts the process ("terminate called without an active
+    exception", SIGABRT) - which the scheduler would report as a failed rank of a completed run."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing to save
+            stream.flush()
+    os._exit(code)

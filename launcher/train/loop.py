@@ -8,12 +8,14 @@ optimizer step, so no rank ever waits in a collective the others skipped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from launcher.rundir import (
 from launcher.spec import RunConfig
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
-from launcher.train.memory import peak_memory_all_ranks, reset_peak_memory
+from launcher.train.memory import combine_peaks, peak_memory_all_ranks, reset_peak_memory
 from launcher.train.result import TrainOutcome, build_result, write_result
 from launcher.train.schedule import fill_ds_config, total_optimizer_steps
 from launcher.train.signals import PreemptionFlag
@@ -67,20 +69,53 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model_and_tokenizer(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(cfg: RunConfig) -> Any:
+    from transformers import AutoTokenizer
 
     from launcher.train.data import resolve_model_dir
 
-    model_dir = resolve_model_dir(cfg.model)
-    tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.path else model_dir
-    remote = cfg.model.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=remote)
+    tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.path else resolve_model_dir(cfg.model)
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=cfg.model.trust_remote_code)
+
+
+@contextlib.contextmanager
+def zero3_partitioned_loading(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Under ZeRO-3, make ``from_pretrained`` build the model inside ``deepspeed.zero.Init``: each rank
+    then holds only its shard of the weights from the start, instead of the whole model per rank before
+    ``deepspeed.initialize`` partitions it (a 6B model in fp16 is 12 GB per rank otherwise).
+    transformers looks for a live ``HfDeepSpeedConfig``; it must be filled (no "auto") and is dropped after
+    the load, so later loads in this process (LoRA merge, tests) are plain ones."""
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_config = HfDeepSpeedConfig(ds_config)  # kept alive here: transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_config
+
+
+def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from launcher.train.data import resolve_model_dir
+
     dtype = _DTYPES[cfg.model.dtype or cfg.training.precision]
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=remote)
+    with zero3_partitioned_loading(ds_config):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(resolve_model_dir(cfg.model)), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training (generation turns it on per call)
-    return model, tokenizer
+    params = list(model.parameters())
+    if params and all(hasattr(p, "ds_id") for p in params):
+        here = sum(p.ds_tensor.numel() for p in params)  # type: ignore[attr-defined]
+        total = sum(p.ds_numel for p in params)  # type: ignore[attr-defined]
+        log.info("ZeRO-3: weights partitioned at load (zero.Init): %d of %d elements here", here, total)
+    return model
 
 
 def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
@@ -188,11 +223,10 @@ def run_training(
     reset_peak_memory()
     seed_everything(t.seed)  # same initial weights for new parameters (LoRA, prefix) on every rank
 
-    # --- model, method, data ------------------------------------------------------------------
-    model, tokenizer = load_model_and_tokenizer(cfg)
-    grad_ckpt = cfg.resources.gradient_checkpointing
-    model, counts = apply_method(model, cfg.method, gradient_checkpointing=grad_ckpt)
-    log.info("%s: %s", cfg.method.method, counts.describe())
+    # --- data, DeepSpeed config, model, method --------------------------------------------------
+    # The model comes last: under ZeRO-3 it is built already partitioned, which needs the filled config,
+    # which needs the step count, which needs the data.
+    tokenizer = load_tokenizer(cfg)
     data = build_data(cfg, tokenizer, env)
     batches_per_epoch = int(data.order.num_batches)
     if batches_per_epoch == 0:
@@ -211,6 +245,10 @@ def run_training(
         on_cpu=device.type == "cpu",
     )
     log.info("steps: %d optimizer steps, %d micro-batches per epoch per rank", total_steps, batches_per_epoch)
+    model = load_model(cfg, ds)
+    grad_ckpt = cfg.resources.gradient_checkpointing
+    model, counts = apply_method(model, cfg.method, gradient_checkpointing=grad_ckpt)
+    log.info("%s: %s", cfg.method.method, counts.describe())
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
@@ -235,6 +273,7 @@ def run_training(
         set_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
 
     def save() -> None:
+        state.peak_memory = asdict(combine_peaks(peak_memory_all_ranks(device), state.peak_memory))
         ckpt.save_checkpoint(
             engine,
             paths.checkpoints,
@@ -326,11 +365,13 @@ def run_training(
                     total_steps=total_steps,
                 )
             log.info("preempted at step %d; checkpoint saved", state.global_step)
+            engine.destroy()
             return RunState.PREEMPTED.value
 
     # --- the end: final checkpoint, eval, samples, export, result --------------------------------
     save()
-    peak = peak_memory_all_ranks(device)  # training peak, before generation adds its KV cache
+    # Training peak of the whole run (all attempts), before generation adds its KV cache.
+    peak = combine_peaks(peak_memory_all_ranks(device), state.peak_memory)
     final_eval_loss = run_eval_loss()
     samples = generate_samples(engine.module, tokenizer, data.eval_examples, cfg, env.rank, env.world_size)
     scores: dict[str, float | None] = {}
@@ -360,6 +401,7 @@ def run_training(
         write_result(paths, build_result(cfg, paths, outcome, RunState.COMPLETED.value))
         set_status(paths, RunState.COMPLETED, step=state.global_step, total_steps=total_steps)
     barrier()
+    engine.destroy()  # drops ZeRO-3's hooks and pending collectives before the process group goes
     return RunState.COMPLETED.value
 
 

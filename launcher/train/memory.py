@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -53,4 +53,18 @@ def peak_memory_all_ranks(device: torch.device) -> PeakMemory:
         peak_mem_gib=peak,
         peak_mem_reserved_gib=peak_reserved if peak_reserved >= 0 else None,
         kind=mine.kind,
+    )
+
+
+def combine_peaks(current: PeakMemory, earlier: dict[str, Any] | None) -> PeakMemory:
+    """The run's peak over all its attempts. A resumed process starts with a fresh allocator (and RSS),
+    so the peak of the attempts before it travels in the checkpoint (``TrainState.peak_memory``)."""
+    if not earlier or earlier.get("kind") != current.kind:
+        return current  # nothing earlier, or measured on another kind of device: not comparable
+    candidates = (current.peak_mem_reserved_gib, earlier.get("peak_mem_reserved_gib"))
+    reserved = [float(v) for v in candidates if v is not None]
+    return PeakMemory(
+        peak_mem_gib=max(current.peak_mem_gib, float(earlier["peak_mem_gib"])),
+        peak_mem_reserved_gib=max(reserved) if reserved else None,
+        kind=current.kind,
     )
