@@ -1,6 +1,6 @@
 """Training throughput: our entrypoint (`launcher.train.entry.train_run`) vs Hugging Face `Trainer`.
 
-    .venv/bin/python bench/train_throughput.py [--steps 24] [--micro-batch 8] [--json out.json]
+    .venv/bin/python bench/train_throughput.py [--steps N] [--micro-batch 8] [--json out.json]
 
 Same model (the built-in tiny GLM, full fine-tuning), same DeepSpeed config (the run's rendered
 ds_config.json: ZeRO-2, AdamW, WarmupDecayLR), same encoded examples (same template and truncation),
@@ -20,6 +20,10 @@ Ours: dynamic padding + length-grouped batches (training.group_by_length: true).
 Measured: real (non-pad) tokens per second over the steady-state steps (the first ``--warmup``
 optimizer steps are excluded) by wall clock and per second of process CPU time (the stable number
 on a shared CPU), and peak memory (CUDA max_memory_allocated on GPU, peak RSS on CPU).
+By default every configuration trains ONE FULL EPOCH of the dialogue set (3,000 examples = 375 steps
+at micro-batch 8), so every runner trains on exactly the same examples and only the batching differs.
+A short run (say 24 steps) is not a fair sample: with a fixed per-step cost, tokens/s depends on which
+batches (long or short) the sampler happened to draw first.
 Targets (issue 3): >= 1.0x on fixed, >= 1.3x on dialogue vs pad-max; peak memory <= 1.0x.
 On dialogue the gain comes from padding: the table prints each runner's share of pad tokens and the
 speed-up removing it alone would give (the padding bound), so a ratio can be read against what the
@@ -305,8 +309,10 @@ def _run_worker(kind: str, run_dir: Path, variant: str, warmup: int, log_dir: Pa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per configuration")
-    parser.add_argument("--warmup", type=int, default=4, help="steps excluded from the timing")
+    parser.add_argument(
+        "--steps", type=int, help="optimizer steps per configuration (default: one epoch of the dialogue set)"
+    )
+    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the timing")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--worker", choices=("ours", "trainer"), help=argparse.SUPPRESS)
@@ -325,9 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(out), flush=True)
         return 0
 
+    import torch
+
+    from launcher.demo_data import SIZES
+
+    if args.steps is None:  # one epoch, rounded down to whole logging windows
+        epoch_steps = SIZES["dialogue"][0] // args.micro_batch
+        args.steps = epoch_steps - epoch_steps % args.warmup
     if args.steps % args.warmup:
         parser.error("--steps must be a multiple of --warmup (ours logs every --warmup steps)")
-    import torch
 
     from launcher.tiny import ensure_tiny_model
 
