@@ -406,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{speed:>5.2f}x {cpu_speed:>5.2f}x {mem:>5.2f}x "
                 f"{hf['pad_frac']:>7.1%} {ours['pad_frac']:>8.1%} {bound:>5.2f}x"
             )
+    same_work = [r["tokens_per_s"] for r in results if r["data"] == "fixed" and r["runner"] == "trainer"]
+    print(
+        f"\nnoise gauge: on fixed data the {len(same_work)} Trainer variants do identical work; their spread "
+        f"({min(same_work):.0f}-{max(same_work):.0f} tok/s, {max(same_work) / min(same_work) - 1:.0%}) is "
+        "this machine's run-to-run noise"
+    )
     if args.json:
         args.json.write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")
     return 0
