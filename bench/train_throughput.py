@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -292,6 +293,13 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
 # --- orchestration -------------------------------------------------------------------------------
 
 
+def _medians(results: list[dict[str, Any]], data: str, runner: str, variant: str) -> dict[str, float]:
+    """One configuration's numbers: the median over its repeats."""
+    runs = [r for r in results if r["data"] == data and r["runner"] == runner and r["variant"] == variant]
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "peak_mem_gib", "pad_frac")
+    return {k: statistics.median(r[k] for r in runs) for k in keys}
+
+
 def _run_worker(kind: str, run_dir: Path, variant: str, warmup: int, log_dir: Path) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if kind == "trainer":  # HF's DeepSpeed integration wants a torchrun-style environment
@@ -315,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the timing")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run every configuration N times, interleaved; report medians"
+    )
+    parser.add_argument("--data", choices=("fixed", "dialogue", "both"), default="both")
     parser.add_argument("--worker", choices=("ours", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
@@ -359,25 +371,33 @@ def main(argv: list[str] | None = None) -> int:
             "fixed": {"train_file": str(fixed), "eval_file": str(fixed)},
             "dialogue": {"builtin": "dialogue"},
         }
-        for data_name, data in datasets.items():
-            run_dir = _plan_run_dir(_spec(root, data_name, data, args, precision))
-            configs = [("ours", "dynamic+group")] + [("trainer", v) for v in TRAINER_VARIANTS]
-            for kind, variant in configs:
-                out = _run_worker(kind, run_dir, variant, args.warmup, log_dir)
-                out.update(data=data_name, runner=kind, variant=variant)
-                out["tokens_per_s"] = out["tokens"] / out["time_s"]
-                out["tokens_per_cpu_s"] = out["tokens"] / out["cpu_s"]
-                out["pad_frac"] = 1 - out["tokens"] / out["padded_tokens"]
-                results.append(out)
-                print(
-                    f"  {data_name:<9} {kind:<8} {variant:<14} {out['tokens_per_s']:>9.0f} tok/s wall  "
-                    f"{out['tokens_per_cpu_s']:>9.0f} tok/cpu-s  "
-                    f"pad {out['pad_frac']:6.1%}  "
-                    f"peak {out['peak_mem_gib']:.3f} GiB ({out['peak_mem_kind']})",
-                    flush=True,
-                )
+        if args.data != "both":
+            datasets = {args.data: datasets[args.data]}
+        configs = [("ours", "dynamic+group")] + [("trainer", v) for v in TRAINER_VARIANTS]
+        # Interleaved (A B C D A B C D ...) so a slow phase of the machine hits every configuration.
+        for data_name, data, repeat, (kind, variant) in (
+            (d, data, r, c) for d, data in datasets.items() for r in range(args.repeats) for c in configs
+        ):
+            repeat_root = root / f"repeat{repeat}"
+            repeat_root.mkdir(exist_ok=True)
+            name = f"{data_name}-{kind}-{variant.replace('+', '-')}"
+            run_dir = _plan_run_dir(_spec(repeat_root, name, data, args, precision))
+            out = _run_worker(kind, run_dir, variant, args.warmup, log_dir)
+            out.update(data=data_name, runner=kind, variant=variant, repeat=repeat)
+            out["tokens_per_s"] = out["tokens"] / out["time_s"]
+            out["tokens_per_cpu_s"] = out["tokens"] / out["cpu_s"]
+            out["pad_frac"] = 1 - out["tokens"] / out["padded_tokens"]
+            results.append(out)
+            print(
+                f"  {data_name:<9} {kind:<8} {variant:<14} {out['tokens_per_s']:>9.0f} tok/s wall  "
+                f"{out['tokens_per_cpu_s']:>9.0f} tok/cpu-s  "
+                f"pad {out['pad_frac']:6.1%}  "
+                f"peak {out['peak_mem_gib']:.3f} GiB ({out['peak_mem_kind']})",
+                flush=True,
+            )
     print(
         f"\ndevice: {device} ({precision}), micro-batch {args.micro_batch}, {args.steps} steps "
+        f"x {args.repeats} interleaved repeat(s), medians "
         f"({args.warmup} warm-up excluded), ZeRO-2, full fine-tuning of the tiny GLM; "
         f"total {time.perf_counter() - started:.0f} s"
     )
@@ -390,13 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'data':<9} {'vs Trainer':<14} {'ours tok/s':>10} {'HF tok/s':>9}", end="")
     print(f" {'speed':>6} {'cpu':>6} {'mem':>6} {'pad HF':>7} {'pad ours':>8} {'bound':>6}")
     for data_name in datasets:
-        ours = next(r for r in results if r["data"] == data_name and r["runner"] == "ours")
+        ours = _medians(results, data_name, "ours", "dynamic+group")
         for variant in TRAINER_VARIANTS:
-            hf = next(
-                r
-                for r in results
-                if r["data"] == data_name and r["variant"] == variant and r["runner"] == "trainer"
-            )
+            hf = _medians(results, data_name, "trainer", variant)
             speed = ours["tokens_per_s"] / hf["tokens_per_s"]
             cpu_speed = ours["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
             mem = ours["peak_mem_gib"] / hf["peak_mem_gib"]
@@ -407,11 +423,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{hf['pad_frac']:>7.1%} {ours['pad_frac']:>8.1%} {bound:>5.2f}x"
             )
     same_work = [r["tokens_per_s"] for r in results if r["data"] == "fixed" and r["runner"] == "trainer"]
-    print(
-        f"\nnoise gauge: on fixed data the {len(same_work)} Trainer variants do identical work; their spread "
-        f"({min(same_work):.0f}-{max(same_work):.0f} tok/s, {max(same_work) / min(same_work) - 1:.0%}) is "
-        "this machine's run-to-run noise"
-    )
+    if same_work:
+        print(
+            f"\nnoise gauge: on fixed data the {len(same_work)} Trainer runs do identical work; their spread "
+            f"({min(same_work):.0f}-{max(same_work):.0f} tok/s, "
+            f"{max(same_work) / min(same_work) - 1:.0%}) is this machine's run-to-run noise"
+        )
     if args.json:
         args.json.write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")
     return 0
