@@ -1,5 +1,6 @@
-"""The training loop, linear and in one place: model -> method -> data -> DeepSpeed engine -> resume ->
-steps (log, eval, checkpoint, preemption) -> final checkpoint -> eval, samples, BLEU -> export -> result.
+"""The training loop, linear and in one place: data -> model (sharded at load under ZeRO-3) -> method ->
+DeepSpeed engine -> resume -> steps (log, eval, checkpoint, preemption) -> final checkpoint -> eval,
+samples, BLEU -> export -> result.
 
 Every rank runs this function; only rank 0 writes shared files (metrics, status, samples, result).
 All ranks agree on "stop now" (preemption signal, non-finite loss) through one small all_reduce per
