@@ -352,9 +352,10 @@ def per_token_layer_elems(arch: ArchInfo, layout: ParamLayout) -> tuple[int, int
     return frozen, norms + core + linear_inputs
 
 
-def logits_bytes(arch: ArchInfo, *, micro_batch: int, seq_len: int, precision: Precision) -> int:
-    """The logits in the compute dtype, their fp32 copy for the loss and the fp32 gradient of it."""
-    return micro_batch * seq_len * arch.vocab_size * (dtype_bytes(precision) + 4 + 4)
+def logits_bytes(arch: ArchInfo, *, micro_batch: int, positions: int, precision: Precision) -> int:
+    """The logits in the compute dtype, their fp32 copy for the loss and the fp32 gradient of it, for
+    ``positions`` positions per example (every one for a model's own loss; the target ones for ours)."""
+    return micro_batch * positions * arch.vocab_size * (dtype_bytes(precision) + 4 + 4)
 
 
 def buffer_bytes(arch: ArchInfo, *, zero_stage: int, world_size: int, precision: Precision) -> int:
@@ -388,8 +389,11 @@ def estimate(
     precision: Precision,
     micro_batch: int,
     seq_len: int,
+    loss_positions: int | None = None,
     layout: ParamLayout | None = None,
 ) -> MemoryEstimate:
+    """``loss_positions``: positions per example that get logits (launcher.train.target_loss computes
+    them for the target tokens only); None: all ``seq_len``, as a model's own loss does."""
     layout = layout or param_layout(arch, method)
     states = model_state_bytes(
         layout,
@@ -409,7 +413,12 @@ def estimate(
             gradient_checkpointing=gradient_checkpointing,
             precision=precision,
         ),
-        logits=logits_bytes(arch, micro_batch=micro_batch, seq_len=seq_len, precision=precision),
+        logits=logits_bytes(
+            arch,
+            micro_batch=micro_batch,
+            positions=min(seq_len, loss_positions or seq_len),
+            precision=precision,
+        ),
         buffers=buffer_bytes(arch, zero_stage=zero_stage, world_size=world_size, precision=precision),
         overhead=CUDA_CONTEXT_BYTES,
         trainable_params=layout.trainable_params,

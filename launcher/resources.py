@@ -57,6 +57,7 @@ def run_estimate(
         precision=training.precision,
         micro_batch=training.per_device_batch_size,
         seq_len=seq_len(training),
+        loss_positions=training.max_target_length + 1,  # the response and its eos: our loss's logits
         layout=layout,
     )
 

@@ -324,3 +324,31 @@ def test_activation_estimate_against_autograd_saved_tensors(method: dict[str, An
         # The forward pass keeps the layer inputs (and little else); the prediction adds the layer that is
         # recomputed during backward, so it must lie above what the forward pass saved.
         assert layer_inputs <= saved * 1.5 and saved <= predicted_peak, (saved, predicted_peak)
+
+
+def test_a_runs_estimate_counts_logits_for_target_positions_only() -> None:
+    from launcher.methods import ResourceChoice
+    from launcher.resources import run_estimate
+    from launcher.spec import TrainingSpec
+
+    arch = bundled_arch("chatglm-6b")
+    training = TrainingSpec.model_validate(
+        {"max_source_length": 512, "max_target_length": 128, "per_device_batch_size": 2, "precision": "bf16"}
+    )
+    lora = METHOD.validate_python({"method": "lora", "r": 8})
+    ours = run_estimate(arch, lora, training, ResourceChoice(1, 1, 2, False, False, False))
+    every_position = estimate(
+        arch,
+        lora,
+        world_size=1,
+        zero_stage=2,
+        offload_optimizer=False,
+        offload_param=False,
+        gradient_checkpointing=False,
+        precision="bf16",
+        micro_batch=2,
+        seq_len=640,
+    )
+    assert ours.logits == 2 * 129 * arch.vocab_size * (2 + 4 + 4)  # response + eos, bf16 + 2 fp32 copies
+    assert every_position.logits == ours.logits * 640 // 129
+    assert every_position.device_bytes - ours.device_bytes == every_position.logits - ours.logits

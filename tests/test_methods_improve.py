@@ -132,6 +132,10 @@ def base_scores(model_dir: Path) -> dict[str, float]:
     }
 
 
+MIN_BLEU_GAIN = 5.0
+"""BLEU points every tuned method must gain over the base (the weakest, P-Tuning v1, gains 13)."""
+
+
 @pytest.mark.slow
 def test_every_method_beats_the_untuned_base(tiny_model_dir: Path, tmp_path: Path) -> None:
     from launcher.launch_env import free_port
@@ -171,4 +175,6 @@ def test_every_method_beats_the_untuned_base(tiny_model_dir: Path, tmp_path: Pat
     for name, r in results.items():
         assert r["state"] == "COMPLETED"
         assert r["eval_loss"] < base["eval_loss"], f"{name}: eval loss not lower than the base\n{report}"
-        assert r["bleu"] > base["bleu"], f"{name}: BLEU not higher than the base\n{report}"
+        # a clear margin: a tuned model whose prefix generation ignored (P-Tuning v2 under peft's own
+        # generate) still scraped past the base with 1.6 vs 1.3 BLEU
+        assert r["bleu"] > base["bleu"] + MIN_BLEU_GAIN, f"{name}: BLEU not clearly above the base\n{report}"

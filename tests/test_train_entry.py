@@ -240,7 +240,9 @@ def test_nan_loss_fails_the_run(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert run_ranks(paths, 1, timeout_s=300) == [1], rank_output(paths)
     st = status(paths)
     assert st["state"] == "FAILED" and st["reason"] == "loss is NaN at step 1", st
-    assert "Traceback" in paths.rank_log(0).read_text()
+    log_text = paths.rank_log(0).read_text()
+    assert "Traceback" in log_text
+    assert "loss: logits of target positions only" in log_text  # NaN is reported, not a layout mismatch
     assert not paths.result_json.exists() and not metrics(paths)
 
 

@@ -82,6 +82,7 @@ def test_full_zero3_offload_two_ranks(full_run: tuple[RunPaths, float]) -> None:
     print(f"\n2-rank full ZeRO-3 offload: {wall_s:.1f}s wall, {result}")
     assert result["gradient_checkpointing"] is True
     assert_partitioned_at_load(paths)  # with parameter offload: the shards went straight to CPU
+    assert_target_only_loss(paths)
     # a full model export, gathered from the ZeRO-3 shards
     assert (paths.final / "config.json").is_file()
     assert any(paths.final.glob("*.safetensors"))
@@ -135,6 +136,13 @@ def test_methods_zero3_two_ranks(method: str, export_file: str, tmp_path: Path, 
     _check_completed(paths, steps=4, zero_stage=3, offload=False)
     assert (paths.final / export_file).is_file()
     assert_partitioned_at_load(paths)
+    assert_target_only_loss(paths)
+
+
+def assert_target_only_loss(paths: RunPaths) -> None:
+    """Under ZeRO-3 too the LM head got only the target rows: no fall-back to every position's logits."""
+    for rank in (0, 1):
+        assert "loss: logits of target positions only" in paths.rank_log(rank).read_text(errors="replace")
 
 
 def assert_partitioned_at_load(paths: RunPaths) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from launcher.spec import RunConfig
 from launcher.train.export import is_zero3_partitioned, unwrap
+from launcher.train.target_loss import TargetOnlyLoss
 
 IGNORE_INDEX = -100
 
@@ -76,11 +77,18 @@ def _rounds(mine: int, total_batches: int, world_size: int, zero3: bool) -> int:
 # --- eval loss ---------------------------------------------------------------------------------
 
 
-def eval_loss(model_or_engine: Any, features: Sequence[Any], pad_token_id: int, batch_size: int) -> float:
+def eval_loss(
+    model_or_engine: Any,
+    features: Sequence[Any],
+    pad_token_id: int,
+    batch_size: int,
+    loss_fn: TargetOnlyLoss | None = None,
+) -> float:
     """Mean loss per target token over the whole eval set (all ranks call; all get the same value).
 
     Each rank evaluates its share of the batches; sums of loss x tokens and of tokens are reduced, so
-    the result is the token-weighted mean, not a mean of per-batch means.
+    the result is the token-weighted mean, not a mean of per-batch means. ``loss_fn``: the training
+    loop's target-only loss (the same numbers, fewer logits); without it, the model's own loss.
     """
     from launcher.train.data import collate
 
@@ -106,11 +114,11 @@ def eval_loss(model_or_engine: Any, features: Sequence[Any], pad_token_id: int, 
                 batch = {
                     k: v.to(device) for k, v in collate([features[i] for i in indices], pad_token_id).items()
                 }
-                out = target(**batch)
+                loss = loss_fn.loss(target, batch) if loss_fn is not None else target(**batch).loss
                 if real:
-                    # the model's loss is the mean over shifted target tokens; weight it by their count
+                    # the loss is the mean over shifted target tokens; weight it by their count
                     count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
-                    loss_sum += float(out.loss.float().item()) * count
+                    loss_sum += float(loss.float().item()) * count
                     tokens += count
     finally:
         target.train(was_training)
@@ -153,6 +161,43 @@ def _input_prompt_model(module: nn.Module) -> Any | None:
     from peft import PeftType
 
     return module if config.peft_type == PeftType.P_TUNING else None
+
+
+def _prefix_model(module: nn.Module) -> Any | None:
+    """The peft model when it is P-Tuning v2 (prefix keys/values in every layer's cache), else None."""
+    config = getattr(module, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return None
+    from peft import PeftType
+
+    return module if config.peft_type == PeftType.PREFIX_TUNING else None
+
+
+def _prefix_generation_inputs(
+    peft_model: Any, input_ids: torch.Tensor, attention: torch.Tensor, pad_token_id: int
+) -> dict[str, Any]:
+    """``generate`` kwargs for the base model, its cache pre-filled with the trained prefix.
+
+    peft's own ``generate`` hands the prefix over as ``past_key_values``, which transformers 5.2x
+    ignores once ``generate`` passes its own ``cache``: the predictions then came from the base model
+    alone (BLEU 1.6 instead of 42 for the tuned model). Here the prefix IS the generation cache. The
+    rows get ``num_virtual_tokens`` placeholder ids in front that the cache already covers (generate
+    feeds only the uncached positions), and the attention mask covers the prefix too, so positions
+    follow from it as in training.
+    """
+    import inspect
+
+    base = peft_model.get_base_model()
+    virtual = int(peft_model.active_peft_config.num_virtual_tokens)
+    rows = input_ids.shape[0]
+    placeholders = torch.full((rows, virtual), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    ones = torch.ones((rows, virtual), dtype=attention.dtype, device=attention.device)
+    cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {
+        "input_ids": torch.cat([placeholders, input_ids], dim=1),
+        "attention_mask": torch.cat([ones, attention], dim=1),
+        cache_kwarg: peft_model.get_prompt(batch_size=rows),
+    }
 
 
 def _embeds_with_virtual_tokens(
@@ -199,6 +244,7 @@ def generate_samples(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(tokenizer, module)
     prompt_model = _input_prompt_model(module)
+    prefix_model = _prefix_model(module)
     gen_config = GenerationConfig(
         max_new_tokens=cfg.eval.max_new_tokens,
         do_sample=cfg.eval.do_sample,
@@ -231,6 +277,14 @@ def generate_samples(
                         synced_gpus=synced,
                     )
                     start = 0
+                elif prefix_model is not None:
+                    inputs = _prefix_generation_inputs(
+                        prefix_model, input_ids.to(device), attention.to(device), pad_id
+                    )
+                    out = prefix_model.get_base_model().generate(
+                        **inputs, generation_config=gen_config, synced_gpus=synced
+                    )
+                    start = inputs["input_ids"].shape[1]
                 else:
                     out = module.generate(  # type: ignore[operator]
                         input_ids=input_ids.to(device),

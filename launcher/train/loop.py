@@ -39,6 +39,7 @@ from launcher.train.memory import combine_peaks, peak_memory_all_ranks, reset_pe
 from launcher.train.result import TrainOutcome, build_result, write_result
 from launcher.train.schedule import fill_ds_config, total_optimizer_steps
 from launcher.train.signals import PreemptionFlag
+from launcher.train.target_loss import TargetOnlyLoss
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,26 @@ def _truncate_logs_after(paths: RunPaths, step: int) -> None:
         write_text_atomic(path, "".join(to_json(obj, indent=None) + "\n" for obj in kept))
 
 
+def _verify_target_only_loss(
+    engine: Any, loss_fn: TargetOnlyLoss, data: Any, batch_size: int, device: torch.device
+) -> None:
+    """Check the target-only loss against the model's own on the first training examples (every rank
+    runs the same forwards, as ZeRO-3 needs); all ranks keep it only if it matched on all of them."""
+    from launcher.train.data import collate
+
+    sample = _to_device(collate(data.train_features[:batch_size], data.pad_token_id), device)
+
+    def all_ranks(ok: bool) -> bool:
+        return all_reduce_sum([0.0 if ok else 1.0], device)[0] == 0
+
+    engine.eval()
+    try:
+        kept = loss_fn.verify(engine, sample, agree=all_ranks)
+    finally:
+        engine.train()
+    log.info("loss: %s", "logits of target positions only" if kept else "the model's own (every position)")
+
+
 def _epoch_progress(state: ckpt.TrainState, batches_per_epoch: int) -> float:
     return state.epoch + state.batches_done / max(1, batches_per_epoch)
 
@@ -250,6 +271,7 @@ def run_training(
     grad_ckpt = cfg.resources.gradient_checkpointing
     model, counts = apply_method(model, cfg.method, gradient_checkpointing=grad_ckpt)
     log.info("%s: %s", cfg.method.method, counts.describe())
+    loss_fn = TargetOnlyLoss(model)  # hooks the LM head; must see the model before DeepSpeed wraps it
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
@@ -285,7 +307,9 @@ def run_training(
         )
 
     def run_eval_loss() -> float:
-        return float(eval_loss(engine, data.eval_features, data.pad_token_id, t.per_device_batch_size))
+        return eval_loss(engine, data.eval_features, data.pad_token_id, t.per_device_batch_size, loss_fn)
+
+    _verify_target_only_loss(engine, loss_fn, data, t.per_device_batch_size, device)
 
     # --- the loop ------------------------------------------------------------------------------
     engine.train()
@@ -305,7 +329,7 @@ def run_training(
         cpu_batch = collate([data.train_features[i] for i in indices], data.pad_token_id)
         window_tokens += int(cpu_batch["attention_mask"].sum())  # counted on the host: no device sync
         batch = _to_device(cpu_batch, device)
-        loss = engine(**batch).loss
+        loss = loss_fn.loss(engine, batch)
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()  # must be asked before step()
         engine.step()
