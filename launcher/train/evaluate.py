@@ -12,6 +12,7 @@ ranks are done) - the usual reason other tools refuse generation under ZeRO-3.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,11 +21,9 @@ import torch
 from torch import nn
 
 from launcher.spec import RunConfig
+from launcher.train.data import IGNORE_INDEX
 from launcher.train.export import is_zero3_partitioned, unwrap
 from launcher.train.target_loss import TargetOnlyLoss
-
-IGNORE_INDEX = -100
-
 
 # --- distributed helpers -----------------------------------------------------------------------
 
@@ -185,8 +184,6 @@ def _prefix_generation_inputs(
     feeds only the uncached positions), and the attention mask covers the prefix too, so positions
     follow from it as in training.
     """
-    import inspect
-
     base = peft_model.get_base_model()
     virtual = int(peft_model.active_peft_config.num_virtual_tokens)
     rows = input_ids.shape[0]

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from launcher.train.data import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 
-IGNORE_INDEX = -100
 AGREEMENT_RTOL = 5e-3
 """How close the two losses must be for the target-only path to be used. Loose enough for bf16 logits
 computed over fewer rows (another matmul kernel), tight enough to catch a head that saw the wrong rows."""
