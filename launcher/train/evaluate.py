@@ -152,24 +152,13 @@ def _eos_ids(tokenizer: Any, module: nn.Module) -> list[int]:
     return ids
 
 
-def _input_prompt_model(module: nn.Module) -> Any | None:
-    """The peft model when it is P-Tuning v1 (virtual tokens prepended to the input embeddings), else None."""
+def _prompt_learning_type(module: nn.Module) -> str | None:
+    """peft's type when ``module`` is a prompt-learning peft model: "P_TUNING" (v1, virtual tokens
+    prepended to the input embeddings) or "PREFIX_TUNING" (v2, keys/values in every layer's cache)."""
     config = getattr(module, "active_peft_config", None)
     if config is None or not getattr(config, "is_prompt_learning", False):
         return None
-    from peft import PeftType
-
-    return module if config.peft_type == PeftType.P_TUNING else None
-
-
-def _prefix_model(module: nn.Module) -> Any | None:
-    """The peft model when it is P-Tuning v2 (prefix keys/values in every layer's cache), else None."""
-    config = getattr(module, "active_peft_config", None)
-    if config is None or not getattr(config, "is_prompt_learning", False):
-        return None
-    from peft import PeftType
-
-    return module if config.peft_type == PeftType.PREFIX_TUNING else None
+    return str(config.peft_type.value)
 
 
 def _prefix_generation_inputs(
@@ -240,8 +229,9 @@ def generate_samples(
     rounds = _rounds(len(mine), total, world_size, zero3)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(tokenizer, module)
-    prompt_model = _input_prompt_model(module)
-    prefix_model = _prefix_model(module)
+    prompt_type = _prompt_learning_type(module)
+    prompt_model: Any = module if prompt_type == "P_TUNING" else None
+    prefix_model: Any = module if prompt_type == "PREFIX_TUNING" else None
     gen_config = GenerationConfig(
         max_new_tokens=cfg.eval.max_new_tokens,
         do_sample=cfg.eval.do_sample,
