@@ -7,11 +7,18 @@ imports heavy libraries (torch, deepspeed) inside ``run`` so ``launcher --help``
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
+from launcher import __version__
 from launcher.errors import UserError
+
+# A reader that goes away (`launcher status --json | head`) ends the command as SIGPIPE would.
+BROKEN_PIPE_EXIT_CODE = 128 + int(signal.SIGPIPE)
 
 # Order is the order shown in --help: the user's path through an experiment.
 COMMANDS: tuple[str, ...] = (
@@ -36,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Controlled LLM fine-tuning experiments: YAML spec -> Slurm/local runs -> one comparison table."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"launcher {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"launcher.commands.{name}")
@@ -45,11 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _closed_pipe_raises() -> None:
+    """rich's Console ends the process with exit 1 when stdout's reader goes away, which would read as
+    "a run FAILED" from `status`. rich documents on_broken_pipe as the hook to change that; here it
+    raises, so every command ends through main's one BrokenPipeError exit."""
+    from rich.console import Console
+
+    def on_broken_pipe(self: Console) -> None:
+        raise BrokenPipeError(errno.EPIPE, "the reader of stdout closed the pipe")
+
+    Console.on_broken_pipe = on_broken_pipe  # type: ignore[method-assign]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _closed_pipe_raises()
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so the final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT_CODE
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -109,7 +109,7 @@ def test_status_cli_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_status_watch_ends_when_all_runs_ended(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     exp = write_runs(tmp_path / "exp", [make_run("a")])
     write_status(exp.run("a"), RunState.FAILED, "boom")
-    assert main(["status", str(exp.root), "--watch", "--interval", "0.5"]) == 0
+    assert main(["status", str(exp.root), "--watch", "--interval", "0.5"]) == 1  # a run FAILED
     assert "FAILED" in capsys.readouterr().out
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from train_helpers import REPO, make_run_dir, metrics, rank_output, run_ranks, start_ranks, status, wait_all
 
 from launcher.rundir import RunState, read_json, write_status
@@ -242,6 +243,9 @@ def test_nan_loss_fails_the_run(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert st["state"] == "FAILED" and st["reason"] == "loss is NaN at step 1", st
     log_text = paths.rank_log(0).read_text()
     assert "Traceback" in log_text
+    # The terminal (the rank's stderr) gets the reason as `error:`, the traceback stays in the log.
+    terminal = (paths.logs / "test-stdout-rank0.txt").read_text()
+    assert "Traceback" not in terminal and "error: training failed: loss is NaN at step 1" in terminal
     assert "loss: logits of target positions only" in log_text  # NaN is reported, not a layout mismatch
     assert not paths.result_json.exists() and not metrics(paths)
 
@@ -252,6 +256,27 @@ def test_missing_run_yaml_is_a_user_error(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "run.yaml: missing" in proc.stderr.decode()
+
+
+def test_a_run_that_fails_on_bad_input_exits_1_as_help_says(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data file missing at run time is the run's failure (FAILED in status.json, exit 1 as
+    `launcher train --help` says), not exit 2: 2 means the run dir itself could not be read."""
+    from launcher import cli
+    from launcher.train.entry import EXIT_CODES, FAILED_EXIT_CODE, main
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert " ".join(EXIT_CODES.split()) in " ".join(capsys.readouterr().out.split())
+    paths = make_run_dir(tmp_path, "lora", max_steps=2)
+    config = yaml.safe_load(paths.run_yaml.read_text())
+    config["data"].update(builtin=None, train_file=str(tmp_path / "gone.json"), eval_file=str(tmp_path))
+    paths.run_yaml.write_text(yaml.safe_dump(config))
+    assert main([str(paths.root)]) == FAILED_EXIT_CODE == 1
+    err = capsys.readouterr().err
+    assert status(paths)["state"] == "FAILED" and "gone.json" in status(paths)["reason"]
+    assert "Traceback" not in err and "error: training failed: data.train_file:" in err
 
 
 # --- pure parts ----------------------------------------------------------------------------------

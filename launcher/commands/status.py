@@ -5,8 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import TYPE_CHECKING
 
-HELP = "show each run's state, attempts, step/total, loss, tokens/s and ETA (--watch, --json)"
+from launcher.rundir import RunState
+
+if TYPE_CHECKING:
+    from launcher.status import RunRow
+
+HELP = (
+    "show each run's state, attempts, step/total, loss, tokens/s and ETA (--watch, --json); "
+    "exit 1 when a run FAILED"
+)
+# Scripts can chain on it: `launcher status EXP --watch && launcher collect EXP`.
+FAILED_EXIT_CODE = 1
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -16,29 +27,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per run (a list)")
 
 
+def exit_code(rows: list[RunRow]) -> int:
+    return FAILED_EXIT_CODE if any(r.state == RunState.FAILED.value for r in rows) else 0
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from launcher.rundir import RunState
     from launcher.status import collect_rows, render_table, resolve_experiment
 
     exp = resolve_experiment(args.experiment)
     if args.json:
-        print(json.dumps([row.to_json() for row in collect_rows(exp)], indent=2))
-        return 0
+        rows = collect_rows(exp)
+        print(json.dumps([row.to_json() for row in rows], indent=2))
+        return exit_code(rows)
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # piped / CI: don't squeeze the table into 80 columns
     title = str(exp.root)
     if not args.watch:
-        console.print(render_table(collect_rows(exp), title=title))
-        return 0
-    final = {RunState.COMPLETED.value, RunState.FAILED.value, RunState.CANCELLED.value}
+        rows = collect_rows(exp)
+        console.print(render_table(rows, title=title))
+        return exit_code(rows)
     with Live(render_table(collect_rows(exp), title=title), console=console, auto_refresh=False) as live:
         while True:
             rows = collect_rows(exp)
             live.update(render_table(rows, title=title), refresh=True)
-            if rows and all(r.state in final for r in rows):
-                return 0
+            if rows and all(RunState(r.state).is_final for r in rows):
+                return exit_code(rows)
             time.sleep(max(0.5, args.interval))

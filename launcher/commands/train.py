@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-HELP = "train one run directory on this rank (exit 0 completed, 3 preempted, 1 failed)"
+# = launcher.train.entry.EXIT_CODES (not imported: that module pulls in torch, and --help stays fast).
+HELP = (
+    "train one run directory on this rank (exit 0 completed, 1 failed (recorded in status.json), "
+    "2 bad input (nothing started), 3 preempted (checkpoint saved))"
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -14,21 +17,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.train.entry import (
-        FAILED_EXIT_CODE,
-        _failure_reason,
-        exit_code_for,
-        exit_rank_process,
-        train_run,
-    )
+    from launcher.train.entry import exit_rank_process, main
 
-    try:
-        state = train_run(args.run_dir)
-    except Exception as exc:
-        from launcher.errors import UserError
-
-        if isinstance(exc, UserError):
-            raise  # printed by the CLI, exit code 2 (nothing was started)
-        print(f"error: training failed: {_failure_reason(exc)}", file=sys.stderr)
-        exit_rank_process(FAILED_EXIT_CODE)
-    exit_rank_process(exit_code_for(state))
+    exit_rank_process(main([str(args.run_dir)]))

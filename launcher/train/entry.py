@@ -1,7 +1,8 @@
 """The rank-aware entrypoint every rank runs: ``launcher train RUN_DIR`` (= ``python -m launcher.train``).
 
-Exit codes: 0 COMPLETED, 3 PREEMPTED (checkpoint saved; the scheduler may requeue), 1 FAILED,
-2 bad input (UserError).
+Exit codes (``EXIT_CODES``, also in ``launcher train --help``): 0 COMPLETED, 1 FAILED (recorded in
+status.json), 2 bad input (the run dir cannot be read; nothing started), 3 PREEMPTED (checkpoint
+saved; the scheduler may requeue).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from launcher.spec import RunConfig
 
 PREEMPTED_EXIT_CODE = 3
 FAILED_EXIT_CODE = 1
+EXIT_CODES = (
+    "exit 0 completed, 1 failed (recorded in status.json), 2 bad input (nothing started), "
+    "3 preempted (checkpoint saved)"
+)
 
 log = logging.getLogger("launcher.train")
 
@@ -35,7 +40,9 @@ def _setup_logging(paths: RunPaths, rank: int) -> list[logging.Handler]:
     handlers: list[logging.Handler] = [file_handler]
     root = logging.getLogger()
     if not root.handlers:
-        handlers.append(logging.StreamHandler(sys.stderr))
+        stream = logging.StreamHandler(sys.stderr)
+        stream.addFilter(_without_tracebacks)  # the terminal gets `error: <reason>`, the log the traceback
+        handlers.append(stream)
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
@@ -43,6 +50,10 @@ def _setup_logging(paths: RunPaths, rank: int) -> list[logging.Handler]:
         root.setLevel(logging.INFO)
     logging.getLogger("DeepSpeed").addHandler(file_handler)  # DeepSpeed's logger does not propagate
     return handlers
+
+
+def _without_tracebacks(record: logging.LogRecord) -> bool:
+    return record.exc_info is None and "Traceback (most recent call last)" not in record.getMessage()
 
 
 def _teardown_logging(handlers: list[logging.Handler]) -> None:
@@ -149,19 +160,26 @@ def exit_code_for(state: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``launcher train RUN_DIR`` / ``python -m launcher.train RUN_DIR``: the exit code (EXIT_CODES)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or args[0] in ("-h", "--help"):
-        print("usage: python -m launcher.train RUN_DIR", file=sys.stderr)
+        print(f"usage: python -m launcher.train RUN_DIR ({EXIT_CODES})", file=sys.stderr)
         return 2
+    paths = RunPaths(Path(args[0]).resolve())
     try:
-        state = train_run(Path(args[0]))
+        _load_inputs(paths)  # an unreadable run dir is bad input: nothing starts, status.json untouched
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    try:
+        state = train_run(paths.root)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        print(f"error: training failed: {_failure_reason(exc)}", file=sys.stderr)
+        print(
+            f"error: training failed: {_failure_reason(exc)} (traceback in {paths.logs}/rank*.log)",
+            file=sys.stderr,
+        )
         return FAILED_EXIT_CODE
     return exit_code_for(state)
 
