@@ -33,6 +33,7 @@ COMMANDS: tuple[str, ...] = (
     "train",
     "hostfile",
     "tiny",
+    "convert",
 )
 
 

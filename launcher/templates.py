@@ -56,6 +56,13 @@ TEMPLATES: dict[str, Template] = {
         "[Round {i}]\n\n问：{query}\n\n答：",
         first_round=1,
     ),
+    # ChatGLM3-6B / GLM-4 converted by `launcher convert chatglm`: the original chat layout, role tokens
+    # included. ChatGLM3's sentencepiece pieces start each separately encoded part with a word boundary,
+    # hence " " after each role's line break (the converted tokenizer's chat template does the same).
+    "chatglm3": Template(
+        "chatglm3", "<|user|>\n {q}<|assistant|>\n {a}", "<|user|>\n {query}<|assistant|>\n"
+    ),
+    "glm4": Template("glm4", "<|user|>\n{q}<|assistant|>\n{a}", "<|user|>\n{query}<|assistant|>\n"),
     "alpaca": Template(
         "alpaca",
         "### Instruction:\n{q}\n\n### Response:\n{a}\n\n",

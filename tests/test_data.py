@@ -64,7 +64,7 @@ def test_chatglm_template_matches_chatglm6b_format() -> None:
 
 def test_unknown_template_lists_the_valid_ones() -> None:
     with pytest.raises(UserError) as err:
-        get_template("chatglm3")
+        get_template("chatglm9")
     for name in TEMPLATE_NAMES:
         assert name in str(err.value)
 

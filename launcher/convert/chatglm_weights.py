@@ -1,0 +1,200 @@
+"""The original ChatGLM tensors as native GLM tensors, checked against the config and streamed.
+
+Renaming (values unchanged except the split):
+- ``transformer.embedding.word_embeddings`` -> ``model.embed_tokens``; ``transformer.output_layer`` ->
+  ``lm_head`` (untied, over the padded vocabulary); ``transformer.encoder.final_layernorm`` -> ``model.norm``.
+- per layer: ``self_attention.query_key_value`` -> ``self_attn.{q,k,v}_proj`` (weight and bias), split
+  as the original splits its output: ``[q | k | v]`` with multi-query attention, per head
+  ``[q_h k_h v_h]`` without; ``self_attention.dense`` -> ``self_attn.o_proj``; ``mlp.dense_h_to_4h`` ->
+  ``mlp.gate_up_proj`` (both put the gate half first); ``mlp.dense_4h_to_h`` -> ``mlp.down_proj``; the two
+  norms keep their names.
+- ``transformer.rotary_pos_emb.inv_freq`` is dropped: the original recomputes it from the config too.
+
+Streaming: one source file is open at a time (safetensors and zip-format .bin are memory-mapped, so only
+the tensors being copied are read), and output shards are written as soon as they reach
+``max_shard_bytes``; peak memory is about one output shard, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.convert.chatglm_config import (
+    EMBEDDING,
+    FINAL_NORM,
+    LAYER_PREFIX,
+    OUTPUT_LAYER,
+    ROTARY_BUFFER,
+    ChatGLMConfig,
+    expected_shapes,
+    shape_source,
+)
+from launcher.convert.checkpoint_files import TensorInfo, open_tensors
+from launcher.errors import UserError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_TOP_LEVEL = {
+    EMBEDDING: "model.embed_tokens.weight",
+    FINAL_NORM: "model.norm.weight",
+    OUTPUT_LAYER: "lm_head.weight",
+}
+_IN_LAYER = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.dense.weight": "self_attn.o_proj.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+}
+_QKV = "self_attention.query_key_value."
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _split_qkv(tensor: Any, cfg: ChatGLMConfig) -> tuple[Any, Any, Any]:
+    if cfg.multi_query_attention:
+        q, k, v = tensor.split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=0)
+    else:  # the original views its output as [heads, 3 * head_dim] and splits each head in three
+        rest = tuple(tensor.shape[1:])
+        per_head = tensor.reshape(cfg.num_attention_heads, 3, cfg.kv_channels, *rest)
+        q, k, v = (per_head[:, part].reshape(cfg.q_dim, *rest) for part in range(3))
+    return q, k, v
+
+
+def converted(name: str, tensor: Any, cfg: ChatGLMConfig) -> list[tuple[str, Any]]:
+    """The native (name, tensor) pairs of one original tensor; [] for the rotary buffer."""
+    if name == ROTARY_BUFFER:
+        return []
+    if name in _TOP_LEVEL:
+        return [(_TOP_LEVEL[name], tensor)]
+    layer, _, rest = name.removeprefix(f"{LAYER_PREFIX}.").partition(".")
+    prefix = f"model.layers.{layer}."
+    if rest.startswith(_QKV):
+        kind = rest.removeprefix(_QKV)  # weight or bias
+        q, k, v = _split_qkv(tensor, cfg)
+        return [(f"{prefix}self_attn.{p}_proj.{kind}", t) for p, t in zip("qkv", (q, k, v), strict=True)]
+    return [(prefix + _IN_LAYER[rest], tensor)]
+
+
+def _unexpected_hint(name: str) -> str:
+    if name.startswith("transformer.prefix_encoder"):
+        return " (a P-Tuning v2 prefix encoder: convert the base model, without the prefix)"
+    if name.endswith("weight_scale"):
+        return " (a quantized checkpoint: convert the full-precision model)"
+    if name.startswith(("model.layers.", "model.embed_tokens")):
+        return " (already the native layout: nothing to convert)"
+    if name.startswith(("transformer.layers.", "transformer.word_embeddings")):
+        return " (ChatGLM-6B v1's layout, a different architecture that does not convert)"
+    return ""
+
+
+def check_tensors(found: dict[str, TensorInfo], cfg: ChatGLMConfig, where: Path) -> None:
+    """Every tensor the config implies is present with its shape, and nothing else; ``where`` (the index
+    or the single weight file) is named for missing tensors."""
+    expected = expected_shapes(cfg)
+    for name, info in found.items():
+        if name == ROTARY_BUFFER:
+            continue
+        if name not in expected:
+            raise UserError(f"{info.file}: unexpected tensor {name}{_unexpected_hint(name)}")
+        if info.shape != expected[name]:
+            raise UserError(
+                f"{info.file}: {name} has shape {list(info.shape)}, but config.json ({shape_source(cfg)}) "
+                f"implies {list(expected[name])}"
+            )
+        if info.dtype not in _FLOATS:
+            raise UserError(f"{info.file}: {name} is {info.dtype}; only floating-point weights convert")
+    missing = [name for name in expected if name not in found]
+    if missing:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"{where}: missing {listed}, which config.json ({cfg.num_layers} layers) implies")
+
+
+@dataclass(frozen=True)
+class _Planned:
+    source: TensorInfo
+    outputs: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def nbytes(self) -> int:
+        per_item = self.source.item_bytes
+        total = 0
+        for _, shape in self.outputs:
+            count = 1
+            for dim in shape:
+                count *= dim
+            total += count * per_item
+        return total
+
+
+def _plan(found: dict[str, TensorInfo], cfg: ChatGLMConfig, max_shard_bytes: int) -> list[list[_Planned]]:
+    """Output shards: consecutive source tensors (in file order, so one source file is open at a time),
+    each shard at most ``max_shard_bytes`` unless a single tensor is larger."""
+    import torch
+
+    shards: list[list[_Planned]] = [[]]
+    size = 0
+    for info in found.values():
+        meta = torch.empty(info.shape, device="meta")
+        outputs = tuple((n, tuple(t.shape)) for n, t in converted(info.name, meta, cfg))
+        if not outputs:
+            continue
+        item = _Planned(info, outputs)
+        if shards[-1] and size + item.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    return shards
+
+
+def _shard_name(index: int, count: int) -> str:
+    return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class WeightsWritten:
+    files: int
+    tensors: int
+    total_bytes: int
+
+
+def write_weights(
+    found: dict[str, TensorInfo],
+    cfg: ChatGLMConfig,
+    out_dir: Path,
+    max_shard_bytes: int,
+    progress: Callable[[str], None] = lambda _: None,
+) -> WeightsWritten:
+    """Write the native safetensors shards (and their index) into ``out_dir``."""
+    import torch
+    from safetensors.torch import save_file
+
+    shards = _plan(found, cfg, max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    with contextlib.ExitStack() as stack:
+        current: tuple[Path, Callable[[str], Any]] | None = None
+        for index, shard in enumerate(shards):
+            buffer: dict[str, Any] = {}
+            for item in shard:
+                if current is None or current[0] != item.source.file:
+                    stack.close()  # one source file open at a time
+                    current = (item.source.file, stack.enter_context(open_tensors(item.source.file)))
+                for name, tensor in converted(item.source.name, current[1](item.source.name), cfg):
+                    buffer[name] = tensor.clone(
+                        memory_format=torch.contiguous_format
+                    )  # own storage, not a view
+            name = _shard_name(index, len(shards))
+            save_file(buffer, str(out_dir / name), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in buffer.values())
+            weight_map.update(dict.fromkeys(buffer, name))
+            progress(f"wrote {name} ({len(buffer)} tensors)")
+            buffer.clear()
+    if len(shards) > 1:
+        index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
+    return WeightsWritten(len(shards), len(weight_map), total)
