@@ -201,7 +201,8 @@ class JobSpec(StrictModel):
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     data: DataSpec
     template: str = "chatglm"
-    """A named template (chatglm, chatglm2, chatglm3, glm4, alpaca, plain) or a custom string with {history} and {query}."""
+    """A named template (chatglm, chatglm2, chatglm3, glm4, alpaca, plain) or a custom string with
+    {history} and {query}."""
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     methods: list[MethodSpec] = Field(min_length=1)
