@@ -61,10 +61,12 @@ def make_run_dir(
     train_examples: int = 96,
     eval_examples: int = 8,
     model_path: Path | None = None,
+    template: str = "chatglm",
     gradient_checkpointing: bool = False,
     **training: Any,
 ) -> RunPaths:
-    """A planned run dir (status PLANNED) for the built-in tiny model on the bundled dialogue data."""
+    """A planned run dir (status PLANNED) for the built-in tiny model (or ``model_path``) on the bundled
+    dialogue data."""
     run_name = name or f"{method}-z{zero_stage}{'-off' if offload else ''}-w{world_size}"
     cfg = RunConfig(
         experiment="train-tests",
@@ -74,7 +76,7 @@ def make_run_dir(
         model=ModelSpec(path=str(model_path)) if model_path else ModelSpec(builtin="tiny-glm"),
         tokenizer=TokenizerSpec(),
         data=DataSpec(builtin="dialogue", max_train_examples=train_examples, max_eval_examples=eval_examples),
-        template="chatglm",
+        template=template,
         training=TrainingSpec(
             learning_rate=learning_rate,
             max_steps=max_steps,
