@@ -41,6 +41,7 @@ from launcher.spec import (
     DataSpec,
     EvalSpec,
     JobSpec,
+    LoggingSpec,
     ModelSpec,
     RunConfig,
     TokenizerSpec,
@@ -53,6 +54,8 @@ _WRITE_THREADS = 16  # overlapping fsyncs; more threads stop paying off on one d
 
 RUN_ID_EXCLUDED = ("est_mem_gib", "fits")
 """Estimates are not configuration: improving the memory model must not change run ids."""
+RUN_ID_EXCLUDED_SECTIONS = ("logging",)
+"""Where metrics are reported is not what is trained: adding W&B to a spec keeps its runs."""
 
 
 def experiment_paths(spec: JobSpec) -> ExperimentPaths:
@@ -66,6 +69,22 @@ def resolve_path(value: str | None, base_dir: Path) -> str | None:
         return None
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def resolve_logging(logging: LoggingSpec, base_dir: Path) -> LoggingSpec:
+    """A local MLflow store given as a relative path (``mlruns``, ``file:mlruns``) made absolute: ranks
+    start in other working directories."""
+    mlflow = logging.mlflow
+    uri = mlflow.tracking_uri if mlflow else None
+    if mlflow is None or uri is None or ("://" in uri and not uri.startswith("file:")):
+        return logging
+    path = uri.removeprefix("file:")
+    if path.startswith("//"):  # file:///abs/path
+        return logging
+    absolute = resolve_path(path, base_dir)
+    return logging.model_copy(
+        update={"mlflow": mlflow.model_copy(update={"tracking_uri": f"file:{absolute}"})}
+    )
 
 
 def resolve_arch(model: ModelSpec, base_dir: Path) -> tuple[ArchInfo | None, str | None, str | None]:
@@ -112,7 +131,7 @@ def _absolute_paths(config: dict[str, Any], base_dir: Path) -> None:
 
 
 def run_id_of(run: RunConfig) -> str:
-    data = run.model_dump(mode="json", exclude={"run_id"})
+    data = run.model_dump(mode="json", exclude={"run_id", *RUN_ID_EXCLUDED_SECTIONS})
     for key in RUN_ID_EXCLUDED:
         data["resources"].pop(key, None)
     return config_hash(data)
@@ -153,6 +172,7 @@ def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunCon
     per_run = _RunProblems()
     base_dir = spec_path.resolve().parent
     hostfile = resolve_path(spec.hostfile, base_dir)
+    logging = resolve_logging(spec.logging, base_dir)
     runs: list[RunConfig] = []
     arch_cache: dict[str, tuple[ArchInfo | None, str | None, str | None]] = {}
     seen: dict[str, int] = {}
@@ -223,6 +243,7 @@ def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunCon
             local=spec.local,
             backend=spec.backend,
             hostfile=hostfile,
+            logging=logging,
         )
         try:
             _, _, accum = batch_sizes(run)

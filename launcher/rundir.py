@@ -84,6 +84,11 @@ class RunPaths:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (rank 0): ``tensorboard --logdir <experiment>`` shows every run."""
+        return self.root / "tensorboard"
+
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
 

@@ -192,6 +192,33 @@ class LocalSpec(StrictModel):
     cpu_threads_per_rank: int | None = Field(default=None, ge=1)
 
 
+class WandbSpec(StrictModel):
+    project: str
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+    """offline: no network (compute nodes); upload later with ``wandb sync <run>/wandb/offline-run-*``."""
+    group: str | None = None
+    """Defaults to the experiment name, so W&B groups the runs of one experiment."""
+    tags: list[str] = Field(default_factory=list)
+
+
+class MlflowSpec(StrictModel):
+    tracking_uri: str | None = None
+    """e.g. http://mlflow:5000 or file:/shared/mlruns (a relative path is relative to the spec file);
+    default: MLFLOW_TRACKING_URI, else MLflow's own default."""
+    experiment_name: str | None = None
+    """Defaults to the experiment name."""
+
+
+class LoggingSpec(StrictModel):
+    """Metric trackers besides the TensorBoard event files every run writes (``<run>/tensorboard/``)."""
+
+    wandb: WandbSpec | None = None
+    """Weights & Biases (``pip install 'launcher[wandb]'``)."""
+    mlflow: MlflowSpec | None = None
+    """MLflow (``pip install 'launcher[mlflow]'``)."""
+
+
 class JobSpec(StrictModel):
     experiment: str
     output_dir: str = "runs"
@@ -212,6 +239,7 @@ class JobSpec(StrictModel):
     local: LocalSpec = Field(default_factory=LocalSpec)
     baseline: str | None = None
     """Run name the collector compares against; default: the first run."""
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
     # Where each key came from (set by load_spec) and the warnings validation found.
     _source: Any = PrivateAttr(default=None)
@@ -274,6 +302,7 @@ class RunConfig(StrictModel):
     local: LocalSpec = Field(default_factory=LocalSpec)
     backend: BackendName | None = None
     hostfile: str | None = None
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
     def to_yaml(self) -> str:
         dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: ~10x faster for big sweeps

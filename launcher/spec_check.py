@@ -478,6 +478,14 @@ def _check_paths(spec: JobSpec, base_dir: Path, problems: Problems, check_paths:
             )
 
 
+def _check_logging(spec: JobSpec, problems: Problems) -> None:
+    """A configured tracker must be importable here, not found missing on a compute node hours later."""
+    from launcher.train.loggers import missing_tracker_packages
+
+    for tracker, hint in missing_tracker_packages(spec.logging):
+        problems.error(("logging", tracker), hint)
+
+
 def check_spec(spec: JobSpec, spec_path: Path, problems: Problems, *, check_paths: bool) -> None:
     """Semantic checks of a schema-valid spec, then the plan's own checks when those pass."""
     _check_names(spec, problems)
@@ -485,6 +493,7 @@ def check_spec(spec: JobSpec, spec_path: Path, problems: Problems, *, check_path
     _check_methods(spec, problems)
     _check_sweep(spec, problems)
     _check_paths(spec, spec_path.resolve().parent, problems, check_paths)
+    _check_logging(spec, problems)
     if problems.errors:
         return
     from launcher.plan import plan_runs

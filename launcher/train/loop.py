@@ -35,6 +35,7 @@ from launcher.rundir import (
 from launcher.spec import RunConfig
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
+from launcher.train.loggers import open_metric_loggers
 from launcher.train.memory import combine_peaks, peak_memory_all_ranks, reset_peak_memory
 from launcher.train.result import TrainOutcome, build_result, write_result
 from launcher.train.schedule import fill_ds_config, total_optimizer_steps
@@ -294,6 +295,7 @@ def run_training(
             _truncate_logs_after(paths, state.global_step)
     if rank0:
         set_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
+    trackers = open_metric_loggers(cfg, paths, start_step=state.global_step, rank0=rank0)
 
     def save() -> None:
         state.peak_memory = asdict(combine_peaks(peak_memory_all_ranks(device), state.peak_memory))
@@ -361,7 +363,7 @@ def run_training(
         if state.global_step % t.logging_steps == 0 and rank0:
             append_jsonl(
                 paths.metrics_jsonl,
-                {
+                record := {
                     "step": state.global_step,
                     "epoch": round(_epoch_progress(state, batches_per_epoch), 4),
                     "loss": step_loss,
@@ -371,12 +373,14 @@ def run_training(
                     "elapsed_s": round(state.train_time_s, 3),
                 },
             )
+            trackers.log_train_record(record, state.global_step)
             set_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
         if t.eval_steps and state.global_step % t.eval_steps == 0 and state.global_step < total_steps:
             value = run_eval_loss()
             engine.train()
             if rank0:
                 append_jsonl(paths.eval_jsonl, {"step": state.global_step, "eval_loss": value})
+                trackers.log_dict({"eval/loss": value}, state.global_step)
         if state.global_step % t.save_steps == 0:
             save()
         if stop_votes > 0 and state.global_step < total_steps:
@@ -390,6 +394,7 @@ def run_training(
                     total_steps=total_steps,
                 )
             log.info("preempted at step %d; checkpoint saved", state.global_step)
+            trackers.close(RunState.PREEMPTED.value)
             engine.destroy()
             return RunState.PREEMPTED.value
 
@@ -424,6 +429,8 @@ def run_training(
             scores=scores,
         )
         write_result(paths, build_result(cfg, paths, outcome, RunState.COMPLETED.value))
+        trackers.log_final(outcome)
+        trackers.close(RunState.COMPLETED.value)
         set_status(paths, RunState.COMPLETED, step=state.global_step, total_steps=total_steps)
     barrier()
     engine.destroy()  # drops ZeRO-3's hooks and pending collectives before the process group goes
