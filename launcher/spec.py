@@ -171,7 +171,8 @@ class ClusterSpec(StrictModel):
     time_min: int = Field(default=240, ge=1)
     constraint: str | None = None
     mem_gb: int | None = Field(default=None, ge=1)
-    cpus_per_task: int = Field(default=4, ge=1)
+    cpus_per_task: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """CPUs per rank (one rank per GPU); auto: what the partition's nodes have per GPU (sinfo, at submit)."""
     gpu_mem_gib: float = Field(default=80, gt=0)
     """GPU memory of the partition's cards; the plan checks each run fits in it."""
     max_gpus_per_node: int = Field(default=8, ge=1)

@@ -264,6 +264,65 @@ def test_sweep_array_collector_and_no_duplicates(tmp_path: Path, tiny_ready: Non
     assert all(d.action == "skip" for d in third.decisions)
 
 
+# --- pre-flight and the demo on this cluster -------------------------------------------------------------
+
+
+def launcher_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_preflight_refuses_what_the_cluster_cannot_run(tmp_path: Path) -> None:
+    """The real sinfo: 2-CPU nodes with 2 GPUs. Asking 4 CPUs per rank (the old default) or a partition
+    that does not exist is exit 2 with the fix, and nothing reaches the queue."""
+    spec = write_spec(
+        tmp_path,
+        "preflight",
+        [{"method": "full"}],
+        resources={"gpus_per_node": 2},
+        cluster={"cpus_per_task": 4},
+    )
+    before = subprocess.run(["squeue", "--noheader", "--format=%i"], capture_output=True, text=True).stdout
+    proc = launcher_cli("submit", str(spec), "--backend", "slurm", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "2 task(s) x 4 CPUs = 8 CPUs per node, but partition low's nodes have at most 2" in proc.stderr
+    assert "set cluster.cpus_per_task <= 1, or auto" in proc.stderr
+    spec.write_text(spec.read_text().replace("partition: low", "partition: hihg"))
+    proc = launcher_cli("submit", str(spec), "--backend", "slurm", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "'hihg' is not a partition of this cluster; did you mean high?" in proc.stderr
+    after = subprocess.run(["squeue", "--noheader", "--format=%i"], capture_output=True, text=True).stdout
+    assert set(after.split()) <= set(before.split())  # no job was queued
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_the_test_cluster(tmp_path: Path, tiny_ready: None) -> None:
+    """`launcher submit jobs/demo.yaml --backend slurm`, shortened to a few steps: all four methods
+    (1-rank array and the 2-rank ZeRO-3 offload job, CPUs per rank from sinfo), then the collector."""
+    demo = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
+    demo["output_dir"] = str(tmp_path / "out")
+    demo["training"].update(max_steps=2, logging_steps=1, save_steps=1000, eval_steps=None)
+    demo["data"].update(max_train_examples=32, max_eval_examples=4)
+    demo["eval"].update(num_samples=4, max_new_tokens=8)
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(yaml.safe_dump(demo, sort_keys=False, allow_unicode=True))
+    proc = launcher_cli("submit", str(spec), "--backend", "slurm", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    exp = ExperimentPaths(tmp_path / "out" / "demo")
+    names = ["freeze", "ptuning", "lora", "full"]
+    assert wait_final(exp, names, 420) == {n: "COMPLETED" for n in names}, diagnostics(exp)
+    wait_for(exp.summary_json.is_file, 120, "the collector's table")
+    assert read_json(exp.run("full").result_json)["world_size"] == 2
+    scripts = [p.read_text() for p in (exp.logs / "slurm").glob("*_submission.sh")]
+    assert scripts and all("#SBATCH --cpus-per-task=1\n" in text for text in scripts)
+
+
 # --- 2 nodes x 2 ranks, ZeRO-3 + offload -----------------------------------------------------------------
 
 

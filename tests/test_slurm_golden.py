@@ -30,9 +30,8 @@ GOLDEN = Path(__file__).parent / "golden"
 
 FAKE_SBATCH = """#!/bin/sh
 # Records the script it is given and answers like sbatch.
-if grep -q -- "--partition=nosuch" "$1"; then
-    echo "sbatch: error: invalid partition specified: nosuch" >&2
-    echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2
+if grep -q -- "--qos=nosuch" "$1"; then
+    echo "sbatch: error: Batch job submission failed: Invalid qos specification" >&2
     exit 1
 fi
 n=$(ls "$FAKE_SLURM_DIR"/call_*.sh 2>/dev/null | wc -l)
@@ -42,6 +41,14 @@ echo "Submitted batch job $((1000 + n))"
 """
 FAKE_SCANCEL = """#!/bin/sh
 echo "$@" >> "$FAKE_SLURM_DIR/scancel.txt"
+"""
+# `sinfo --Node --format=%P|%N|%c|%m|%G|%l|%s`: a partition for the ordinary scripts and the two of
+# the all-options one (nodes with 4 GPUs, 32 CPUs, 64 GB).
+FAKE_SINFO = """#!/bin/sh
+echo "low*|n1|2|8000|gpu:2|infinite|1-infinite"
+echo "low*|n2|2|8000|gpu:2|infinite|1-infinite"
+echo "gpu|g1|32|65536|gpu:a100:4(S:0-1)|2-00:00:00|1-infinite"
+echo "gpu-long|g1|32|65536|gpu:a100:4(S:0-1)|7-00:00:00|1-infinite"
 """
 FAKE_SCONTROL = """#!/bin/sh
 echo "MaxArraySize            = ${FAKE_MAX_ARRAY_SIZE:-1001}"
@@ -86,6 +93,7 @@ def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("sbatch", FAKE_SBATCH),
         ("scontrol", FAKE_SCONTROL),
         ("scancel", FAKE_SCANCEL),
+        ("sinfo", FAKE_SINFO),
         ("srun", "#!/bin/sh\nexit 0\n"),
     ):
         path = bin_dir / name
@@ -216,14 +224,59 @@ def test_array_split_at_max_array_size(
 
 def test_refused_sbatch_withdraws_what_was_queued(tmp_path: Path, fake_slurm: Path) -> None:
     exp = _exp(tmp_path)
-    runs = [make_run("ok"), make_run("bad", nodes=2, gpus=2, partition="nosuch")]
+    runs = [make_run("ok"), make_run("bad", nodes=2, gpus=2, qos="nosuch")]
     _prepare(exp, runs)
     with pytest.raises(UserError) as info:
         SlurmBackend(None).submit(exp, runs, dry_run=False)
     message = str(info.value)
-    assert "Invalid partition name specified" in message and "bad" in message and "Withdrawn: 1001" in message
+    assert "Invalid qos specification" in message and "bad" in message and "Withdrawn: 1001" in message
     assert (fake_slurm / "scancel.txt").read_text().split() == ["1001"]
     assert read_status(exp.run("ok"))["state"] == RunState.PLANNED.value  # nothing recorded as submitted
+
+
+def test_preflight_refuses_before_any_sbatch(tmp_path: Path, fake_slurm: Path) -> None:
+    exp = _exp(tmp_path)
+    runs = [make_run("ok", cpus_per_task=1), make_run("full", gpus=2, cpus_per_task=4)]
+    _prepare(exp, runs)
+    with pytest.raises(UserError) as info:
+        SlurmBackend(None).submit(exp, runs, dry_run=False)
+    message = str(info.value)
+    assert "runs full (1 node(s) x 2 GPU(s)): cluster.cpus_per_task: 2 task(s) x 4 CPUs" in message
+    assert "set cluster.cpus_per_task <= 1, or auto" in message and "Nothing was submitted" in message
+    assert calls(fake_slurm) == [] and not (fake_slurm / "scancel.txt").exists()
+    assert read_status(exp.run("ok"))["state"] == RunState.PLANNED.value
+
+
+def test_auto_cpus_come_from_sinfo(tmp_path: Path, fake_slurm: Path) -> None:
+    exp = _exp(tmp_path)
+    runs = [make_run("small"), make_run("big", gpus=4, partition="gpu")]  # cpus_per_task: auto (default)
+    _prepare(exp, runs)
+    SlurmBackend(None, with_collector=False).submit(exp, runs, dry_run=False)
+    small, big = calls(fake_slurm)
+    assert "#SBATCH --cpus-per-task=1\n" in small and "export OMP_NUM_THREADS=1\n" in small  # 2 CPUs, 2 GPUs
+    assert "#SBATCH --cpus-per-task=8\n" in big and "export OMP_NUM_THREADS=8\n" in big  # 32 CPUs, 4 GPUs
+
+
+def test_without_sinfo_auto_is_refused_and_numbers_go_unchecked(
+    tmp_path: Path, fake_slurm: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sinfo = next(Path(p) for p in os.environ["PATH"].split(os.pathsep) if (Path(p) / "sinfo").exists())
+    (sinfo / "sinfo").write_text(
+        "#!/bin/sh\necho 'sinfo: error: Unable to contact slurm controller' >&2\nexit 1\n"
+    )
+    exp = _exp(tmp_path)
+    auto = [make_run("auto")]
+    _prepare(exp, auto)
+    with pytest.raises(UserError, match="cpus_per_task: auto takes the CPUs per GPU from `sinfo`"):
+        SlurmBackend(None).submit(exp, auto, dry_run=False)
+    assert calls(fake_slurm) == []
+    dry = SlurmBackend(None, with_collector=False).submit(exp, auto, dry_run=True)  # shows 1
+    assert "#SBATCH --cpus-per-task=1\n" in Path(dry[0].command or "").read_text()
+    fixed = [make_run("fixed", cpus_per_task=64)]
+    _prepare(exp, fixed)
+    SlurmBackend(None, with_collector=False).submit(exp, fixed, dry_run=False)
+    assert "#SBATCH --cpus-per-task=64" in calls(fake_slurm)[0]
+    assert "no pre-flight check" in capsys.readouterr().err
 
 
 def test_parse_max_array_size() -> None:

@@ -15,18 +15,22 @@ written or submitted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from launcher.backends.base import SubmittedRun
+from launcher.backends.slurm_preflight import PreflightProblem, Request, check_request, query_partitions
+from launcher.backends.slurm_queries import Runner, run_query
 from launcher.errors import UserError
 from launcher.rundir import ExperimentPaths, RunState, read_status, write_status
 
@@ -184,7 +188,8 @@ class Shape:
 
     nodes: int
     gpus_per_node: int
-    cpus_per_task: int
+    cpus_per_task: int | Literal["auto"]
+    """``auto`` until the pre-flight (:func:`preflight`) resolves it from sinfo."""
     mem_gb: int | None
     time_min: int
     partition: str | None
@@ -219,8 +224,19 @@ class Shape:
             max_requeues=c.max_requeues,
         )
 
+    def request(self) -> Request:
+        return Request(
+            nodes=self.nodes,
+            gpus_per_node=self.gpus_per_node,
+            cpus_per_task=None if self.cpus_per_task == "auto" else self.cpus_per_task,
+            mem_gb=self.mem_gb,
+            time_min=self.time_min,
+            partition=self.partition,
+        )
+
     def executor_parameters(self, count: int, *, hold: bool = False) -> dict[str, Any]:
         """submitit SlurmExecutor parameters for an array of ``count`` runs of this shape."""
+        assert self.cpus_per_task != "auto", "the pre-flight resolves cpus_per_task: auto first"
         additional: dict[str, Any] = {"requeue": True}
         for key, value in self.extra_sbatch:
             if value is False:
@@ -266,6 +282,55 @@ def group_by_shape(runs: Sequence[RunConfig], max_size: int) -> list[tuple[Shape
     return chunks
 
 
+Chunks = list[tuple[Shape, list["RunConfig"]]]
+
+
+def preflight(chunks: Chunks, runner: Runner = run_query, *, dry_run: bool = False) -> Chunks:
+    """Each shape checked against sinfo (launcher.backends.slurm_preflight), ``auto`` CPUs resolved.
+    A request the cluster cannot run is a UserError naming the runs, the spec key and the fix."""
+    partitions = query_partitions(runner)
+    if partitions is None:
+        auto = [m.name for shape, members in chunks if shape.cpus_per_task == "auto" for m in members]
+        if auto and not dry_run:
+            raise UserError(
+                "cluster.cpus_per_task: auto takes the CPUs per GPU from `sinfo`, which did not answer "
+                f"(runs {_names(auto)}); set a number in the spec. Nothing was submitted."
+            )
+        print(
+            "warning: `sinfo` did not answer: no pre-flight check of the resources"
+            + (" (cpus_per_task: auto is shown as 1)" if auto else ""),
+            file=sys.stderr,
+        )
+        return [(_with_cpus(shape, 1), members) for shape, members in chunks]
+    problems: list[str] = []
+    checked: Chunks = []
+    resolved: dict[Shape, int] = {}
+    for shape, members in chunks:
+        if shape not in resolved:
+            try:
+                resolved[shape] = check_request(shape.request(), partitions)
+            except PreflightProblem as exc:
+                label = f"{shape.nodes} node(s) x {shape.gpus_per_node} GPU(s)"
+                problems.append(f"runs {_names([m.name for m in members])} ({label}): {exc}")
+                continue
+        checked.append((_with_cpus(shape, resolved[shape]), members))
+    if problems:
+        raise UserError(
+            "cannot submit to Slurm: the cluster cannot run these requests (checked against `sinfo`):\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + "\nNothing was submitted."
+        )
+    return checked
+
+
+def _with_cpus(shape: Shape, cpus: int) -> Shape:
+    return shape if shape.cpus_per_task != "auto" else dataclasses.replace(shape, cpus_per_task=cpus)
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def slurm_log_folder(exp: ExperimentPaths) -> Path:
     """Where submitit keeps pickles, sbatch scripts and the scheduler logs of this experiment."""
     return exp.logs / "slurm"
@@ -278,8 +343,6 @@ def _sbatch_message(exc: BaseException) -> str:
 
 
 def _python() -> str:
-    import sys
-
     return shlex.quote(sys.executable)
 
 
@@ -323,7 +386,7 @@ class SlurmBackend:
             return []
         self.check(exp, runs)
         folder = slurm_log_folder(ExperimentPaths(exp.root.resolve()))
-        chunks = group_by_shape(runs, max_array_size())
+        chunks = preflight(group_by_shape(runs, max_array_size()), dry_run=dry_run)
         if dry_run:
             return self._dry_run(exp, folder, chunks)
         import submitit
