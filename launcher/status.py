@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from launcher.errors import UserError
+from launcher.fit_table import ALWAYS, Column, fitted_table
 from launcher.rundir import ExperimentPaths, RunPaths, RunState, read_status
 
 if TYPE_CHECKING:
@@ -267,37 +268,34 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def render_table(rows: list[RunRow], title: str | None = None) -> RenderableType:
-    from rich.table import Table
+def _step_cell(row: RunRow) -> str:
+    return "-" if row.step is None else f"{row.step}/{row.total_steps if row.total_steps else '?'}"
 
-    table = Table(title=title, show_lines=False)
-    for column, justify in (
-        ("run", "left"),
-        ("state", "left"),
-        ("attempts", "right"),
-        ("step", "right"),
-        ("loss", "right"),
-        ("tokens/s", "right"),
-        ("ETA", "right"),
-        ("job", "left"),
-        ("reason", "left"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    from rich.markup import escape
 
-    for row in rows:
-        step = "-" if row.step is None else f"{row.step}/{row.total_steps if row.total_steps else '?'}"
-        table.add_row(
-            escape(row.name),
-            f"[{STATE_STYLES.get(row.state, '')}]{row.state}[/]",
-            str(row.attempts),
-            step,
-            "-" if row.loss is None else f"{row.loss:.4f}",
-            "-" if row.tokens_per_s is None else f"{row.tokens_per_s:,.0f}",
-            format_duration(row.eta_s),
-            escape(f"{row.backend}:{row.job_id}" if row.job_id else (row.backend or "-")),
-            escape((row.reason or "")[:80]),
-        )
+# Priorities pick what a narrow terminal shows (launcher.fit_table).
+STATUS_COLUMNS: tuple[Column[RunRow], ...] = (
+    Column("run", lambda r: r.name, priority=ALWAYS),
+    Column("state", lambda r: r.state, priority=ALWAYS, style=lambda r: STATE_STYLES.get(r.state, "")),
+    Column("attempts", lambda r: str(r.attempts), right=True, priority=4),
+    Column("step", _step_cell, right=True, priority=1),
+    Column("loss", lambda r: "-" if r.loss is None else f"{r.loss:.4f}", right=True, priority=2),
+    Column(
+        "tokens/s",
+        lambda r: "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
+        right=True,
+        priority=3,
+    ),
+    Column("ETA", lambda r: format_duration(r.eta_s), right=True, priority=1),
+    Column("job", lambda r: f"{r.backend}:{r.job_id}" if r.job_id else (r.backend or "-"), priority=4),
+    Column("reason", lambda r: r.reason or "", priority=1, wrap=True),
+)
+
+
+def render_table(
+    rows: list[RunRow], title: str | None = None, *, width: int | None = None, wide: bool = False
+) -> RenderableType:
+    """The status table for a terminal ``width`` columns wide (None: every column, one line per row)."""
+    table, _ = fitted_table(STATUS_COLUMNS, rows, width=width, every_column=wide, title=title)
     return table
 
 

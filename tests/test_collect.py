@@ -23,7 +23,7 @@ from collect_fixtures import (
 
 from launcher.cli import main
 from launcher.collect import SUMMARY_KEYS, collect_experiment, sort_rows
-from launcher.collect.table import COLUMNS, render_csv, render_markdown
+from launcher.collect.table import COLUMNS, fmt_note, render_csv, render_markdown
 from launcher.errors import UserError
 from launcher.rundir import RunState, write_json_atomic
 
@@ -39,7 +39,7 @@ CONTRACT_KEYS = {
 def cells(collection, name: str) -> dict[str, str]:
     """The rendered table cells of one run, by column header."""
     row = collection.row(name)
-    return {header: fmt(row) for header, fmt, _ in COLUMNS}
+    return {c.header: c.cell(row) for c in COLUMNS}
 
 
 def test_completed_run_shows_result_values(tmp_path: Path) -> None:
@@ -52,10 +52,9 @@ def test_completed_run_shows_result_values(tmp_path: Path) -> None:
     assert row.get("bleu") == 20.0 and row.get("peak_mem_gib") == 12.5
     assert row.warnings == []
     c = cells(collection, "lora")
-    assert c["swept"] == "max_source_length=512"
     assert c["steps"] == "100" and c["loss"] == "1.250" and c["eval loss"] == "1.400"
     assert c["BLEU"] == "20.00" and c["chrF"] == "30.00"
-    assert c["ΔBLEU [95% CI]"] == "baseline"
+    assert c["ΔBLEU"] == "baseline" and c["95% CI"] == "-"
     assert c["peak mem GiB"] == "12.50 (GPU)"
     assert c["nodes x GPUs"] == "1x2"
     assert c["ZeRO"] == "3 off:opt gc"
@@ -243,10 +242,13 @@ def test_samples_with_other_examples_are_an_error_naming_the_run(tmp_path: Path)
     collection = collect_experiment(exp, write=False)
     ids_row, refs_row = collection.row("b-ids"), collection.row("c-refs")
     assert ids_row.get("bleu_delta") is None and refs_row.get("bleu_delta") is None
-    ids_warning = next(w for w in ids_row.warnings if "do not match" in w)
-    assert "b-ids" in ids_warning and "1 baseline example(s) missing" in ids_warning
-    refs_warning = next(w for w in refs_row.warnings if "do not match" in w)
-    assert "c-refs" in refs_warning and "1 reference(s) differ" in refs_warning and "'ex0003'" in refs_warning
+    # The table says why the significance is absent, in the run's row.
+    ids_reason, refs_reason = ids_row.get("no_delta_reason"), refs_row.get("no_delta_reason")
+    assert ids_reason.startswith("not the baseline's eval examples")
+    assert "1 baseline example(s) missing" in ids_reason
+    assert "1 reference(s) differ" in refs_reason and "'ex0003'" in refs_reason
+    assert cells(collection, "b-ids")["ΔBLEU"] == "n/a"
+    assert "no ΔBLEU: not the baseline's eval examples" in fmt_note(refs_row)
 
 
 def test_baseline_choice_flag_then_spec_then_first_run(tmp_path: Path) -> None:

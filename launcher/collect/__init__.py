@@ -6,7 +6,7 @@ paired tests), ``groups`` (seed repeats), ``table`` (rich table and file formats
 
 from __future__ import annotations
 
-from launcher.collect.collection import Collection, collect_experiment, sort_rows
+from launcher.collect.collection import Collection, collect_experiment, collect_experiments, sort_rows
 from launcher.collect.rows import RESULT_KEYS, SUMMARY_KEYS, RunRow
 from launcher.collect.table import print_summary
 
@@ -16,6 +16,7 @@ __all__ = [
     "Collection",
     "RunRow",
     "collect_experiment",
+    "collect_experiments",
     "print_summary",
     "sort_rows",
 ]

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from launcher.collect.groups import SeedGroup, seed_groups
-from launcher.collect.rows import SUMMARY_KEYS, RunRow, read_row, read_run_yaml
+from launcher.collect.hyperparams import differing_hyperparameters
+from launcher.collect.rows import SUMMARY_KEYS, RunRow, group_key, read_row, read_run_yaml
 from launcher.errors import UserError
 from launcher.review import ReviewCounts, load_reviews
 from launcher.rundir import ExperimentPaths, RunPaths, RunState, read_json, write_json_atomic
@@ -127,9 +129,12 @@ def _pick_baseline(
     if requested is not None:
         if requested in names:
             return requested
+        across = [n for n in names if n.endswith(f"/{requested}")]  # RUN for EXP/RUN across experiments
+        if len(across) == 1:
+            return across[0]
         close = difflib.get_close_matches(requested, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; runs: {', '.join(names[:20])}"
-        raise UserError(f"--baseline {requested}: no run of that name in this experiment{hint}")
+        raise UserError(f"--baseline {requested}: no run of that name{hint}")
     if isinstance(spec_baseline, str) and spec_baseline:
         if spec_baseline in names:
             return spec_baseline
@@ -169,14 +174,13 @@ def _apply_significance(
     if base_name is None:
         return new_cache
     base_row = rows_by_name[base_name]
-    base_paths = collection.exp.run(base_name)
+    base_paths = base_row.run_paths()
     base_fp = _fingerprint(base_paths.samples_jsonl)
     samples_name = base_paths.samples_jsonl.name
-    runs_dir = str(collection.exp.runs_dir)
     candidates = [
         r
         for r in collection.rows
-        if r.name != base_name and os.path.exists(os.path.join(runs_dir, r.name, samples_name))
+        if r.name != base_name and os.path.exists(os.path.join(str(r.run_paths().root), samples_name))
     ]
     if base_fp is None or base_fp[0] == 0:
         if candidates:
@@ -204,7 +208,7 @@ def _apply_significance(
     # A cached comparison is reused only for the same files (size, mtime), tokenizer and test settings.
     test_params = [sig.N_BOOTSTRAP, sig.N_APPROX_RANDOMIZATION, sig.DEFAULT_SEED]
     for row in candidates:
-        paths = collection.exp.run(row.name)
+        paths = row.run_paths()
         fp = {
             "base": base_fp,
             "sys": _fingerprint(paths.samples_jsonl),
@@ -225,7 +229,10 @@ def _apply_significance(
                 continue
             systems[row.name] = align(base, samples, row.name)
         except SamplesMismatch as exc:
-            row.warnings.append(f"samples do not match the baseline's, no BLEU delta: {exc}")
+            # Significance needs the same eval examples: say why the cell is empty, in the table.
+            row.values["no_delta_reason"] = f"not the baseline's eval examples: {exc}".replace(
+                f"{row.name}: ", ""
+            )
             continue
         run_tok = _tokenize_of(paths, tokenize)
         if run_tok != tokenize:
@@ -294,13 +301,8 @@ def _attach_reviews(collection: Collection, rows_by_name: dict[str, RunRow]) -> 
             row.values["review"] = entries
 
 
-def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bool = True) -> Collection:
-    """Read every run dir of an experiment; with ``write``, also write summary.{md,csv,json} and the plots.
-
-    Never fails on a damaged run dir (its row says what is known, warnings say what was skipped);
-    raises UserError for a missing experiment or an unknown ``baseline``.
-    """
-    exp = ExperimentPaths(Path(exp_root))
+def _open_experiment(root: Path) -> ExperimentPaths:
+    exp = ExperimentPaths(Path(root))
     if not exp.root.is_dir():
         raise UserError(f"{exp.root}: no such experiment directory (the <output_dir>/<experiment> of a spec)")
     if not exp.runs_dir.is_dir():
@@ -310,7 +312,11 @@ def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bo
             else ""
         )
         raise UserError(f"{exp.root}: no runs/ directory{hint}; run `launcher submit SPEC` first")
-    warnings: list[str] = []
+    return exp
+
+
+def _experiment_rows(exp: ExperimentPaths, warnings: list[str]) -> tuple[list[RunRow], dict[str, Any]]:
+    """Every run dir of one experiment as a row, in the plan's order; and its spec.yaml."""
     spec = _read_spec(exp, warnings)
     plan = _read_plan(exp, warnings)
     # The plan's order is the spec's (methods, then sweep values): the order users think in, and the
@@ -320,23 +326,79 @@ def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bo
     rows = [read_row(paths, plan.get(paths.root.name)) for paths in run_dirs]
     if not rows:
         warnings.append(f"{exp.runs_dir} has no run directories")
+    for row in rows:
+        row.values["experiment"] = exp.root.name
+    return rows, spec
+
+
+def comparison_dir(roots: list[Path]) -> Path:
+    """Where ``collect EXP_A EXP_B`` writes the joint summaries and plots: beside the first experiment."""
+    names = "+".join(Path(r).resolve().name for r in roots)
+    if len(names) > 100:
+        names = (
+            f"{Path(roots[0]).resolve().name}+{len(roots) - 1}-more-"
+            + hashlib.sha1(names.encode()).hexdigest()[:8]
+        )
+    return Path(roots[0]).resolve().parent / f"compare_{names}"
+
+
+def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bool = True) -> Collection:
+    """One experiment; see ``collect_experiments``."""
+    return collect_experiments([exp_root], baseline, write=write)
+
+
+def collect_experiments(
+    exp_roots: list[Path], baseline: str | None = None, *, write: bool = True, out_dir: Path | None = None
+) -> Collection:
+    """Read every run dir of the experiments; with ``write``, also write summary.{md,csv,json} and the
+    plots: into the experiment dir, or for several experiments into ``out_dir`` (default
+    ``comparison_dir``), where each run is named ``EXP/run``.
+
+    Never fails on a damaged run dir (its row says what is known, warnings say what was skipped);
+    raises UserError for a missing experiment or an unknown ``baseline``.
+    """
+    exps = [_open_experiment(Path(root)) for root in exp_roots]
+    names = [e.root.name for e in exps]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise UserError(f"experiment name(s) given twice: {', '.join(twice)}; runs are told apart as EXP/run")
+    several = len(exps) > 1
+    warnings: list[str] = []
+    rows: list[RunRow] = []
+    specs: list[dict[str, Any]] = []
+    for exp in exps:
+        exp_warnings: list[str] = []
+        exp_rows, spec = _experiment_rows(exp, exp_warnings)
+        specs.append(spec)
+        warnings += [f"{exp.root.name}: {w}" for w in exp_warnings] if several else exp_warnings
+        if several:
+            for row in exp_rows:
+                row.name = row.values["name"] = f"{exp.root.name}/{row.name}"
+                row.group_key = group_key(row.name, row.get("method"), row.get("swept"))
+        rows += exp_rows
+    exp = ExperimentPaths(Path(out_dir or comparison_dir(exp_roots))) if several else exps[0]
+    spec = specs[0]
+    spec_baseline = spec.get("baseline")
+    if several and isinstance(spec_baseline, str):
+        spec_baseline = f"{names[0]}/{spec_baseline}"
     rows_by_name = {r.name: r for r in rows}
     gpu_mem = _nested(spec, "cluster", "gpu_mem_gib")
     tokenize = _nested(spec, "eval", "bleu_tokenize")
     collection = Collection(
         exp=exp,
         rows=rows,
-        baseline=_pick_baseline(rows, baseline, spec.get("baseline"), warnings),
+        baseline=_pick_baseline(rows, baseline, spec_baseline, warnings),
         warnings=warnings,
         gpu_mem_gib=float(gpu_mem) if isinstance(gpu_mem, int | float) else None,
         tokenize=tokenize if isinstance(tokenize, str) else DEFAULT_TOKENIZE,
     )
     if collection.gpu_mem_gib is None and rows:
-        config = read_run_yaml(exp.run(collection.baseline or rows[0].name), [])
+        config = read_run_yaml(rows_by_name[collection.baseline or rows[0].name].run_paths(), [])
         value = _nested(config or {}, "cluster", "gpu_mem_gib")
         collection.gpu_mem_gib = float(value) if isinstance(value, int | float) else DEFAULT_GPU_MEM_GIB
     for row in rows:
         row.values["baseline"] = row.name == collection.baseline
+    differing_hyperparameters(rows, warnings)
 
     # .collect_cache.json: significance results and the plots' input hash of the last collect. Only
     # reused for identical inputs; deleting it is always safe.
@@ -352,7 +414,12 @@ def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bo
     for group in collection.groups:
         for name in group.runs:
             rows_by_name[name].values["group"] = group.to_json()
-    collection.reviews = load_reviews(exp.root, collection.warnings)
+    for source in exps:
+        for review in load_reviews(source.root, collection.warnings):
+            if several:  # the review files name runs of their own experiment
+                prefix = f"{source.root.name}/"
+                review = replace(review, run_a=prefix + review.run_a, run_b=prefix + review.run_b)
+            collection.reviews.append(review)
     _attach_reviews(collection, rows_by_name)
     for row in rows:
         if row.get("state") == RunState.COMPLETED.value and row.get("bleu") is None:
@@ -365,6 +432,7 @@ def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bo
     if write:
         from launcher.collect.table import write_summaries
 
+        exp.root.mkdir(parents=True, exist_ok=True)
         write_summaries(collection)
         from launcher.collect.plots import plot_signature, write_plots
 

@@ -77,7 +77,7 @@ def plot_loss(collection: Collection, plt: Any) -> None:
     cmap = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
     drawn = 0
     for index, row in enumerate(rows):
-        paths = collection.exp.run(row.name)
+        paths = row.run_paths()
         steps, losses = _curve(paths.metrics_jsonl, "loss")
         eval_steps, eval_losses = _curve(paths.eval_jsonl, "eval_loss")
         final_eval, last_step = row.get("eval_loss"), row.get("steps") or (steps[-1] if steps else None)
@@ -208,8 +208,8 @@ def plot_signature(collection: Collection) -> str:
     """
     loss_part = [
         [r.name, r.get("state"), r.get("eval_loss"), r.get("steps"), r.get("baseline"),
-         _file_fingerprint(collection.exp.run(r.name).metrics_jsonl),
-         _file_fingerprint(collection.exp.run(r.name).eval_jsonl)]
+         _file_fingerprint(r.run_paths().metrics_jsonl),
+         _file_fingerprint(r.run_paths().eval_jsonl)]
         for r in _plotted_runs(collection, MAX_LOSS_CURVES, "eval_loss", reverse=False)
     ]  # fmt: skip
     memory_part = [

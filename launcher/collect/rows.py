@@ -24,12 +24,15 @@ _YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Added by the collector (significance against the baseline, seed groups, human review).
 SUMMARY_EXTRA_KEYS: tuple[str, ...] = (
+    "experiment",
     "baseline",
     "bleu_delta",
     "bleu_delta_ci",
     "bleu_p_value",
     "bleu_p_value_ar",
     "n_samples",
+    "no_delta_reason",
+    "hyperparameters",
     "group",
     "review",
     "warnings",
@@ -75,9 +78,16 @@ class RunRow:
     warnings: list[str] = field(default_factory=list)
     group_key: str = ""
     """Method + swept values without the seed: runs sharing it are repeats of one configuration."""
+    paths: RunPaths | None = None
+    """The run directory (the name may carry the experiment: ``EXP/run`` across experiments)."""
 
     def get(self, key: str) -> Any:
         return self.values.get(key)
+
+    def run_paths(self) -> RunPaths:
+        if self.paths is None:
+            raise ValueError(f"row {self.name!r} was not read from a run directory")
+        return self.paths
 
     def to_json(self) -> dict[str, Any]:
         out = {key: self.values.get(key) for key in SUMMARY_KEYS}
@@ -395,4 +405,5 @@ def read_row(paths: RunPaths, plan_entry: dict[str, Any] | None = None) -> RunRo
         values=values,
         warnings=warnings,
         group_key=group_key(name, values.get("method"), values.get("swept")),
+        paths=paths,
     )

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from launcher.collect.groups import SeedGroup
+from launcher.collect.hyperparams import fmt_hyperparameters
 from launcher.collect.rows import SUMMARY_KEYS, RunRow
+from launcher.fit_table import ALWAYS, Column, print_fitted
 from launcher.rundir import to_json, write_text_atomic
 
 if TYPE_CHECKING:
@@ -41,30 +43,32 @@ def fmt_duration(seconds: Any) -> str:
     return f"{secs}s"
 
 
-def fmt_swept(swept: Any) -> str:
-    if not isinstance(swept, dict) or not swept:
-        return "-"
-    # The last part of a dotted key is enough on screen (training.max_source_length -> max_source_length).
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in swept.items())
-
-
 def fmt_delta(row: RunRow) -> str:
     if row.get("baseline"):
         return "baseline"
-    delta, ci = row.get("bleu_delta"), row.get("bleu_delta_ci")
+    delta = row.get("bleu_delta")
     if delta is None:
+        return "n/a" if row.get("no_delta_reason") else "-"
+    return f"{delta:+.2f}" + ("*" if _significant(row) else "")
+
+
+def fmt_ci(row: RunRow) -> str:
+    ci = row.get("bleu_delta_ci")
+    if row.get("baseline") or not (isinstance(ci, list | tuple) and len(ci) == 2 and None not in ci):
         return "-"
-    text = f"{delta:+.2f}"
-    if isinstance(ci, list | tuple) and len(ci) == 2 and None not in ci:
-        text += f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
-    return text
+    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def _significant(row: RunRow) -> bool:
+    p_bs, p_ar = row.get("bleu_p_value"), row.get("bleu_p_value_ar")
+    return p_bs is not None and p_bs < SIGNIFICANCE_LEVEL and (p_ar is None or p_ar < SIGNIFICANCE_LEVEL)
 
 
 def fmt_p(row: RunRow) -> str:
     p_bs, p_ar = row.get("bleu_p_value"), row.get("bleu_p_value_ar")
     if p_bs is None:
         return "-"
-    star = "*" if p_bs < SIGNIFICANCE_LEVEL and (p_ar is None or p_ar < SIGNIFICANCE_LEVEL) else ""
+    star = "*" if _significant(row) else ""
     text = f"{p_bs:.3f}"
     if p_ar is not None:
         text += f"/{p_ar:.3f}"
@@ -115,45 +119,57 @@ def fmt_review(row: RunRow) -> str:
 def fmt_note(row: RunRow) -> str:
     reason = row.get("reason")
     note = str(reason) if reason and row.get("state") != "COMPLETED" else ""
+    if row.get("no_delta_reason"):
+        note += ("; " if note else "") + f"no ΔBLEU: {row.get('no_delta_reason')}"
     if row.warnings:
         note += ("; " if note else "") + f"{len(row.warnings)} warning(s)"
     return note or ""
 
 
-# (header, formatter, right-aligned). The order is the issue's.
-COLUMNS: tuple[tuple[str, Callable[[RunRow], str], bool], ...] = (
-    ("run", lambda r: r.name, False),
-    ("method", lambda r: r.get("method") or "-", False),
-    ("swept", lambda r: fmt_swept(r.get("swept")), False),
-    ("state", lambda r: r.get("state") or "-", False),
-    ("steps", lambda r: fmt_num(r.get("steps")), True),
-    ("loss", lambda r: fmt_num(r.get("train_loss_final")), True),
-    ("min loss", lambda r: fmt_num(r.get("train_loss_min")), True),
-    ("eval loss", lambda r: fmt_num(r.get("eval_loss")), True),
-    ("BLEU", lambda r: fmt_num(r.get("bleu"), 2), True),
-    ("chrF", lambda r: fmt_num(r.get("chrf"), 2), True),
-    ("ΔBLEU [95% CI]", fmt_delta, True),
-    ("p bs/ar", fmt_p, True),
-    ("peak mem GiB", fmt_mem, True),
-    ("nodes x GPUs", fmt_layout, True),
-    ("ZeRO", fmt_zero, False),
-    (
+def _state_style(row: RunRow) -> str:
+    return _STATE_STYLE.get(row.get("state") or "", "")
+
+
+# One list for the terminal table and summary.md. Priorities pick the columns a narrow terminal shows
+# (launcher.fit_table): the run and its state, then eval loss, BLEU, ΔBLEU (* when significant) and
+# peak memory.
+COLUMNS: tuple[Column[RunRow], ...] = (
+    Column("run", lambda r: r.name, priority=ALWAYS),
+    Column("method", lambda r: r.get("method") or "-", priority=5),
+    # What differs between the runs shown (swept or not, from run.yaml): summary.json keeps "swept" too.
+    Column("hyperparameters", lambda r: fmt_hyperparameters(r.get("hyperparameters")), priority=4, wrap=True),
+    Column("state", lambda r: r.get("state") or "-", priority=ALWAYS, style=_state_style),
+    Column("steps", lambda r: fmt_num(r.get("steps")), right=True, priority=6),
+    Column("loss", lambda r: fmt_num(r.get("train_loss_final")), right=True, priority=2),
+    Column("min loss", lambda r: fmt_num(r.get("train_loss_min")), right=True, priority=9),
+    Column("eval loss", lambda r: fmt_num(r.get("eval_loss")), right=True, priority=1),
+    Column("BLEU", lambda r: fmt_num(r.get("bleu"), 2), right=True, priority=1),
+    Column("chrF", lambda r: fmt_num(r.get("chrf"), 2), right=True, priority=8),
+    Column("ΔBLEU", fmt_delta, right=True, priority=1),
+    Column("95% CI", fmt_ci, right=True, priority=3),
+    Column("p bs/ar", fmt_p, right=True, priority=3),
+    Column("peak mem GiB", fmt_mem, right=True, priority=1),
+    Column("nodes x GPUs", fmt_layout, right=True, priority=7),
+    Column("ZeRO", fmt_zero, priority=7),
+    Column(
         "tok/s",
         lambda r: fmt_num(r.get("tokens_per_s"), 0) if r.get("tokens_per_s") is not None else "-",
-        True,
+        right=True,
+        priority=6,
     ),
-    ("wall", lambda r: fmt_duration(r.get("train_time_s")), True),
-    ("trunc", lambda r: fmt_frac(r.get("truncated_frac")), True),
+    Column("wall", lambda r: fmt_duration(r.get("train_time_s")), right=True, priority=9),
+    Column("trunc", lambda r: fmt_frac(r.get("truncated_frac")), right=True, priority=9),
 )
-REVIEW_COLUMN = ("review W/T/L", fmt_review, False)
-NOTE_COLUMN = ("reason / notes", fmt_note, False)
+REVIEW_COLUMN = Column("review W/T/L", fmt_review, priority=5, wrap=True)
+NOTE_COLUMN = Column("reason / notes", fmt_note, priority=4, wrap=True)
 
 
-def columns_for(collection: Collection) -> list[tuple[str, Callable[[RunRow], str], bool]]:
+def columns_for(collection: Collection) -> list[Column[RunRow]]:
     cols = list(COLUMNS)
     if collection.reviews:
         cols.append(REVIEW_COLUMN)
-    cols.append(NOTE_COLUMN)
+    if any(fmt_note(row) for row in collection.rows):
+        cols.append(NOTE_COLUMN)
     return cols
 
 
@@ -186,40 +202,35 @@ _STATE_STYLE = {
 }
 
 LEGEND = (
-    "ΔBLEU: run minus baseline on the same examples (sacrebleu); [95% CI] from paired bootstrap resampling. "
-    "p bs/ar: paired bootstrap / approximate randomization p-values; * = both < 0.05. "
+    "ΔBLEU: run minus baseline on the same examples (sacrebleu); 95% CI from paired bootstrap resampling. "
+    "p bs/ar: paired bootstrap / approximate randomization p-values; * (also on ΔBLEU) = both < 0.05. "
     "Without *, the runs' BLEU cannot be told apart on this eval set."
 )
 
 
 def print_summary(
-    collection: Collection, console: Console | None = None, rows: list[RunRow] | None = None
+    collection: Collection,
+    console: Console | None = None,
+    rows: list[RunRow] | None = None,
+    *,
+    wide: bool = False,
 ) -> None:
-    """The rich table, then seed groups, human review counts and warnings."""
+    """The rich table fitted to the terminal (``wide``: every column), then seed groups, human review
+    counts and warnings."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            # Piped to a file or a log (the Slurm collector job): no width to fit, keep rows on one line.
-            console = Console(width=max(console.width, 240))
+    console = console or Console()
     rows = collection.rows if rows is None else rows
-    table = Table(
+    print_fitted(
+        console,
+        columns_for(collection),
+        rows,
+        wide=wide,
         title=f"{collection.exp.root.name}: {len(rows)} run(s), baseline {collection.baseline or '-'}",
-        show_lines=False,
-        header_style="bold",
+        row_style=lambda r: "bold" if r.get("baseline") else None,
     )
-    cols = columns_for(collection)
-    for header, _, right in cols:
-        table.add_column(header, justify="right" if right else "left", overflow="fold")
-    for row in rows:
-        cells = [escape(fmt(row)) for _, fmt, _ in cols]  # reasons may hold "[...]" (gloo source paths)
-        style = _STATE_STYLE.get(row.get("state") or "", "")
-        cells[3] = f"[{style}]{cells[3]}[/]" if style else cells[3]
-        table.add_row(*cells, style="bold" if row.get("baseline") else None)
-    console.print(table)
     console.print(f"[dim]{LEGEND}[/]")
     if collection.groups:
         groups = Table(title="Seed groups: mean ± std over seeds", header_style="bold")
@@ -238,7 +249,7 @@ def print_summary(
     if warnings:
         console.print(f"[yellow]{len(warnings)} warning(s):[/]")
         for line in warnings[:50]:
-            console.print(f"  [yellow]{line}[/]", markup=True, highlight=False)
+            console.print(f"  [yellow]{escape(line)}[/]", highlight=False)
         if len(warnings) > 50:
             console.print(f"  ... {len(warnings) - 50} more in summary.json (key 'warnings')")
 
@@ -255,11 +266,11 @@ def render_markdown(collection: Collection, rows: list[RunRow] | None = None) ->
         "",
         f"Baseline: **{collection.baseline or '-'}**; BLEU tokenize: `{collection.tokenize}`.",
         "",
-        "| " + " | ".join(h for h, _, _ in cols) + " |",
-        "|" + "|".join("---:" if right else "---" for _, _, right in cols) + "|",
+        "| " + " | ".join(c.header for c in cols) + " |",
+        "|" + "|".join("---:" if c.right else "---" for c in cols) + "|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join(_md_cell(fmt(row)) for _, fmt, _ in cols) + " |")
+        lines.append("| " + " | ".join(_md_cell(c.cell(row)) for c in cols) + " |")
     lines += ["", LEGEND, ""]
     if collection.groups:
         lines += ["## Seed groups (mean ± std)", ""]

@@ -1,4 +1,4 @@
-"""`launcher collect EXP`: the comparison table (+ summary.md/.csv/.json, loss.png, memory.png)."""
+"""`launcher collect EXP [EXP ...]`: the comparison table (+ summary.md/.csv/.json, loss.png, memory.png)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 HELP = (
-    "the comparison table of an experiment: loss, BLEU with significance, memory; writes summaries and plots"
+    "the comparison table of one or more experiments: loss, BLEU with significance, memory; "
+    "writes summaries and plots"
 )
 
 FORMATS = ("table", "md", "csv", "json")
@@ -15,12 +16,16 @@ FORMATS = ("table", "md", "csv", "json")
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "experiment", type=Path, metavar="EXP", help="experiment directory (<output_dir>/<experiment>)"
+        "experiments",
+        nargs="+",
+        metavar="EXP",
+        help="experiment directory (<output_dir>/<experiment>) or its spec; several give one joint table",
     )
     parser.add_argument(
         "--baseline",
         metavar="NAME",
-        help="run to compare against (default: spec's baseline, else the first run)",
+        help="run to compare against (default: the spec's baseline, else the first run); EXP/NAME across "
+        "experiments",
     )
     parser.add_argument(
         "--format", choices=FORMATS, default="table", help="what to print (files are always written)"
@@ -30,17 +35,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="sort the printed rows by a summary.json key, e.g. --sort bleu, or --sort=-bleu for descending",
     )
+    parser.add_argument("--wide", action="store_true", help="every column, however wide the terminal")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="with several experiments: where the joint summaries and plots go "
+        "(default: compare_<EXP_A>+<EXP_B> beside the first)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; write no summary files or plots")
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.collect import collect_experiment, print_summary, sort_rows
+    from launcher.collect import collect_experiments, print_summary, sort_rows
     from launcher.collect.table import render_csv, render_json, render_markdown
+    from launcher.status import resolve_experiment
 
-    collection = collect_experiment(args.experiment, args.baseline, write=not args.no_write)
+    # A spec names its experiment dir as for status/logs/cancel; a directory keeps collect's own errors.
+    roots = [resolve_experiment(t).root if Path(t).is_file() else Path(t) for t in args.experiments]
+    collection = collect_experiments(roots, args.baseline, write=not args.no_write, out_dir=args.out)
     rows = sort_rows(collection.rows, args.sort) if args.sort else collection.rows
     if args.format == "table":
-        print_summary(collection, rows=rows)
+        print_summary(collection, rows=rows, wide=args.wide)
         if not args.no_write:
             print(
                 f"wrote {collection.exp.summary_md}, .csv, .json, {collection.exp.loss_png.name}, "

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launcher.fit_table import ALWAYS, Column, print_fitted
+
 HELP = "show the runs a spec expands to, their resources and estimated GPU memory (--write: run dirs)"
 
 
@@ -16,6 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per run instead of the table"
     )
+    parser.add_argument("--wide", action="store_true", help="every column, however wide the terminal")
     parser.add_argument(
         "--write", action="store_true", help="also write the run directories (run.yaml, ds_config.json)"
     )
@@ -38,41 +41,38 @@ def _offload(row: dict[str, Any]) -> str:
     return "+".join(parts) or "-"
 
 
-def print_table(rows: list[dict[str, Any]], title: str, gpu_mem_gib: float) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _batch(row: dict[str, Any]) -> str:
+    micro, accum = row["micro_batch_size"], row["gradient_accumulation_steps"]
+    return f"{micro}x{accum}x{row['world_size']}={row['train_batch_size']}"
 
-    table = Table(title=title, caption=f"est. GiB/GPU vs cluster.gpu_mem_gib = {gpu_mem_gib:g}")
-    for column, justify in (
-        ("run", "left"),
-        ("method", "left"),
-        ("swept", "left"),
-        ("nodes x GPUs", "right"),
-        ("ZeRO", "right"),
-        ("offload", "left"),
-        ("ckpt", "left"),
-        ("batch", "right"),
-        ("est GiB/GPU", "right"),
-        ("fits", "left"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for row in rows:
-        table.add_row(
-            row["name"],
-            row["method_label"],
-            _swept(row),
-            f"{row['nodes']} x {row['gpus_per_node']}",
-            str(row["zero_stage"]),
-            _offload(row),
-            "on" if row["gradient_checkpointing"] else "-",
-            f"{row['micro_batch_size']}x{row['gradient_accumulation_steps']}x{row['world_size']}"
-            f"={row['train_batch_size']}",
-            f"{row['est_mem_gib']:.1f}",
-            "yes" if row["fits"] else "NO",
-        )
-    # Wide enough for the whole table when piped (rich assumes 80 columns without a terminal).
-    console = Console() if sys.stdout.isatty() else Console(width=160)
-    console.print(table)
+
+# Priorities pick what a narrow terminal shows (launcher.fit_table): the run, whether it fits, the
+# estimate and the layout first.
+PLAN_COLUMNS: tuple[Column[dict[str, Any]], ...] = (
+    Column("run", lambda r: r["name"], priority=ALWAYS),
+    Column("method", lambda r: r["method_label"], priority=3, wrap=True),
+    Column("swept", _swept, priority=5, wrap=True),
+    Column("nodes x GPUs", lambda r: f"{r['nodes']} x {r['gpus_per_node']}", right=True, priority=1),
+    Column("ZeRO", lambda r: str(r["zero_stage"]), right=True, priority=1),
+    Column("offload", _offload, priority=2),
+    Column("ckpt", lambda r: "on" if r["gradient_checkpointing"] else "-", priority=3),
+    Column("batch", _batch, right=True, priority=2),
+    Column("est GiB/GPU", lambda r: f"{r['est_mem_gib']:.1f}", right=True, priority=1),
+    Column("fits", lambda r: "yes" if r["fits"] else "NO", priority=ALWAYS),
+)
+
+
+def print_table(rows: list[dict[str, Any]], title: str, gpu_mem_gib: float, *, wide: bool = False) -> None:
+    from rich.console import Console
+
+    print_fitted(
+        Console(),
+        PLAN_COLUMNS,
+        rows,
+        wide=wide,
+        title=title,
+        caption=f"est. GiB/GPU vs cluster.gpu_mem_gib = {gpu_mem_gib:g}",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             rows,
             f"{spec.experiment}: {len(rows)} runs -> {experiment_paths(spec).root}",
             spec.cluster.gpu_mem_gib,
+            wide=args.wide,
         )
     if args.write:
         exp = write_run_dirs(spec, args.spec, runs, force=args.force)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from launcher.rundir import RunState
 
@@ -25,6 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watch", action="store_true", help="keep a live view until every run has ended")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run (a list)")
+    parser.add_argument("--wide", action="store_true", help="every column, however wide the terminal")
 
 
 def exit_code(rows: list[RunRow]) -> int:
@@ -35,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from launcher.status import collect_rows, render_table, resolve_experiment
+    from launcher.fit_table import print_fitted
+    from launcher.status import STATUS_COLUMNS, collect_rows, render_table, resolve_experiment
 
     exp = resolve_experiment(args.experiment)
     if args.json:
@@ -43,17 +45,21 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([row.to_json() for row in rows], indent=2))
         return exit_code(rows)
     console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)  # piped / CI: don't squeeze the table into 80 columns
     title = str(exp.root)
     if not args.watch:
         rows = collect_rows(exp)
-        console.print(render_table(rows, title=title))
+        print_fitted(console, STATUS_COLUMNS, rows, wide=args.wide, title=title)
         return exit_code(rows)
-    with Live(render_table(collect_rows(exp), title=title), console=console, auto_refresh=False) as live:
+    # Piped / CI: every column on one line per row instead of squeezing into 80 columns.
+    width = console.width if console.is_terminal else None
+
+    def table(rows: list[RunRow]) -> Any:
+        return render_table(rows, title=title, width=width, wide=args.wide)
+
+    with Live(table(collect_rows(exp)), console=console, auto_refresh=False) as live:
         while True:
             rows = collect_rows(exp)
-            live.update(render_table(rows, title=title), refresh=True)
+            live.update(table(rows), refresh=True)
             if rows and all(RunState(r.state).is_final for r in rows):
                 return exit_code(rows)
             time.sleep(max(0.5, args.interval))
