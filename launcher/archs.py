@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,18 @@ class ArchInfo:
             for lin in self.layer_linears:
                 yield f"{self.layer_prefix}.{i}.{lin.name}", lin
 
+    def lora_linears(self, targets: list[str] | str) -> tuple[Linear, ...]:
+        """The linear layers of one transformer layer LoRA wraps for ``target_modules``: peft's match
+        (the module name or its dotted suffix), or every one for ``all-linear`` (the LM head is outside
+        the layers)."""
+        if targets == "all-linear":
+            return self.layer_linears
+        return tuple(
+            lin
+            for lin in self.layer_linears
+            if any(lin.name == t or lin.name.endswith(f".{t}") for t in targets)
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -87,6 +99,20 @@ class ArchInfo:
             "total_params": self.total_params,
             "source": self.source,
         }
+
+
+def short_module_names(names: Iterable[str]) -> list[str]:
+    """Each name by its last component (``q_proj``), or by as many trailing components as it takes to
+    tell it from the others (GPT-2: ``attn.c_proj`` and ``mlp.c_proj``)."""
+    names = list(names)
+    parts = [name.split(".") for name in names]
+    shown = []
+    for mine in parts:
+        depth = 1
+        while depth < len(mine) and any(other != mine and other[-depth:] == mine[-depth:] for other in parts):
+            depth += 1
+        shown.append(".".join(mine[-depth:]))
+    return shown
 
 
 # --- bundled descriptions -------------------------------------------------------------------------
@@ -231,37 +257,105 @@ def guess_bundled_name(model_path: str) -> str | None:
 _LAYER_RE = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 
 
-def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
-    """Read the parameter listing of an instantiated (meta-device) causal LM."""
-    import torch
+def lora_module_types() -> tuple[type, ...]:
+    """The module types LoRA can wrap, as peft's ``all-linear`` sees them: ``nn.Linear`` and transformers'
+    ``Conv1D`` (GPT-2 and its relatives keep their projections in Conv1D, weight stored (in, out))."""
+    from torch import nn
 
-    params = list(model.named_parameters())
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+def linear_modules(model: Any) -> Iterator[tuple[str, int, int]]:
+    """(full module name, in_features, out_features) of every module LoRA can wrap."""
+    from torch import nn
+
+    types = lora_module_types()
+    for name, module in model.named_modules():
+        if not isinstance(module, types):
+            continue
+        if isinstance(module, nn.Linear):
+            yield name, int(module.in_features), int(module.out_features)
+        else:  # Conv1D: weight is (in_features, out_features)
+            fan_in, fan_out = module.weight.shape  # type: ignore[attr-defined]
+            yield name, int(fan_in), int(fan_out)
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Full names of the modules LoRA can wrap (the one list the planner and training both use)."""
+    return [name for name, _, _ in linear_modules(model)]
+
+
+def layer_list_prefix(named_sizes: Iterable[tuple[str, int]]) -> str | None:
+    """The parameter-name prefix of the transformer layer list (``model.layers``, ``transformer.h``):
+    the numbered list that holds the most parameters. Read from the names, not from a table of families."""
     by_prefix: dict[str, int] = {}
-    for pname, p in params:
+    for pname, numel in named_sizes:
         m = _LAYER_RE.match(pname)
         if m:
-            by_prefix[m.group(1)] = by_prefix.get(m.group(1), 0) + p.numel()
-    if not by_prefix:
+            by_prefix[m.group(1)] = by_prefix.get(m.group(1), 0) + numel
+    return max(by_prefix, key=lambda k: by_prefix[k]) if by_prefix else None
+
+
+def measured_kv(model: Any) -> tuple[int, int] | None:
+    """(key/value heads, head dim) from the model itself: one token through its forward with a KV cache
+    (on the meta device this costs no memory and no compute); None when the model cannot do that.
+
+    The config's names for these differ by family (``num_key_value_heads``, ``multi_query_group_num``,
+    ``n_head``...) and a config can omit them; the cache the attention layers fill cannot be wrong."""
+    import torch
+
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        layers = getattr(cache, "layers", None)
+        keys = layers[0].keys if layers else cache[0][0]  # type: ignore[index]
+        return int(keys.shape[1]), int(keys.shape[-1])
+    except Exception:  # remote code or an unusual cache: the config's numbers are the fallback
+        return None
+
+
+def param_numel(param: Any) -> int:
+    """Elements of a parameter; under ZeRO-3 a partitioned one is an empty tensor whose size is ds_numel."""
+    numel = int(param.numel())
+    return int(getattr(param, "ds_numel", numel)) if numel == 0 else numel
+
+
+def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
+    """Read the architecture of an instantiated (meta-device) causal LM from the model itself: the layer
+    list, its linear (and Conv1D) layers, the KV width; the config only for what the weights cannot say
+    (the number of attention heads)."""
+    params = [(pname, param_numel(p)) for pname, p in model.named_parameters()]
+    prefix = layer_list_prefix(params)
+    if prefix is None:
         raise ValueError(f"{name}: no numbered transformer layers found")
-    prefix = max(by_prefix, key=lambda k: by_prefix[k])
     layer_params: list[tuple[str, int]] = []
     other: list[tuple[str, int]] = []
     layer_ids: set[int] = set()
     leading = 0
-    for pname, p in params:
+    for pname, numel in params:
         m = _LAYER_RE.match(pname)
         if m and m.group(1) == prefix:
             layer_ids.add(int(m.group(2)))
             if int(m.group(2)) == 0:
-                layer_params.append((m.group(3), p.numel()))
+                layer_params.append((m.group(3), numel))
         else:
-            other.append((pname, p.numel()))
+            other.append((pname, numel))
             if not layer_ids:
                 leading += 1
-    linears: list[Linear] = []
-    for mname, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and mname.startswith(f"{prefix}.0."):
-            linears.append(Linear(mname[len(prefix) + 3 :], module.in_features, module.out_features))
+    first_layer = f"{prefix}.0."
+    linears = [
+        Linear(mname[len(first_layer) :], fan_in, fan_out)
+        for mname, fan_in, fan_out in linear_modules(model)
+        if mname.startswith(first_layer)
+    ]
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_module = None
     if out is not None:
@@ -269,18 +363,31 @@ def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
             if module is out:
                 output_module = mname
     cfg = model.config
-    hidden = int(getattr(cfg, "hidden_size", 0))
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hidden = int(getattr(embeddings, "embedding_dim", 0) or getattr(cfg, "hidden_size", 0))
+    vocab = int(getattr(embeddings, "num_embeddings", 0) or getattr(cfg, "vocab_size", 0))
     heads = int(getattr(cfg, "num_attention_heads", 1))
-    head_dim = int(getattr(cfg, "head_dim", None) or hidden // max(heads, 1))
+    kv = measured_kv(model)
+    if kv is not None:
+        kv_heads, head_dim = kv
+    else:
+        head_dim = int(getattr(cfg, "head_dim", None) or hidden // max(heads, 1))
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    # The MLP width: what the widest projection back to the hidden size takes in (down_proj, GPT-2's
+    # mlp.c_proj); fused gate+up layers make the up projections' width twice that.
+    down_inputs = [lin.in_features for lin in linears if lin.out_features == hidden]
+    ffn = max(down_inputs, default=0) or int(
+        getattr(cfg, "intermediate_size", 0) or getattr(cfg, "ffn_hidden_size", 0)
+    )
     return ArchInfo(
         name=name,
         num_layers=len(layer_ids),
         hidden_size=hidden,
         num_attention_heads=heads,
-        num_key_value_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        vocab_size=int(getattr(cfg, "vocab_size", 0)),
-        intermediate_size=int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "ffn_hidden_size", 0)),
+        vocab_size=vocab,
+        intermediate_size=ffn,
         layer_prefix=prefix,
         layer_params=tuple(layer_params),
         layer_linears=tuple(linears),

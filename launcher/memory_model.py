@@ -81,12 +81,6 @@ class ParamLayout:
         return sum(self.trainable) + sum(self.frozen)
 
 
-def _lora_matches(module: str, targets: list[str] | str, output_module: str | None) -> bool:
-    if targets == "all-linear":
-        return module != output_module
-    return any(module == t or module.endswith(f".{t}") for t in targets)
-
-
 def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
     """Which tensors train under ``method`` (mirrors what launcher.train.adapters does with peft)."""
     base = list(arch.param_names())
@@ -135,9 +129,7 @@ def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
     layout.trained_layers = arch.num_layers
     if isinstance(method, LoraMethod):
         targets: list[str] | str = method.target_modules
-        per_layer = [
-            lin for lin in arch.layer_linears if _lora_matches(lin.name, targets, arch.output_module)
-        ]
+        per_layer = arch.lora_linears(targets)
         if not per_layer:
             names = sorted({lin.name.rsplit(".", 1)[-1] for lin in arch.layer_linears})
             raise LayoutError(

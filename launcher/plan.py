@@ -22,6 +22,7 @@ from launcher.archs import (
     bundled_arch,
     bundled_arch_names,
     guess_bundled_name,
+    short_module_names,
     tiny_glm_arch,
 )
 from launcher.dsconfig import batch_sizes, render_ds_config
@@ -42,6 +43,7 @@ from launcher.spec import (
     EvalSpec,
     JobSpec,
     LoggingSpec,
+    LoraMethod,
     ModelSpec,
     RunConfig,
     TokenizerSpec,
@@ -288,6 +290,16 @@ def build_plan(spec: JobSpec, spec_path: Path) -> list[RunConfig]:
     return runs
 
 
+def lora_targets(run: RunConfig) -> list[str] | None:
+    """The layer modules LoRA will wrap, resolved on the model (``q_proj``...), for the plan to show."""
+    if not isinstance(run.method, LoraMethod):
+        return None
+    arch, _, _ = resolve_arch(run.model, Path.cwd())
+    if arch is None:
+        return None
+    return short_module_names(lin.name for lin in arch.lora_linears(run.method.target_modules))
+
+
 def plan_row(run: RunConfig) -> dict[str, Any]:
     """One run as ``launcher plan --json`` prints it and plan.json stores it."""
     r = run.resources
@@ -297,6 +309,7 @@ def plan_row(run: RunConfig) -> dict[str, Any]:
         "run_id": run.run_id,
         "method": run.method.method,
         "method_label": describe(run.method),
+        "lora_targets": lora_targets(run),
         "swept": run.swept,
         "nodes": r.nodes,
         "gpus_per_node": r.gpus_per_node,

@@ -42,3 +42,12 @@ def spo_files() -> tuple[Path, Path]:
     from launcher.demo_data import ensure_builtin_data
 
     return ensure_builtin_data("spo")
+
+
+@pytest.fixture(scope="session")
+def family_dirs() -> dict[str, Path]:
+    """Tiny random-weight models of the families people fine-tune (tests/families.py), built once and
+    cached next to the built-in model: family name -> model directory."""
+    from families import FAMILIES, ensure_family_model
+
+    return {name: ensure_family_model(name) for name in FAMILIES}

@@ -63,19 +63,28 @@ def make_run_dir(
     model_path: Path | None = None,
     template: str = "chatglm",
     gradient_checkpointing: bool = False,
+    method_spec: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    max_source_length: int = 48,
+    max_target_length: int = 24,
     **training: Any,
 ) -> RunPaths:
-    """A planned run dir (status PLANNED) for the built-in tiny model (or ``model_path``) on the bundled
-    dialogue data."""
+    """A planned run dir (status PLANNED) for the built-in tiny model (or ``model_path``), by default on
+    the bundled dialogue data. ``method_spec`` replaces the named METHODS entry; ``data`` the DataSpec
+    fields."""
     run_name = name or f"{method}-z{zero_stage}{'-off' if offload else ''}-w{world_size}"
     cfg = RunConfig(
         experiment="train-tests",
         name=run_name,
         run_id=f"test-{run_name}",
-        method=METHODS[method],  # type: ignore[arg-type]
+        method=method_spec or METHODS[method],  # type: ignore[arg-type]
         model=ModelSpec(path=str(model_path)) if model_path else ModelSpec(builtin="tiny-glm"),
         tokenizer=TokenizerSpec(),
-        data=DataSpec(builtin="dialogue", max_train_examples=train_examples, max_eval_examples=eval_examples),
+        data=DataSpec(
+            **(data or {"builtin": "dialogue"}),
+            max_train_examples=train_examples,
+            max_eval_examples=eval_examples,
+        ),
         template=template,
         training=TrainingSpec(
             learning_rate=learning_rate,
@@ -83,8 +92,8 @@ def make_run_dir(
             per_device_batch_size=micro_batch,
             gradient_accumulation_steps=accumulation,
             warmup_ratio=0.1,
-            max_source_length=48,
-            max_target_length=24,
+            max_source_length=max_source_length,
+            max_target_length=max_target_length,
             precision="fp32",
             logging_steps=logging_steps,
             save_steps=save_steps,

@@ -41,6 +41,11 @@ def _offload(row: dict[str, Any]) -> str:
     return "+".join(parts) or "-"
 
 
+def _method(row: dict[str, Any]) -> str:
+    targets = row.get("lora_targets")  # LoRA: the modules it wraps, resolved on the model
+    return row["method_label"] + (f"\non {' '.join(targets)}" if targets else "")
+
+
 def _batch(row: dict[str, Any]) -> str:
     micro, accum = row["micro_batch_size"], row["gradient_accumulation_steps"]
     return f"{micro}x{accum}x{row['world_size']}={row['train_batch_size']}"
@@ -50,7 +55,7 @@ def _batch(row: dict[str, Any]) -> str:
 # estimate and the layout first.
 PLAN_COLUMNS: tuple[Column[dict[str, Any]], ...] = (
     Column("run", lambda r: r["name"], priority=ALWAYS),
-    Column("method", lambda r: r["method_label"], priority=3, wrap=True),
+    Column("method", _method, priority=3, wrap=True),
     Column("swept", _swept, priority=5, wrap=True),
     Column("nodes x GPUs", lambda r: f"{r['nodes']} x {r['gpus_per_node']}", right=True, priority=1),
     Column("ZeRO", lambda r: str(r["zero_stage"]), right=True, priority=1),

@@ -12,23 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
+from launcher.archs import layer_list_prefix, linear_module_names, param_numel
 from launcher.errors import UserError
 from launcher.spec import FreezeMethod, FullMethod, LoraMethod, MethodSpec, PtuningMethod
 
 # Freeze with neither layers nor patterns: train the last 2 blocks (LLaMA-Factory's default).
 DEFAULT_FREEZE_LAYERS = 2
-# Where well-known architectures keep their decoder blocks (tried before the generic search).
-KNOWN_LAYER_PATHS: tuple[str, ...] = (
-    "model.layers",  # LLaMA, Qwen2, GLM (transformers)
-    "transformer.encoder.layers",  # ChatGLM2/3 (remote code)
-    "transformer.layers",  # ChatGLM-6B (remote code)
-    "transformer.h",  # GPT-2, Falcon, Bloom
-    "model.decoder.layers",  # OPT
-    "gpt_neox.layers",
-)
 _NAMES_SHOWN = 12
 
 
@@ -49,18 +40,10 @@ class ParamCounts:
         )
 
 
-def _numel(param: torch.Tensor) -> int:
-    # Under ZeRO-3 a partitioned parameter is an empty tensor; its real size is ds_numel.
-    numel = param.numel()
-    if numel == 0 and hasattr(param, "ds_numel"):
-        return int(param.ds_numel)
-    return int(numel)
-
-
 def count_params(model: nn.Module) -> ParamCounts:
     trainable = total = 0
     for param in model.parameters():  # shared (tied) parameters are yielded once
-        n = _numel(param)
+        n = param_numel(param)
         total += n
         if param.requires_grad:
             trainable += n
@@ -127,30 +110,16 @@ def apply_method(
 
 
 def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's list of transformer blocks: a known path, else the longest ModuleList of blocks
-    that all have the same type and own parameters."""
-    for path in KNOWN_LAYER_PATHS:
-        try:
-            found = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(found, nn.ModuleList) and len(found) > 0:
-            return path, found
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        kinds = {type(child) for child in module}
-        if len(kinds) != 1 or not any(True for _ in module[0].parameters()):
-            continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    if best is None:
+    """The model's list of transformer blocks, found as the planner finds it (``archs.layer_list_prefix``):
+    the numbered module list holding the most parameters."""
+    path = layer_list_prefix((name, param_numel(p)) for name, p in model.named_parameters())
+    found = model.get_submodule(path) if path is not None else None
+    if not isinstance(found, nn.ModuleList) or len(found) == 0:
         raise UserError(
             f"could not find the transformer layer list of {type(model).__name__} for `trainable_layers`; "
             "use `trainable_patterns` (regexes over parameter names) instead"
         )
-    return best
+    return str(path), found
 
 
 def _sample_names(names: list[str]) -> str:
@@ -198,18 +167,6 @@ def _spread(names: list[str]) -> list[str]:
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
-
-
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Full names of the modules LoRA can wrap (Linear and GPT-2's Conv1D)."""
-    lora_types: tuple[type, ...] = (nn.Linear,)
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        lora_types = (nn.Linear, Conv1D)
-    except ImportError:  # pragma: no cover
-        pass
-    return [name for name, module in model.named_modules() if isinstance(module, lora_types)]
 
 
 def check_lora_targets(model: nn.Module, targets: list[str] | str) -> None:
