@@ -111,7 +111,8 @@ def _load_pair(exp: ExperimentPaths, run_a: str, run_b: str) -> list[tuple[str, 
 
 
 def _html_page(sheet_id: str, rows: list[dict[str, Any]]) -> str:
-    """A self-contained page: no network, the verdicts download as the CSV that ``import`` reads."""
+    """A self-contained page: no network; verdicts are kept in the browser's localStorage under the sheet
+    id as they are given (a closed tab loses nothing) and download as the CSV that ``import`` reads."""
     body = []
     for row in rows:
         item = row["item"]
@@ -137,7 +138,8 @@ td:nth-child(3), td:nth-child(4) {{ width: 30%; }}
 </style></head><body>
 <h1>Blind review, sheet {sheet_id}</h1>
 <p>For each prompt, pick the better output (or tie). The two outputs come from two systems in a random
-order per row. Then press <b>Download filled CSV</b> and send the file back
+order per row. Your verdicts are kept in this browser as you go (closing the tab loses nothing). When
+you are done, press <b>Download filled CSV</b> and send the file back
 (<code>launcher review import EXP FILE</code>).</p>
 <p><button onclick="download()">Download filled CSV</button> <span id="count"></span></p>
 <table><tr><th>#</th><th>prompt</th><th>output 1</th><th>output 2</th><th>verdict</th></tr>
@@ -146,25 +148,76 @@ order per row. Then press <b>Download filled CSV</b> and send the file back
 <script>
 const ROWS = {data};
 const COLUMNS = {columns};
+const STORE = "launcher-review:{sheet_id}";  // one entry per sheet: several sheets can be open at once
+let storage = null;
+try {{
+  storage = window.localStorage;
+  storage.setItem(STORE + ":probe", "1");
+  storage.removeItem(STORE + ":probe");
+}} catch (e) {{
+  storage = null;  // e.g. storage disabled for files: the page says so
+}}
+function field(name, item) {{
+  return document.querySelector('input[name="' + name + item + '"]');
+}}
+function verdicts() {{
+  const out = {{}};
+  for (const row of ROWS) {{
+    const checked = document.querySelector('input[name="v' + row.item + '"]:checked');
+    const comment = field("c", row.item).value;
+    if (checked || comment) out[row.item] = {{verdict: checked ? checked.value : "", comment: comment}};
+  }}
+  return out;
+}}
+function save() {{
+  const saved = verdicts();
+  const rated = Object.values(saved).filter(v => v.verdict).length;
+  let note = rated + " of " + ROWS.length + " rated";
+  if (storage) {{
+    storage.setItem(STORE, JSON.stringify(saved));
+    note += ", saved in this browser";
+  }} else {{
+    note += "; this browser does not keep them: download the CSV before you close the tab";
+  }}
+  document.getElementById("count").textContent = note;
+}}
+function restore() {{
+  let saved = {{}};
+  try {{
+    saved = JSON.parse((storage && storage.getItem(STORE)) || "{{}}");
+  }} catch (e) {{
+    saved = {{}};
+  }}
+  for (const [item, v] of Object.entries(saved)) {{
+    const radio = document.querySelector('input[name="v' + item + '"][value="' + v.verdict + '"]');
+    if (radio) radio.checked = true;
+    if (field("c", item)) field("c", item).value = v.comment || "";
+  }}
+  save();
+}}
 function cell(v) {{
   v = String(v ?? "");
   return /[",\\n\\r]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v;
 }}
-function download() {{
+function csvText() {{
+  const saved = verdicts();
   const lines = [COLUMNS.join(",")];
-  let rated = 0;
   for (const row of ROWS) {{
-    const checked = document.querySelector('input[name="v' + row.item + '"]:checked');
-    row.verdict = checked ? checked.value : "";
-    row.comment = document.querySelector('input[name="c' + row.item + '"]').value;
-    if (checked) rated++;
-    lines.push(COLUMNS.map(c => cell(row[c])).join(","));
+    const v = saved[row.item] || {{verdict: "", comment: ""}};
+    const filled = Object.assign({{}}, row, {{verdict: v.verdict, comment: v.comment}});
+    lines.push(COLUMNS.map(c => cell(filled[c])).join(","));
   }}
-  document.getElementById("count").textContent = rated + " of " + ROWS.length + " rated";
-  const blob = new Blob(["\\ufeff" + lines.join("\\r\\n") + "\\r\\n"], {{type: "text/csv;charset=utf-8"}});
+  return "\\ufeff" + lines.join("\\r\\n") + "\\r\\n";
+}}
+function download() {{
+  save();
+  const blob = new Blob([csvText()], {{type: "text/csv;charset=utf-8"}});
   const a = document.createElement("a");
   a.href = URL.createObjectURL(blob); a.download = "review_{sheet_id}_filled.csv"; a.click();
 }}
+document.addEventListener("change", save);
+document.addEventListener("input", save);
+restore();
 </script></body></html>
 """
 
