@@ -22,8 +22,7 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 ALWAYS = 0
-_WRAP_MIN_WIDTH = 16  # free text folds to no less than this, or its longest word up to _WORD_MAX_WIDTH
-_WORD_MAX_WIDTH = 30
+_WRAP_MIN_WIDTH = 12  # free text folds to no narrower than this (a failure reason must find room)
 
 
 @dataclass(frozen=True)
@@ -70,12 +69,8 @@ def _layout(
         max([_text_width(c.header), *(_text_width(row[i]) for row in cells)]) for i, c in enumerate(columns)
     ]
     content = [max((_text_width(row[i]) for row in cells), default=0) for i in range(len(columns))]
-    words = [max((_header_min(row[i]) for row in cells), default=0) for i in range(len(columns))]
     minimum = [
-        max(
-            _header_min(c.header),
-            min(content[i], max(_WRAP_MIN_WIDTH, min(words[i], _WORD_MAX_WIDTH))) if c.wrap else content[i],
-        )
+        max(_header_min(c.header), min(content[i], _WRAP_MIN_WIDTH) if c.wrap else content[i])
         for i, c in enumerate(columns)
     ]
     if width is None:

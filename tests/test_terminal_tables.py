@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from collect_fixtures import default_result, make_run, perturb, references, samples, write_spec
 from sacrebleu.metrics import BLEU
+from spec_helpers import SPEC
 
 from launcher.collect import collect_experiments
 from launcher.collect.table import COLUMNS
@@ -187,31 +188,12 @@ def test_collect_wide_shows_every_column(terminal, experiments) -> None:
 
 # --- plan ------------------------------------------------------------------------------------------
 
-SWEEP_SPEC = """\
-experiment: sweep
-output_dir: {out}
-model: {{builtin: tiny-glm}}
-data: {{builtin: dialogue}}
-training: {{precision: fp32}}
-methods:
-  - method: lora
-  - method: freeze
-    trainable_layers: 1
-sweep:
-  grid:
-    training.learning_rate: [1.0e-4, 1.0e-3]
-    method.r: [4, 8]
-  zip:
-    training.max_source_length: [64, 128]
-    training.max_target_length: [16, 32]
-"""
-
 
 @pytest.fixture(scope="module")
 def sweep_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("plan")
     path = root / "sweep.yaml"
-    path.write_text(SWEEP_SPEC.format(out=root / "runs"))
+    path.write_text(f"output_dir: {root / 'runs'}\n" + SPEC)  # a grid x zip x seeds sweep: long run names
     return path
 
 
