@@ -23,6 +23,7 @@ R = TypeVar("R")
 
 ALWAYS = 0
 _WRAP_MIN_WIDTH = 12  # free text folds to no narrower than this (a failure reason must find room)
+_WORD_WIDTH = 30  # ...and is given room for its longest word up to this before another column is added
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ def _layout(
         max(_header_min(c.header), min(content[i], _WRAP_MIN_WIDTH) if c.wrap else content[i])
         for i, c in enumerate(columns)
     ]
+    words = [max((_header_min(row[i]) for row in cells), default=0) for i in range(len(columns))]
+    comfortable = [
+        max(minimum[i], min(content[i], words[i], _WORD_WIDTH)) if c.wrap else minimum[i]
+        for i, c in enumerate(columns)
+    ]
     if width is None:
         return _Layout(list(range(len(columns))), natural, [])
     # A column with nothing in it (no row has a reason) is left out without a word.
@@ -82,10 +88,16 @@ def _layout(
     order = sorted(columns_with_text, key=lambda i: (columns[i].priority, i))
     chosen = [i for i in order if columns[i].priority == ALWAYS or every_column]
     for i in order:
-        if i not in chosen and _table_width([minimum[j] for j in [*chosen, i]]) <= width:
+        # Free text already shown keeps room for whole words before another column comes in; a free
+        # text column itself may come in folded to the minimum.
+        if i not in chosen and (
+            _table_width([comfortable[j] for j in [*chosen, i]]) <= width
+            or (columns[i].wrap and _table_width([minimum[j] for j in [*chosen, i]]) <= width)
+        ):
             chosen.append(i)
     chosen.sort()
-    widths = {i: minimum[i] for i in chosen}
+    roomy = _table_width([comfortable[i] for i in chosen]) <= width
+    widths = {i: comfortable[i] if roomy else minimum[i] for i in chosen}
     # Room left: first unfold free text, then unwrap headers.
     spare = width - _table_width(list(widths.values()))
     for i in [*(j for j in chosen if columns[j].wrap), *chosen]:
