@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/submit_overhead.py [--runs 1000] [--json out.json]
 
-Both ways plan the same spec (`build_plan` + `write_run_dirs`) and submit through submitit; every job
+Both ways plan the same spec (`load_and_plan` + `write_run_dirs`) and submit through submitit; every job
 is submitted held (`--hold`) and cancelled right after, so nothing runs and the machine is not
 flooded. Printed: wall time of plan and of submit for each way, their ratios, and the number of
 sbatch calls (arrays: one per resource shape + the collector job).
@@ -43,13 +43,11 @@ def write_spec(directory: Path, experiment: str, runs: int) -> Path:
 
 
 def plan(spec_path: Path) -> tuple[object, list, object]:
-    from launcher.plan import build_plan, write_run_dirs
-    from launcher.spec import load_spec
+    from launcher.plan import load_and_plan, write_run_dirs
 
-    spec = load_spec(spec_path)
-    runs = build_plan(spec, spec_path)
-    exp = write_run_dirs(spec, spec_path, runs)
-    return spec, runs, exp
+    loaded = load_and_plan(spec_path)
+    exp = write_run_dirs(loaded)
+    return loaded.spec, loaded.runs, exp
 
 
 def cancel_by_name(name: str) -> None:

@@ -116,13 +116,11 @@ def _spec(root: Path, name: str, data: dict[str, Any], args: argparse.Namespace,
 
 
 def _plan_run_dir(spec_path: Path) -> Path:
-    from launcher.plan import build_plan, write_run_dirs
-    from launcher.spec import load_spec
+    from launcher.plan import load_and_plan, write_run_dirs
 
-    spec = load_spec(spec_path)
-    runs = build_plan(spec, spec_path)
-    exp = write_run_dirs(spec, spec_path, runs, force=True)
-    return exp.run(runs[0].name).root
+    plan = load_and_plan(spec_path)
+    exp = write_run_dirs(plan, force=True)
+    return exp.run(plan.runs[0].name).root
 
 
 # --- workers (one subprocess each) ---------------------------------------------------------------

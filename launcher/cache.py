@@ -7,13 +7,13 @@ place: readers see either no directory or a complete one, never a half-written o
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+
+from filelock import FileLock
 
 CACHE_ENV = "LAUNCHER_CACHE_DIR"
 
@@ -35,21 +35,6 @@ def cache_dir() -> Path:
     return base / ".cache" / "launcher"
 
 
-@contextlib.contextmanager
-def file_lock(lock_path: Path) -> Iterator[None]:
-    """Exclusive cross-process lock (fcntl.flock) held for the ``with`` block.
-
-    The kernel drops the lock when the process dies, so a killed builder never blocks the others.
-    """
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """Return ``target``, building it first with ``build(tmp_dir)`` if it does not exist yet.
 
@@ -59,7 +44,8 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.parent / f".{target.name}.lock"):
+    # flock underneath: the kernel drops it when the holder dies, so a killed builder blocks nobody.
+    with FileLock(target.parent / f".{target.name}.lock"):
         if target.is_dir():  # another process published it while we waited
             return target
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 USAGE_EXIT_CODE = 2
 
 
@@ -22,3 +24,16 @@ class SpecError(UserError):
         count = len(self.problems)
         header = f"{count} problem{'s' if count != 1 else ''} in the job spec:"
         super().__init__("\n".join([header, *(f"  {p}" for p in self.problems)]))
+
+
+class DiskFullError(OSError):
+    """A write ran out of space (or quota); names the file, so the FAILED reason says where."""
+
+    ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+    def __init__(self, path: object, code: int = errno.ENOSPC):
+        what = "disk quota exceeded" if code == errno.EDQUOT else "no space left on device"
+        super().__init__(code, f"disk full: {what} writing {path}", str(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -1,15 +1,20 @@
-"""The plan: expanded runs with their resources, and the run directories that materialise them.
+"""The plan: a spec loaded, validated and expanded once, and the run directories that materialise it.
 
-``build_plan`` turns a validated JobSpec into one ``RunConfig`` per run (sweep expanded, paths made
-absolute, resources chosen, run id hashed). ``write_run_dirs`` writes the experiment directory
-(spec.yaml, plan.json) and each run's run.yaml, ds_config.json and status.json, after checking that
-nothing it would overwrite belongs to a different run.
+``load_and_plan`` is what every command starts from: YAML with positions, the schema and the semantic
+checks (launcher.spec_check), then one ``RunConfig`` per run (sweep expanded, paths made absolute,
+resources chosen, run id hashed), with every problem of all three stages raised together. The
+``Plan`` it returns keeps each run's architecture, so nothing resolves it again.
+``write_run_dirs`` writes the experiment directory (spec.yaml, plan.json) and each run's run.yaml,
+ds_config.json and status.json, after checking that nothing it would overwrite belongs to a different
+run.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +35,13 @@ from launcher.errors import UserError
 from launcher.memory_model import LayoutError, param_layout
 from launcher.methods import describe
 from launcher.resources import ResourceProblem, resolve_resources
+from launcher.run_identity import run_id_of
+from launcher.run_status import update_status
 from launcher.rundir import (
     ExperimentPaths,
     RunState,
     utc_now,
     write_json_atomic,
-    write_status,
     write_text_atomic,
 )
 from launcher.spec import (
@@ -49,28 +55,57 @@ from launcher.spec import (
     TokenizerSpec,
     TrainingSpec,
 )
-from launcher.sweep import RunPlan, config_hash, expand
-from launcher.yaml_source import Problems
+from launcher.spec_check import resolve_path, validate_spec
+from launcher.sweep import RunPlan, expand
+from launcher.yaml_source import Problems, load_yaml_file
 
 _WRITE_THREADS = 16  # overlapping fsyncs; more threads stop paying off on one disk
 
-RUN_ID_EXCLUDED = ("est_mem_gib", "fits")
-"""Estimates are not configuration: improving the memory model must not change run ids."""
-RUN_ID_EXCLUDED_SECTIONS = ("logging",)
-"""Where metrics are reported is not what is trained: adding W&B to a spec keeps its runs."""
+
+@dataclass
+class Plan:
+    """A validated spec and its runs, each with the architecture its memory was planned with."""
+
+    spec: JobSpec
+    spec_path: Path
+    runs: list[RunConfig]
+    archs: dict[str, ArchInfo] = field(default_factory=dict)
+    """Run name -> the model architecture the planner resolved for it (sizes, layer names)."""
+    warnings: list[str] = field(default_factory=list)
+    """Problems that are not errors here (e.g. data files not on this machine, errors at submit)."""
+
+    @property
+    def exp(self) -> ExperimentPaths:
+        return experiment_paths(self.spec)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every run as ``launcher plan --json`` prints it."""
+        return [plan_row(run, self.archs[run.name]) for run in self.runs]
+
+
+def load_and_plan(spec_path: Path, *, check_paths: bool = False) -> Plan:
+    """Load, validate and plan a spec file once; every problem is raised together as a SpecError
+    (file:line:col: key: message).
+
+    ``check_paths``: model/data/hostfile paths that are not on this machine are errors (submit)
+    instead of warnings (validate, plan). Later stages that read the inputs themselves belong here
+    too, reporting into the same ``problems``.
+    """
+    spec_path = Path(spec_path)
+    data, source = load_yaml_file(spec_path)
+    problems = Problems(source, str(spec_path))
+    spec = validate_spec(data, spec_path, problems, check_paths=check_paths)
+    runs: list[RunConfig] = []
+    archs: dict[str, ArchInfo] = {}
+    if not problems.errors:  # planning a spec with known problems would only repeat them
+        runs, archs = plan_runs(spec, spec_path, problems)
+    problems.raise_if_errors()
+    return Plan(spec=spec, spec_path=spec_path, runs=runs, archs=archs, warnings=list(problems.warnings))
 
 
 def experiment_paths(spec: JobSpec) -> ExperimentPaths:
     """``<output_dir>/<experiment>``; a relative output_dir is relative to the current directory."""
     return ExperimentPaths((Path(spec.output_dir).expanduser() / spec.experiment).absolute())
-
-
-def resolve_path(value: str | None, base_dir: Path) -> str | None:
-    """A spec path made absolute against the spec file's directory (``~`` expanded)."""
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
 def resolve_logging(logging: LoggingSpec, base_dir: Path) -> LoggingSpec:
@@ -132,13 +167,6 @@ def _absolute_paths(config: dict[str, Any], base_dir: Path) -> None:
         config["data"][key] = resolve_path(config["data"].get(key), base_dir)
 
 
-def run_id_of(run: RunConfig) -> str:
-    data = run.model_dump(mode="json", exclude={"run_id", *RUN_ID_EXCLUDED_SECTIONS})
-    for key in RUN_ID_EXCLUDED:
-        data["resources"].pop(key, None)
-    return config_hash(data)
-
-
 def _resource_key_path(problems: Problems, plan: RunPlan, key: str) -> tuple[str | int, ...]:
     """Where the value a resource problem is about was written: the method, the top level, or training."""
     parts = tuple(key.split("."))
@@ -169,13 +197,17 @@ class _RunProblems:
             problems.error(path, f"{label}: {message}")
 
 
-def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunConfig]:
-    """Every run of the spec as a RunConfig; problems are collected, runs with problems are skipped."""
+def plan_runs(
+    spec: JobSpec, spec_path: Path, problems: Problems
+) -> tuple[list[RunConfig], dict[str, ArchInfo]]:
+    """Every run of the spec as a RunConfig, with its architecture by run name; problems are collected,
+    runs with problems are skipped."""
     per_run = _RunProblems()
     base_dir = spec_path.resolve().parent
     hostfile = resolve_path(spec.hostfile, base_dir)
     logging = resolve_logging(spec.logging, base_dir)
     runs: list[RunConfig] = []
+    archs: dict[str, ArchInfo] = {}
     arch_cache: dict[str, tuple[ArchInfo | None, str | None, str | None]] = {}
     seen: dict[str, int] = {}
     for plan in expand(spec):
@@ -272,6 +304,7 @@ def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunCon
             continue
         run.run_id = run_id_of(run)
         runs.append(run)
+        archs[run.name] = arch
     per_run.flush(problems)
     if spec.baseline is not None and runs and spec.baseline not in {r.name for r in runs}:
         problems.error(
@@ -279,29 +312,19 @@ def plan_runs(spec: JobSpec, spec_path: Path, problems: Problems) -> list[RunCon
             f"no run is named {spec.baseline!r}; runs: {', '.join(r.name for r in runs)}",
             prefer_value=True,
         )
-    return runs
+    return runs, archs
 
 
-def build_plan(spec: JobSpec, spec_path: Path) -> list[RunConfig]:
-    """The runs of a validated spec (raises SpecError if a run cannot be planned)."""
-    problems = Problems(spec.source_map, str(spec_path))
-    runs = plan_runs(spec, spec_path, problems)
-    problems.raise_if_errors()
-    return runs
-
-
-def lora_targets(run: RunConfig) -> list[str] | None:
+def lora_targets(run: RunConfig, arch: ArchInfo) -> list[str] | None:
     """The layer modules LoRA will wrap, resolved on the model (``q_proj``...), for the plan to show."""
     if not isinstance(run.method, LoraMethod):
-        return None
-    arch, _, _ = resolve_arch(run.model, Path.cwd())
-    if arch is None:
         return None
     return short_module_names(lin.name for lin in arch.lora_linears(run.method.target_modules))
 
 
-def plan_row(run: RunConfig) -> dict[str, Any]:
-    """One run as ``launcher plan --json`` prints it and plan.json stores it."""
+def plan_row(run: RunConfig, arch: ArchInfo) -> dict[str, Any]:
+    """One run as ``launcher plan --json`` prints it and plan.json stores it (``arch``: the run's
+    architecture as the plan resolved it)."""
     r = run.resources
     train_batch, micro, accum = batch_sizes(run)
     return {
@@ -309,7 +332,7 @@ def plan_row(run: RunConfig) -> dict[str, Any]:
         "run_id": run.run_id,
         "method": run.method.method,
         "method_label": describe(run.method),
-        "lora_targets": lora_targets(run),
+        "lora_targets": lora_targets(run, arch),
         "swept": run.swept,
         "nodes": r.nodes,
         "gpus_per_node": r.gpus_per_node,
@@ -326,37 +349,41 @@ def plan_row(run: RunConfig) -> dict[str, Any]:
     }
 
 
-def _hidden_size(run: RunConfig) -> int:
-    arch, error, _ = resolve_arch(run.model, Path.cwd())
-    if arch is None:
-        raise UserError(f"{run.name}: {error}")
-    return arch.hidden_size
-
-
-def _existing_run_id(path: Path) -> str | None:
+def _existing_run_id(path: Path, planned_id: str) -> str:
+    """The identity of the run a run.yaml holds: its run_id, recomputed when it differs from the plan's
+    (a run dir written by an older launcher stamped ids that hashed placement too)."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return "<unreadable>"
-    return str(data.get("run_id")) if isinstance(data, dict) else "<unreadable>"
+    stored = str(data.get("run_id")) if isinstance(data, dict) else "<unreadable>"
+    if stored == planned_id or not isinstance(data, dict):
+        return stored
+    try:
+        return run_id_of(RunConfig.model_validate(data))
+    except ValidationError:
+        return stored
 
 
 def write_run_dirs(
-    spec: JobSpec, spec_path: Path, runs: list[RunConfig], *, force: bool = False
+    plan: Plan, runs: Sequence[RunConfig] | None = None, *, force: bool = False
 ) -> ExperimentPaths:
-    """Materialise the experiment: spec.yaml, plan.json and per run run.yaml, ds_config.json, status.json.
+    """Materialise the experiment: spec.yaml, plan.json and per run (all of the plan's, or ``runs``)
+    run.yaml, ds_config.json, status.json.
 
     A run directory that already holds a run with a different id (the spec changed under the same name)
     is refused unless ``force``, which replaces it. A directory with the same run id is kept as it is
     (its status and results stay), so re-planning or re-submitting an experiment is safe.
     """
+    spec, spec_path = plan.spec, plan.spec_path
+    runs = plan.runs if runs is None else list(runs)
     exp = experiment_paths(spec)
     conflicts: list[str] = []
     replace: set[str] = set()
     for run in runs:
         existing = exp.run(run.name).run_yaml
         if existing.exists():
-            old_id = _existing_run_id(existing)
+            old_id = _existing_run_id(existing, run.run_id)
             if old_id != run.run_id:
                 conflicts.append(
                     f"{exp.run(run.name).root}: holds run_id {old_id}, the plan has {run.run_id}"
@@ -369,7 +396,7 @@ def write_run_dirs(
             + "\nuse --force to replace them (their results are deleted), or change `experiment:`"
         )
     # Render everything before writing anything: a failure must leave nothing half-written.
-    rendered = [(run, render_ds_config(run, _hidden_size(run))) for run in runs]
+    rendered = [(run, render_ds_config(run, plan.archs[run.name].hidden_size)) for run in runs]
     try:
         spec_text = spec_path.read_text(encoding="utf-8")
     except OSError:
@@ -382,7 +409,7 @@ def write_run_dirs(
             "experiment": spec.experiment,
             "spec": str(spec_path.resolve()),
             "created_at": utc_now(),
-            "runs": [plan_row(run) for run in runs],
+            "runs": [plan_row(run, plan.archs[run.name]) for run in runs],
         },
     )
 
@@ -395,7 +422,7 @@ def write_run_dirs(
         write_text_atomic(paths.run_yaml, run.to_yaml())
         write_json_atomic(paths.ds_config, ds_config)
         if fresh:
-            write_status(paths, RunState.PLANNED)
+            update_status(paths, RunState.PLANNED)
 
     # Each file is fsynced; fsync waits on the disk with the GIL released, so threads overlap the waits
     # (a 1,000-run sweep otherwise spends most of its plan time in 3,000 sequential fsyncs).

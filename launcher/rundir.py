@@ -1,7 +1,8 @@
 """The run-directory contract: the single owner of every file name, plus atomic writes.
 
-The run directory is the only thing that passes between submit, train and collect (DESIGN.md).
-Names here are public: users' scripts, the tests and the collector read them.
+The run directory is the only thing that passes between submit, train and collect
+(docs/run_directory.md). Names here are public: users' scripts, the tests and the collector read them.
+status.json's content and merge policy belong to launcher.run_status.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from launcher.errors import DiskFullError
 
 
 class RunState(str, Enum):
@@ -222,28 +225,36 @@ def _umask_mode() -> int:
 _FILE_MODE = _umask_mode()  # read once: os.umask is process-global, so don't toggle it per write
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over the target.
 
-    Readers see the old file or the new one, never a half-written one.
+    Readers see the old file or the new one, never a half-written one. ``mode``: e.g. 0o755 for a
+    script (default: what a plain open() would give). A full disk raises DiskFullError naming ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _FILE_MODE)
+        os.fchmod(fd, _FILE_MODE if mode is None else mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        _raise_disk_full(exc, path)
         raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+def _raise_disk_full(exc: BaseException, path: Path) -> None:
+    """OSError(ENOSPC) from a write names no file: re-raise it as DiskFullError naming ``path``."""
+    if isinstance(exc, OSError) and not isinstance(exc, DiskFullError) and exc.errno in DiskFullError.ERRNOS:
+        raise DiskFullError(path, exc.errno) from exc
+
+
+def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), mode=mode)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -253,10 +264,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def append_jsonl(path: Path, obj: Any) -> None:
     """Append one line and flush it to disk (a crash loses at most the line being written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(to_json(obj, indent=None) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(to_json(obj, indent=None) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        _raise_disk_full(exc, path)
+        raise
 
 
 def read_json(path: Path) -> Any:
@@ -281,48 +296,8 @@ def iter_jsonl(path: Path, skipped: list[str] | None = None) -> Iterator[dict[st
                 yield obj
 
 
-# --- status.json -------------------------------------------------------------------------------
+# --- time ---------------------------------------------------------------------------------------
 
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# Scheduler bookkeeping written by a backend survives the trainer's own status updates (which do not
-# know them): `launcher status` shows the attempt and job id while a requeued run trains.
-STICKY_STATUS_KEYS: tuple[str, ...] = (
-    "job_id",
-    "array_job_id",
-    "array_index",
-    "attempt",
-    "max_requeues",
-    "cancel_requested",
-)
-
-
-def write_status(paths: RunPaths, state: RunState, reason: str | None = None, **extra: Any) -> None:
-    """Record the run's state; extra keys (job_id, attempt, step...) are kept alongside.
-
-    STICKY_STATUS_KEYS already in status.json are carried over unless given here."""
-    payload: dict[str, Any] = {"state": state.value, "updated_at": utc_now(), "reason": reason}
-    if paths.status_json.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            previous = read_json(paths.status_json)
-            if isinstance(previous, dict):
-                payload.update({k: previous[k] for k in STICKY_STATUS_KEYS if k in previous})
-    payload.update(extra)
-    write_json_atomic(paths.status_json, payload)
-
-
-def read_status(paths: RunPaths) -> dict[str, Any]:
-    """The run's status; a missing or unreadable file reads as PLANNED with a reason."""
-    try:
-        data = read_json(paths.status_json)
-    except FileNotFoundError:
-        return {"state": RunState.PLANNED.value, "updated_at": None, "reason": None}
-    except (json.JSONDecodeError, OSError) as exc:
-        return {"state": RunState.PLANNED.value, "updated_at": None, "reason": f"unreadable status: {exc}"}
-    if not isinstance(data, dict) or data.get("state") not in RunState.__members__:
-        reason = "status.json has no valid state"
-        return {"state": RunState.PLANNED.value, "updated_at": None, "reason": reason}
-    return data

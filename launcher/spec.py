@@ -1,7 +1,8 @@
 """The job-spec schema (typed models) and the resolved per-run config that ``run.yaml`` holds.
 
-Field names here are the public YAML keys. ``load_spec`` (validation with file:line errors) builds on
-these models; ``RunConfig`` is what a rank reads from ``run.yaml`` and the only config it sees.
+The schema only: field names here are the public YAML keys. Loading a spec file, validating it with
+file:line errors (launcher.spec_check) and planning it happen in ``launcher.plan.load_and_plan``;
+``RunConfig`` is what a rank reads from ``run.yaml`` and the only config it sees.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field
 
 Precision = Literal["bf16", "fp16", "fp32"]
 BuiltinModel = Literal["tiny-glm"]
 BuiltinData = Literal["dialogue", "spo"]
 DataFormat = Literal["auto", "chatglm", "alpaca"]
-MethodName = Literal["freeze", "ptuning", "lora", "full"]
 BackendName = Literal["slurm", "local", "hostfile"]
 METHOD_NAMES: tuple[str, ...] = ("freeze", "ptuning", "lora", "full")
 
@@ -241,30 +241,6 @@ class JobSpec(StrictModel):
     baseline: str | None = None
     """Run name the collector compares against; default: the first run."""
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
-
-    # Where each key came from (set by load_spec) and the warnings validation found.
-    _source: Any = PrivateAttr(default=None)
-    _warnings: list[str] = PrivateAttr(default_factory=list)
-
-    @property
-    def source_map(self) -> Any:
-        """The ``launcher.yaml_source.SourceMap`` of the file this spec was loaded from (or None)."""
-        return self._source
-
-    @property
-    def spec_warnings(self) -> list[str]:
-        """Problems that are not errors at plan time (e.g. data files missing on this machine)."""
-        return list(self._warnings)
-
-
-def load_spec(path: Path, *, check_paths: bool = False) -> JobSpec:
-    """Load and validate a job spec; every problem is raised at once as a SpecError (file:line:col).
-
-    ``check_paths``: data/model paths that do not exist are errors (submit) instead of warnings (plan).
-    """
-    from launcher.spec_check import load_and_check
-
-    return load_and_check(Path(path), check_paths=check_paths)
 
 
 class ResolvedResources(StrictModel):

@@ -5,9 +5,9 @@ Three layers, all problems collected and raised together as one SpecError:
 2. the schema (pydantic): its errors are translated to key paths with positions, valid choices and the
    closest valid key ("did you mean lora_alpha?");
 3. semantic checks: model/data choices, sweep and override keys, zip lengths, freeze settings, paths that
-   do not exist (errors at submit, warnings at plan), and everything the plan itself finds (batch
-   arithmetic, ZeRO stage vs offload, P-Tuning v2 + gradient checkpointing, runs that cannot fit,
-   duplicate run names).
+   do not exist (errors at submit, warnings at plan).
+What only planning can find (batch arithmetic, runs that cannot fit, duplicate run names) is checked
+by launcher.plan, into the same problem list: ``launcher.plan.load_and_plan`` runs both, once.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from launcher.errors import UserError
 from launcher.spec import METHOD_NAMES, FreezeMethod, JobSpec, ResourcesSpec
 from launcher.sweep import SECTIONS, base_config, method_has_field, set_dotted, valid_dotted_keys
-from launcher.yaml_source import KeyPath, Problems, load_yaml_file
+from launcher.yaml_source import KeyPath, Problems
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -449,9 +449,15 @@ def _check_sweep(spec: JobSpec, problems: Problems) -> None:
             _check_dotted_value(spec, key, value, where, problems)
 
 
-def _check_paths(spec: JobSpec, base_dir: Path, problems: Problems, check_paths: bool) -> None:
-    from launcher.plan import resolve_path
+def resolve_path(value: str | None, base_dir: Path) -> str | None:
+    """A spec path made absolute against the spec file's directory (``~`` expanded)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
 
+
+def _check_paths(spec: JobSpec, base_dir: Path, problems: Problems, check_paths: bool) -> None:
     report = problems.error if check_paths else problems.warn
     checks: list[tuple[KeyPath, str | None, str]] = [
         (("data", "train_file"), spec.data.train_file, "file"),
@@ -487,23 +493,18 @@ def _check_logging(spec: JobSpec, problems: Problems) -> None:
 
 
 def check_spec(spec: JobSpec, spec_path: Path, problems: Problems, *, check_paths: bool) -> None:
-    """Semantic checks of a schema-valid spec, then the plan's own checks when those pass."""
+    """Semantic checks of a schema-valid spec (the plan's own checks come after, in launcher.plan)."""
     _check_names(spec, problems)
     _check_model_data(spec, problems)
     _check_methods(spec, problems)
     _check_sweep(spec, problems)
     _check_paths(spec, spec_path.resolve().parent, problems, check_paths)
     _check_logging(spec, problems)
-    if problems.errors:
-        return
-    from launcher.plan import plan_runs
-
-    plan_runs(spec, spec_path, problems)
 
 
-def load_and_check(path: Path, *, check_paths: bool = False) -> JobSpec:
-    data, smap = load_yaml_file(path)
-    problems = Problems(smap, str(path))
+def validate_spec(data: Any, spec_path: Path, problems: Problems, *, check_paths: bool) -> JobSpec:
+    """The loaded YAML as a JobSpec: schema errors raise at once (nothing else can be checked without
+    a schema-valid spec); semantic problems are added to ``problems`` for the caller to raise."""
     if not isinstance(data, dict):
         problems.error(
             (), f"a job spec is a YAML mapping (experiment:, model:, data:, methods: ...), got {_show(data)}"
@@ -515,8 +516,5 @@ def load_and_check(path: Path, *, check_paths: bool = False) -> JobSpec:
         translate_errors(exc, data, problems)
         problems.raise_if_errors()
         raise  # unreachable: a ValidationError always has errors
-    spec._source = smap
-    check_spec(spec, path, problems, check_paths=check_paths)
-    problems.raise_if_errors()
-    spec._warnings = list(problems.warnings)
+    check_spec(spec, spec_path, problems, check_paths=check_paths)
     return spec

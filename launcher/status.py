@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from launcher.errors import UserError
 from launcher.fit_table import ALWAYS, Column, fitted_table
-from launcher.rundir import ExperimentPaths, RunPaths, RunState, read_status
+from launcher.run_status import read_status
+from launcher.rundir import ExperimentPaths, RunPaths, RunState
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -303,10 +304,9 @@ def resolve_experiment(path_text: str) -> ExperimentPaths:
     """EXP may be the experiment directory or the spec that produced it."""
     path = Path(path_text)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
-        from launcher.plan import experiment_paths
-        from launcher.spec import load_spec
+        from launcher.plan import load_and_plan
 
-        return experiment_paths(load_spec(path))
+        return load_and_plan(path).exp
     exp = ExperimentPaths(path)
     if not exp.runs_dir.is_dir():
         raise UserError(

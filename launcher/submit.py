@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
-from launcher.manifest import config_hash, load_manifest, locked_manifest, submission_lock
-from launcher.rundir import ExperimentPaths, RunState, read_status
+from launcher.manifest import load_manifest, locked_manifest, submission_lock
+from launcher.run_identity import identity_fields, run_id_of
+from launcher.run_status import read_status
+from launcher.rundir import ExperimentPaths, RunState
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from launcher.backends.base import Backend, SubmittedRun
+    from launcher.plan import Plan
     from launcher.spec import JobSpec, RunConfig
 
 IN_FLIGHT = (RunState.PENDING.value, RunState.RUNNING.value)
@@ -80,10 +83,9 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old: RunConfig, new: RunConfig, limit: int = 4) -> str:
-    """'training.learning_rate: 0.0001 -> 0.0002, ...' (the first few differing keys)."""
-    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
-    ignored = ("run_id", "backend", "hostfile")
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ignored]
+    """'training.learning_rate: 0.0001 -> 0.0002, ...': the first differing keys of the runs' identities."""
+    a, b = _flatten(identity_fields(old)), _flatten(identity_fields(new))
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     parts = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]]
     if len(keys) > limit:
         parts.append(f"... {len(keys) - limit} more")
@@ -92,7 +94,8 @@ def config_diff(old: RunConfig, new: RunConfig, limit: int = 4) -> str:
 
 def find_changed_configs(exp: ExperimentPaths, runs: list[RunConfig]) -> dict[str, str]:
     """Run name -> what changed, for runs with outputs (submitted, or past PLANNED) whose existing
-    run.yaml (or submitted config) differs. A never-submitted PLANNED run dir is simply re-planned."""
+    run.yaml (or submitted run id) has another identity. A never-submitted PLANNED run dir is simply
+    re-planned; a run that only moves elsewhere (backend, cluster) keeps its identity."""
     from launcher.spec import RunConfig
 
     manifest = load_manifest(exp)
@@ -102,21 +105,19 @@ def find_changed_configs(exp: ExperimentPaths, runs: list[RunConfig]) -> dict[st
         untouched = read_status(paths).get("state") == RunState.PLANNED.value and not (
             paths.metrics_jsonl.exists() or paths.checkpoints.exists()
         )
-        if untouched and manifest.by_name(run.name) is None:
+        found = manifest.by_name(run.name)
+        if untouched and found is None:
             continue
-        new_hash = config_hash(run)
-        run_yaml = exp.run(run.name).run_yaml
-        if run_yaml.is_file():
+        if paths.run_yaml.is_file():
             try:
-                old = RunConfig.from_yaml_file(run_yaml)
+                old = RunConfig.from_yaml_file(paths.run_yaml)
             except Exception as exc:  # an unreadable run.yaml can't be compared: treat as changed
-                changed[run.name] = f"existing {run_yaml} is unreadable ({exc})"
+                changed[run.name] = f"existing {paths.run_yaml} is unreadable ({exc})"
                 continue
-            if config_hash(old) != new_hash:
+            if run_id_of(old) != run.run_id:
                 changed[run.name] = config_diff(old, run)
                 continue
-        found = manifest.by_name(run.name)
-        if found and found[1].config_hash and found[1].config_hash != new_hash:
+        elif found is not None and found[0] != run.run_id:
             changed[run.name] = f"differs from the config submitted at {found[1].submitted_at}"
     return changed
 
@@ -219,26 +220,24 @@ def submit_spec(
     """Everything `launcher submit` does; `backend` may be passed ready-made (tests)."""
     from rich.console import Console
 
-    from launcher.plan import build_plan, experiment_paths
-    from launcher.spec import load_spec
+    from launcher.plan import load_and_plan
 
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped / CI log: don't fold the tables into 80 columns
             console = Console(width=240)
-    spec = load_spec(spec_path, check_paths=True)
-    runs = build_plan(spec, spec_path)
-    selected = select_runs(runs, only)
-    exp = experiment_paths(spec)
+    plan = load_and_plan(spec_path, check_paths=True)
+    selected = select_runs(plan.runs, only)
+    exp = plan.exp
     if backend is None:
-        backend = make_backend(spec, backend_name, hostfile, console)
-    plan = _Plan(spec, spec_path, runs, selected, exp, backend)
+        backend = make_backend(plan.spec, backend_name, hostfile, console)
+    submission = _Submission(plan, selected, backend)
     if dry_run:
-        return _dry_run(plan, console, retry_failed=retry_failed, force=force)
+        return _dry_run(submission, console, retry_failed=retry_failed, force=force)
     # One submit at a time per experiment: two concurrent submits must not both see PLANNED and both
     # submit. Held from reading the states to recording the jobs, not while local runs train.
     with submission_lock(exp):
-        outcome = _submit(plan, console, retry_failed=retry_failed, force=force)
+        outcome = _submit(submission, console, retry_failed=retry_failed, force=force)
     wait = getattr(backend, "wait", None)
     if callable(wait) and outcome.submitted:  # local / hostfile: supervise the runs, then the table
         outcome.final_states = wait(exp)
@@ -262,50 +261,51 @@ def make_backend(spec: JobSpec, backend_name: str | None, hostfile: Path | None,
 
 
 @dataclass
-class _Plan:
-    spec: JobSpec
-    spec_path: Path
-    runs: list[RunConfig]
+class _Submission:
+    plan: Plan
     selected: list[RunConfig]
-    exp: ExperimentPaths
     backend: Backend
 
+    @property
+    def exp(self) -> ExperimentPaths:
+        return self.plan.exp
 
-def _decisions(plan: _Plan, *, retry_failed: bool, force: bool) -> list[Decision]:
-    changed = find_changed_configs(plan.exp, plan.runs)
+
+def _decisions(sub: _Submission, *, retry_failed: bool, force: bool) -> list[Decision]:
+    changed = find_changed_configs(sub.exp, sub.plan.runs)
     if changed and not force:
         lines = "\n".join(f"  {n}: {what}" for n, what in sorted(changed.items()))
         raise UserError(
-            f"the spec changed the config of {len(changed)} run(s) already in {plan.exp.root}:\n{lines}\n"
+            f"the spec changed the config of {len(changed)} run(s) already in {sub.exp.root}:\n{lines}\n"
             "nothing was submitted. Rename the run (methods[].name) or the experiment to keep both, "
             "or pass --force to replace them (old outputs are moved to "
-            f"{plan.exp.root / 'replaced'}/)"
+            f"{sub.exp.root / 'replaced'}/)"
         )
-    states = current_states(plan.exp, {r.name for r in plan.selected})
-    return decide(plan.selected, states, changed, retry_failed=retry_failed, force=force)
+    states = current_states(sub.exp, {r.name for r in sub.selected})
+    return decide(sub.selected, states, changed, retry_failed=retry_failed, force=force)
 
 
-def _dry_run(plan: _Plan, console: Console, *, retry_failed: bool, force: bool) -> SubmitOutcome:
+def _dry_run(sub: _Submission, console: Console, *, retry_failed: bool, force: bool) -> SubmitOutcome:
     from launcher.plan import write_run_dirs
 
-    decisions = _decisions(plan, retry_failed=retry_failed, force=force)
-    outcome = SubmitOutcome(plan.exp, plan.backend.name, decisions)
+    decisions = _decisions(sub, retry_failed=retry_failed, force=force)
+    outcome = SubmitOutcome(sub.exp, sub.backend.name, decisions)
     # Runs whose outputs would be replaced keep their old run dirs untouched in a dry run.
     keep = {d.run.name for d in decisions if d.archive_first}
-    write_run_dirs(plan.spec, plan.spec_path, [r for r in plan.runs if r.name not in keep], force=True)
+    write_run_dirs(sub.plan, [r for r in sub.plan.runs if r.name not in keep], force=True)
     to_submit = [d.run for d in decisions if d.action == "submit"]
-    outcome.submitted = plan.backend.submit(plan.exp, to_submit, dry_run=True)
+    outcome.submitted = sub.backend.submit(sub.exp, to_submit, dry_run=True)
     _print_decisions(console, outcome, dry_run=True)
     _print_commands(console, outcome.submitted)
     return outcome
 
 
-def _submit(plan: _Plan, console: Console, *, retry_failed: bool, force: bool) -> SubmitOutcome:
+def _submit(sub: _Submission, console: Console, *, retry_failed: bool, force: bool) -> SubmitOutcome:
     from launcher.plan import write_run_dirs
 
-    exp = plan.exp
-    decisions = _decisions(plan, retry_failed=retry_failed, force=force)
-    outcome = SubmitOutcome(exp, plan.backend.name, decisions)
+    exp = sub.exp
+    decisions = _decisions(sub, retry_failed=retry_failed, force=force)
+    outcome = SubmitOutcome(exp, sub.backend.name, decisions)
     to_submit = [d for d in decisions if d.action == "submit"]
     cancel = {d.run.name for d in to_submit if d.cancel_first}
     if cancel:
@@ -316,13 +316,12 @@ def _submit(plan: _Plan, console: Console, *, retry_failed: bool, force: bool) -
             console.print(f"{d.run.name}: old outputs moved to {moved}", highlight=False, markup=False)
     # Run dirs with the same run id keep their status and results (write_run_dirs' contract); ones
     # still holding another config are only never-submitted PLANNED dirs (or archived) by now.
-    write_run_dirs(plan.spec, plan.spec_path, plan.runs, force=True)
+    write_run_dirs(sub.plan, force=True)
     if to_submit:
-        outcome.submitted = plan.backend.submit(exp, [d.run for d in to_submit], dry_run=False)
-    hashes = {d.run.name: config_hash(d.run) for d in to_submit}
+        outcome.submitted = sub.backend.submit(exp, [d.run for d in to_submit], dry_run=False)
     with locked_manifest(exp) as manifest:
-        for sub in outcome.submitted:
-            manifest.record(sub, hashes[sub.name])
+        for submitted in outcome.submitted:
+            manifest.record(submitted)
     _print_decisions(console, outcome, dry_run=False)
     return outcome
 
@@ -377,7 +376,7 @@ def cancel_runs(exp: ExperimentPaths, names: list[str] | None = None) -> list[st
     """Cancel unfinished runs (all, or `names`) through the backend that submitted them, then record
     CANCELLED in their status.json. Returns the runs cancelled."""
     from launcher.backends.base import get_backend
-    from launcher.rundir import write_status
+    from launcher.run_status import update_status
     from launcher.status import submitted_runs
 
     wanted = set(names) if names is not None else {p.name for p in exp.run_dirs()}
@@ -392,9 +391,6 @@ def cancel_runs(exp: ExperimentPaths, names: list[str] | None = None) -> list[st
         get_backend(backend_name, None).cancel(exp, subs)
     for name in targets:
         paths = exp.run(name)
-        status = read_status(paths)
-        if status.get("state") == RunState.CANCELLED.value:
-            continue
-        extra = {k: v for k, v in status.items() if k not in ("state", "updated_at", "reason")}
-        write_status(paths, RunState.CANCELLED, "cancelled by user", **extra)
+        if read_status(paths).get("state") != RunState.CANCELLED.value:
+            update_status(paths, RunState.CANCELLED, "cancelled by user")
     return targets

@@ -6,15 +6,14 @@ to the methods that have that parameter). ``grid`` axes form a cartesian product
 together, ``seeds`` repeats every configuration. Per-method ``overrides`` use the same keys.
 
 Run names are readable (method name + the values that vary: ``lora-lr1e-4-src1024``); run ids are a
-short hash of the fully resolved config (launcher.plan), so planning the same spec twice gives the same ids.
+short hash of the fully resolved config (launcher.run_identity), so planning the same spec twice gives the
+same ids.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,9 +230,3 @@ def expand(spec: JobSpec) -> list[RunPlan]:
                 )
             )
     return runs
-
-
-def config_hash(obj: Any, length: int = 12) -> str:
-    """Short sha256 of a JSON-able object with sorted keys (the same config always gives the same id)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from launcher.rundir import ExperimentPaths, RunState, write_status, write_text_atomic
+from launcher.run_status import update_status
+from launcher.rundir import ExperimentPaths, RunState, write_text_atomic
 from launcher.spec import (
     ClusterSpec,
     DataSpec,
@@ -66,5 +67,5 @@ def write_runs(root: Path, runs: list[RunConfig]) -> ExperimentPaths:
         paths = exp.run(run.name)
         write_text_atomic(paths.run_yaml, run.to_yaml())
         write_text_atomic(paths.ds_config, "{}\n")
-        write_status(paths, RunState.PLANNED)
+        update_status(paths, RunState.PLANNED)
     return exp

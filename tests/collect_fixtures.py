@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from launcher.rundir import ExperimentPaths, RunPaths, RunState, write_status
+from launcher.run_status import update_status
+from launcher.rundir import ExperimentPaths, RunPaths, RunState
 from launcher.spec import (
     ClusterSpec,
     DataSpec,
@@ -155,7 +156,7 @@ def make_run(
     paths.root.mkdir(parents=True, exist_ok=True)
     cfg = config or make_config(name, **config_kwargs)
     paths.run_yaml.write_text(cfg.to_yaml(), encoding="utf-8")
-    write_status(paths, state, reason)
+    update_status(paths, state, reason)
     if result == CORRUPT:
         paths.result_json.write_text('{"name": "x", "bleu": 12.', encoding="utf-8")
     elif isinstance(result, dict):

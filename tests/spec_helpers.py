@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.spec import JobSpec, load_spec
+from launcher.plan import Plan, load_and_plan
 
 SPEC = """\
 experiment: sw
@@ -26,7 +26,7 @@ sweep:
 """
 
 
-def load_text_spec(tmp_path: Path, text: str = SPEC) -> tuple[JobSpec, Path]:
+def load_text_plan(tmp_path: Path, text: str = SPEC) -> Plan:
     path = tmp_path / "s.yaml"
     path.write_text(text)
-    return load_spec(path), path
+    return load_and_plan(path)

@@ -64,8 +64,7 @@ def test_gpt2_conv1d_is_a_lora_target(family_dirs: dict[str, Path]) -> None:
 
 
 def test_plan_shows_lora_targets_resolved_on_the_model(tmp_path: Path, family_dirs: dict[str, Path]) -> None:
-    from launcher.plan import build_plan, plan_row
-    from launcher.spec import load_spec
+    from launcher.plan import load_and_plan
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(
@@ -82,7 +81,7 @@ def test_plan_shows_lora_targets_resolved_on_the_model(tmp_path: Path, family_di
         ),
         encoding="utf-8",
     )
-    rows = [plan_row(run) for run in build_plan(load_spec(spec), spec)]
+    rows = load_and_plan(spec).rows()
     assert [row["lora_targets"] for row in rows] == [
         ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
         ["c_attn"],

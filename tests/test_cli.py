@@ -11,7 +11,8 @@ from backend_helpers import make_run, write_runs
 
 from launcher import __version__
 from launcher.cli import BROKEN_PIPE_EXIT_CODE, main
-from launcher.rundir import RunState, write_status
+from launcher.run_status import update_status
+from launcher.rundir import RunState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,10 +29,11 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_status_exits_1_when_a_run_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     exp = write_runs(tmp_path / "exp", [make_run("a"), make_run("b")])
-    write_status(exp.run("a"), RunState.COMPLETED)
-    write_status(exp.run("b"), RunState.CANCELLED)
+    update_status(exp.run("a"), RunState.COMPLETED)
+    update_status(exp.run("b"), RunState.CANCELLED)
     assert main(["status", str(exp.root)]) == 0  # cancelled by the user: not a failure
-    write_status(exp.run("b"), RunState.FAILED, "boom")
+    update_status(exp.run("b"), RunState.RUNNING)  # resubmitted
+    update_status(exp.run("b"), RunState.FAILED, "boom")
     for extra in ([], ["--json"], ["--watch", "--interval", "0.5"]):
         assert main(["status", str(exp.root), *extra]) == 1, extra
     capsys.readouterr()

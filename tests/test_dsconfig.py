@@ -5,20 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from spec_helpers import SPEC, load_text_spec
+from spec_helpers import SPEC, load_text_plan
 
 from launcher.dsconfig import TEMPLATES, fill_scheduler_auto, load_template, render_ds_config, template_name
-from launcher.plan import build_plan
 
 
 def test_render_and_fill(tmp_path: Path) -> None:
-    spec, path = load_text_spec(
+    plan = load_text_plan(
         tmp_path,
         SPEC.split("sweep:")[0].replace(
             "{precision: fp32}", "{precision: bf16, lr_scheduler: cosine, gradient_accumulation_steps: 4}"
         ),
     )
-    run = build_plan(spec, path)[0]
+    run = plan.runs[0]
     ds = render_ds_config(run, 128)
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["train_batch_size"] == 4 * run.training.per_device_batch_size
@@ -66,8 +65,7 @@ def test_every_template_renders_a_config_deepspeed_accepts(
     )
     flags = f"offload_optimizer: {str(offload_opt).lower()}, offload_param: {str(offload_param).lower()}"
     text += f"resources: {{nodes: 2, gpus_per_node: 2, zero_stage: {zero}, {flags}}}\n"
-    spec, path = load_text_spec(tmp_path, text)
-    run = build_plan(spec, path)[0]
+    run = load_text_plan(tmp_path, text).runs[0]
     ds = render_ds_config(run, 4096)
     assert template_name(zero, offload_opt, offload_param).startswith("zero3" if zero == 3 else "zero2")
     assert ("offload_optimizer" in ds["zero_optimization"]) == offload_opt

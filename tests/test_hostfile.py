@@ -21,7 +21,8 @@ from launcher.backends.hostfile import (
 )
 from launcher.cli import main
 from launcher.errors import UserError
-from launcher.rundir import iter_jsonl, read_json, read_status
+from launcher.run_status import read_status
+from launcher.rundir import iter_jsonl, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from launcher.dsconfig import fill_scheduler_auto
-from launcher.plan import build_plan, write_run_dirs
-from launcher.rundir import read_status
-from launcher.spec import RunConfig, load_spec
+from launcher.plan import load_and_plan, write_run_dirs
+from launcher.run_status import read_status
+from launcher.spec import RunConfig
 
 
 class _DataParallel:
@@ -44,11 +44,11 @@ def test_job_validates_plans_and_renders_deepspeed_configs(
     # DeepSpeedConfig reads the world size from the process group; stand in for one of the planned size.
     monkeypatch.setattr(ds_runtime_config.dist, "get_rank", lambda *a, **k: 0)
     monkeypatch.chdir(tmp_path)
-    spec = load_spec(job)
-    runs = build_plan(spec, job)
+    plan = load_and_plan(job)
+    runs = plan.runs
     assert runs and all(r.resources.fits for r in runs)
-    assert build_plan(load_spec(job), job)[0].run_id == runs[0].run_id  # stable ids
-    exp = write_run_dirs(spec, job, runs)
+    assert load_and_plan(job).runs[0].run_id == runs[0].run_id  # stable ids
+    exp = write_run_dirs(plan)
     for run in runs:
         paths = exp.run(run.name)
         assert RunConfig.from_yaml_file(paths.run_yaml) == run
@@ -63,9 +63,10 @@ def test_job_validates_plans_and_renders_deepspeed_configs(
 
 
 def test_demo_is_the_embedded_default() -> None:
-    spec = load_spec(Path(__file__).parent.parent / "jobs" / "demo.yaml")
+    plan = load_and_plan(Path(__file__).parent.parent / "jobs" / "demo.yaml")
+    spec = plan.spec
     assert spec.model.builtin == "tiny-glm" and spec.data.builtin == "dialogue" and spec.backend == "local"
-    runs = {r.method.method: r for r in build_plan(spec, Path("jobs/demo.yaml"))}
+    runs = {r.method.method: r for r in plan.runs}
     assert set(runs) == {"freeze", "ptuning", "lora", "full"}
     full = runs["full"].resources
     assert (full.world_size, full.zero_stage, full.offload_optimizer, full.offload_param) == (

@@ -15,7 +15,8 @@ from rich.console import Console
 
 from launcher.backends.local import PREEMPTED_EXIT_CODE, LocalBackend, job_alive, supervisor_job_id
 from launcher.errors import UserError
-from launcher.rundir import ExperimentPaths, iter_jsonl, read_json, read_status
+from launcher.run_status import read_status
+from launcher.rundir import ExperimentPaths, iter_jsonl, read_json
 
 
 def _backend(**kw: object) -> LocalBackend:
@@ -242,13 +243,13 @@ import sys
 sys.path.insert(0, {tests!r})
 from backend_helpers import STAND_IN_COMMAND, make_run, write_runs
 from launcher.backends.local import LocalBackend
-from launcher.manifest import locked_manifest, config_hash
+from launcher.manifest import locked_manifest
 runs = [make_run("orphan", world_size=2, max_steps=200)]
 exp = write_runs(__import__("pathlib").Path({root!r}), runs)
 backend = LocalBackend(None, train_command=STAND_IN_COMMAND, show_progress=False, poll_interval_s=0.1)
 subs = backend.submit(exp, runs, dry_run=False)
 with locked_manifest(exp) as m:
-    m.record(subs[0], config_hash(runs[0]))
+    m.record(subs[0])
 backend.wait(exp)
 """
 

@@ -1,4 +1,4 @@
-"""manifest.json: config hashes, submission records, locking, corrupt files."""
+"""manifest.json and run identity: run ids, submission records, locking, corrupt files."""
 
 from __future__ import annotations
 
@@ -11,28 +11,27 @@ from backend_helpers import make_run
 
 from launcher.backends.base import SubmittedRun
 from launcher.errors import UserError
-from launcher.manifest import config_hash, load_manifest, locked_manifest
+from launcher.manifest import load_manifest, locked_manifest
+from launcher.run_identity import run_id_of
 from launcher.rundir import ExperimentPaths
 
 
-def test_config_hash_is_stable_and_ignores_placement() -> None:
+def test_run_id_is_stable_and_ignores_placement() -> None:
     a, b = make_run("r"), make_run("r")
-    assert config_hash(a) == config_hash(b) and len(config_hash(a)) == 16
-    b.backend = "slurm"  # where it runs is not what it computes
-    assert config_hash(a) == config_hash(b)
-    assert config_hash(make_run("r", lr=2e-4)) != config_hash(a)
+    assert run_id_of(a) == run_id_of(b) and len(run_id_of(a)) == 12
+    b.backend, b.hostfile = "slurm", "/hosts.txt"  # where it runs is not what it computes
+    b.cluster.partition, b.local.max_concurrent_runs = "gpu", 4
+    b.resources.est_mem_gib, b.resources.fits = 99.0, False  # nor what the planner estimated
+    assert run_id_of(a) == run_id_of(b)
+    assert run_id_of(make_run("r", lr=2e-4)) != run_id_of(a)
 
 
 def test_record_counts_attempts_and_drops_replaced_entries(tmp_path: Path) -> None:
     exp = ExperimentPaths(tmp_path / "exp")
     with locked_manifest(exp) as manifest:
-        manifest.record(
-            SubmittedRun("r", "id1", "slurm", job_id="10_0", array_job_id="10", array_index=0), "h1"
-        )
+        manifest.record(SubmittedRun("r", "id1", "slurm", job_id="10_0", array_job_id="10", array_index=0))
     with locked_manifest(exp) as manifest:
-        manifest.record(
-            SubmittedRun("r", "id1", "slurm", job_id="11_3", array_job_id="11", array_index=3), "h1"
-        )
+        manifest.record(SubmittedRun("r", "id1", "slurm", job_id="11_3", array_job_id="11", array_index=3))
     entry = load_manifest(exp).entries["id1"]
     assert (entry.attempts, entry.job_id, entry.array_job_id, entry.array_index) == (2, "11_3", "11", 3)
     raw = json.loads(exp.manifest_json.read_text())
@@ -44,10 +43,9 @@ def test_record_counts_attempts_and_drops_replaced_entries(tmp_path: Path) -> No
         "array_index",
         "attempts",
         "submitted_at",
-        "config_hash",
     }
     with locked_manifest(exp) as manifest:  # a changed config under the same name replaces the entry
-        manifest.record(SubmittedRun("r", "id2", "local", job_id="1@2"), "h2")
+        manifest.record(SubmittedRun("r", "id2", "local", job_id="1@2"))
     loaded = load_manifest(exp)
     assert list(loaded.entries) == ["id2"] and loaded.entries["id2"].attempts == 1
     assert loaded.by_name("r") == ("id2", loaded.entries["id2"]) and loaded.by_name("x") is None
@@ -67,7 +65,7 @@ def _add(root: str, index: int) -> None:
     exp = ExperimentPaths(Path(root))
     for k in range(10):
         with locked_manifest(exp) as manifest:
-            manifest.record(SubmittedRun(f"r{index}-{k}", f"id{index}-{k}", "local"), "h")
+            manifest.record(SubmittedRun(f"r{index}-{k}", f"id{index}-{k}", "local"))
 
 
 def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from launcher.dsconfig import render_ds_config
-from launcher.rundir import RunPaths, RunState, read_json, write_json_atomic, write_status, write_text_atomic
+from launcher.run_status import update_status
+from launcher.rundir import RunPaths, RunState, read_json, write_json_atomic, write_text_atomic
 from launcher.spec import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,7 +87,7 @@ def write_run_dir(root: Path, name: str, hidden_size: int) -> RunPaths:
     paths.root.mkdir(parents=True)
     write_text_atomic(paths.run_yaml, cfg.to_yaml())
     write_json_atomic(paths.ds_config, render_ds_config(cfg, hidden_size))
-    write_status(paths, RunState.PLANNED)
+    update_status(paths, RunState.PLANNED)
     return paths
 
 

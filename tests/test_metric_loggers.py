@@ -225,13 +225,12 @@ def test_validate_refuses_a_configured_tracker_that_is_not_installed(
 
 
 def test_relative_mlflow_store_is_made_absolute_and_logging_keeps_run_ids(tmp_path: Path) -> None:
-    from launcher.plan import build_plan
-    from launcher.spec import load_spec
+    from launcher.plan import load_and_plan
 
     plain = write_spec(tmp_path, None, name="plain.yaml")
     tracked = write_spec(tmp_path, {"mlflow": {"tracking_uri": "file:mlruns"}}, name="tracked.yaml")
-    plain_run = build_plan(load_spec(plain), plain)[0]
-    tracked_run = build_plan(load_spec(tracked), tracked)[0]
+    plain_run = load_and_plan(plain).runs[0]
+    tracked_run = load_and_plan(tracked).runs[0]
     assert tracked_run.logging.mlflow.tracking_uri == f"file:{(tmp_path / 'mlruns').resolve()}"
     assert plain_run.run_id == tracked_run.run_id
     assert ExperimentPaths(tmp_path).run(plain_run.name).tensorboard.name == "tensorboard"

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.rundir import ExperimentPaths, RunState, iter_jsonl, read_json, read_status
+from launcher.run_status import read_status
+from launcher.rundir import ExperimentPaths, RunState, iter_jsonl, read_json
 
 pytestmark = pytest.mark.slurm
 

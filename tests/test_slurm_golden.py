@@ -8,7 +8,6 @@ executables on PATH record the script and answer like Slurm. Regenerate the gold
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import stat
@@ -23,7 +22,8 @@ from launcher.backends import slurm as slurm_mod
 from launcher.backends.slurm import SlurmBackend, cluster_problems, group_by_shape, parse_max_array_size
 from launcher.backends.slurm_queries import map_slurm_state, query_job_states
 from launcher.errors import UserError
-from launcher.rundir import ExperimentPaths, RunState, read_status
+from launcher.run_status import read_status
+from launcher.rundir import ExperimentPaths, RunState
 from launcher.spec import ClusterSpec, RunConfig
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -467,7 +467,8 @@ def test_task_requeue_is_bounded_and_recorded(
     reason_part: str,
 ) -> None:
     from launcher.backends.slurm_task import SlurmTask
-    from launcher.rundir import RunPaths, write_status
+    from launcher.run_status import update_status
+    from launcher.rundir import RunPaths
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -481,7 +482,7 @@ def test_task_requeue_is_bounded_and_recorded(
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
     paths = RunPaths(tmp_path / "run")
-    write_status(paths, RunState.PREEMPTED, reason="SIGUSR2 received; checkpoint saved at step 5", step=5)
+    update_status(paths, RunState.PREEMPTED, reason="SIGUSR2 received; checkpoint saved at step 5", step=5)
 
     done = SlurmTask(max_requeues=2).requeue(paths, attempt=restarts + 1)
 
@@ -493,23 +494,3 @@ def test_task_requeue_is_bounded_and_recorded(
     assert status["step"] == 5  # the trainer's keys survive
     if expect_call:
         assert status["reason"].startswith("SIGUSR2 received")
-
-
-def test_earliest_rank_failure_is_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rank 1 crashes first; rank 0 fails later with a broken connection after overwriting the status
-    with RUNNING: status.json must still name rank 1's error."""
-    from launcher.backends.slurm_task import record_failure
-    from launcher.rundir import RunPaths, write_status
-
-    monkeypatch.setenv("SLURM_JOB_ID", "9")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    paths = RunPaths(tmp_path / "run")
-    paths.logs.mkdir(parents=True)
-    stale = {"rank": 2, "reason": "old", "at": 1.0, "attempt": "8:0"}  # an earlier job's failure
-    (paths.logs / "failure_rank2.json").write_text(json.dumps(stale))
-    record_failure(paths, 1, RuntimeError("simulated crash of rank 1"))
-    write_status(paths, RunState.RUNNING, step=2)
-    record_failure(paths, 0, RuntimeError("Connection closed by peer"))
-    status = read_status(paths)
-    assert status["state"] == "FAILED" and status["failed_rank"] == 1
-    assert status["reason"] == "RuntimeError: simulated crash of rank 1"  # not the stale file of job 8

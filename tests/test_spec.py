@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import SpecError
-from launcher.plan import build_plan
-from launcher.spec import LoraMethod, RunConfig, load_spec
+from launcher.plan import load_and_plan
+from launcher.spec import LoraMethod, RunConfig
 from launcher.yaml_source import format_path, load_yaml_with_positions
 
 SPEC = """\
@@ -41,12 +41,13 @@ def test_valid_spec_loads_with_defaults_and_paths_become_absolute(tmp_path: Path
     path = tmp_path / "jobs" / "s.yaml"
     path.parent.mkdir()
     path.write_text(SPEC)
-    spec = load_spec(path)
+    plan = load_and_plan(path)
+    spec = plan.spec
     method = spec.methods[0]
     assert isinstance(method, LoraMethod) and method.lora_alpha == 64 and method.lora_dropout == 0.05
     assert spec.resources == "auto" and spec.training.precision == "bf16"
-    assert len(spec.spec_warnings) == 3  # model dir and both data files are not on this machine
-    run = build_plan(spec, path)[0]
+    assert len(plan.warnings) == 3  # model dir and both data files are not on this machine
+    run = plan.runs[0]
     assert run.data.train_file == str(tmp_path / "jobs" / "data" / "train.jsonl")
     assert run.model.path == str(tmp_path / "jobs" / "models" / "m")
     assert RunConfig.model_validate_json(run.model_dump_json()) == run
@@ -65,21 +66,38 @@ def test_local_config_json_is_counted_on_the_meta_device(tmp_path: Path) -> None
             "[query_key_value]", "[q_proj]"
         )
     )
-    spec = load_spec(path)
+    plan = load_and_plan(path)
     from launcher.archs import arch_from_model_dir
 
     arch = arch_from_model_dir(str(model_dir))
     assert arch.num_layers == 3 and arch.total_params == 2 * 300 * 64 + 3 * arch.params_per_layer + 64
-    assert build_plan(spec, path)[0].resources.fits
+    assert plan.runs[0].resources.fits and plan.archs[plan.runs[0].name].num_layers == 3
 
 
 def test_only_safe_yaml(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text("!!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(SpecError, match=r"s\.yaml:1:1"):
-        load_spec(path)
+        load_and_plan(path)
 
 
 def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="no such file"):
-        load_spec(tmp_path / "nope.yaml")
+        load_and_plan(tmp_path / "nope.yaml")
+
+
+def test_spec_module_is_the_schema_only() -> None:
+    """spec.py imports nothing of the launcher (no loader, checker or planner); the checker never
+    imports the planner: load_and_plan (launcher.plan) is the one place that runs both."""
+    import ast
+
+    import launcher.spec
+    import launcher.spec_check
+
+    def imports(module: object) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))  # type: ignore[attr-defined]
+        found = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        return found | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert not {m for m in imports(launcher.spec) if m.startswith("launcher")}
+    assert "launcher.plan" not in imports(launcher.spec_check)

@@ -8,7 +8,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.errors import SpecError
-from launcher.spec import load_spec
+from launcher.plan import load_and_plan
 
 BASE = """\
 experiment: t
@@ -215,7 +215,7 @@ def test_malformed_spec_names_key_and_line(
     spec = tmp_path / "spec.yaml"
     spec.write_text(text)
     with pytest.raises(SpecError) as info:
-        load_spec(spec)
+        load_and_plan(spec)
     problems = info.value.problems
     matching = [p for p in problems if all(n in p for n in needles)]
     assert matching, f"{name}: no problem mentions {needles}: {problems}"
@@ -229,7 +229,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         + "trainig: {}\n"
     )
     with pytest.raises(SpecError) as info:
-        load_spec(spec)
+        load_and_plan(spec)
     assert len(info.value.problems) == 3
     assert str(info.value).startswith("3 problems in the job spec:")
 
@@ -239,10 +239,10 @@ def test_missing_paths_warn_at_plan_and_fail_at_submit(tmp_path: Path) -> None:
     spec.write_text(
         BASE.replace("  builtin: dialogue", "  train_file: data/train.json\n  eval_file: data/dev.json")
     )
-    loaded = load_spec(spec)
-    assert any("data.train_file" in w and "does not exist" in w for w in loaded.spec_warnings)
+    loaded = load_and_plan(spec)
+    assert any("data.train_file" in w and "does not exist" in w for w in loaded.warnings)
     with pytest.raises(SpecError) as info:
-        load_spec(spec, check_paths=True)
+        load_and_plan(spec, check_paths=True)
     assert any(p.startswith(f"{spec}:5:") and "data.train_file" in p for p in info.value.problems)
 
 

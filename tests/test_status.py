@@ -12,7 +12,8 @@ from backend_helpers import make_run, write_runs
 from launcher.backends.base import SubmittedRun
 from launcher.cli import main
 from launcher.manifest import locked_manifest
-from launcher.rundir import RunState, append_jsonl, read_status, write_status
+from launcher.run_status import read_status, update_status
+from launcher.rundir import RunState, append_jsonl
 from launcher.status import (
     call_with_timeout,
     collect_rows,
@@ -56,7 +57,7 @@ def test_merge_state(files: str, live: str | None, merged: str) -> None:
 def test_run_row_from_files(tmp_path: Path) -> None:
     exp = write_runs(tmp_path / "exp", [make_run("r")])
     paths = exp.run("r")
-    write_status(paths, RunState.RUNNING, step=20, total_steps=50, attempt=2)
+    update_status(paths, RunState.RUNNING, step=20, total_steps=50, attempt=2)
     for step, elapsed in ((10, 100.0), (20, 120.0)):
         append_jsonl(
             paths.metrics_jsonl,
@@ -78,11 +79,11 @@ def test_a_hanging_scheduler_query_does_not_hang_status() -> None:
 
 def _experiment(tmp_path: Path):
     exp = write_runs(tmp_path / "exp", [make_run("done"), make_run("orphan"), make_run("fresh")])
-    write_status(exp.run("done"), RunState.COMPLETED, step=5, total_steps=5)
-    write_status(exp.run("orphan"), RunState.RUNNING, step=2, total_steps=5)
+    update_status(exp.run("done"), RunState.COMPLETED, step=5, total_steps=5)
+    update_status(exp.run("orphan"), RunState.RUNNING, step=2, total_steps=5)
     with locked_manifest(exp) as manifest:
-        manifest.record(SubmittedRun("done", "id-done", "local", job_id="999999999@1"), "h")
-        manifest.record(SubmittedRun("orphan", "id-orphan", "local", job_id="999999999@1"), "h")
+        manifest.record(SubmittedRun("done", "id-done", "local", job_id="999999999@1"))
+        manifest.record(SubmittedRun("orphan", "id-orphan", "local", job_id="999999999@1"))
     return exp
 
 
@@ -108,7 +109,7 @@ def test_status_cli_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_status_watch_ends_when_all_runs_ended(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     exp = write_runs(tmp_path / "exp", [make_run("a")])
-    write_status(exp.run("a"), RunState.FAILED, "boom")
+    update_status(exp.run("a"), RunState.FAILED, "boom")
     assert main(["status", str(exp.root), "--watch", "--interval", "0.5"]) == 1  # a run FAILED
     assert "FAILED" in capsys.readouterr().out
 
@@ -123,12 +124,12 @@ def test_logs_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "rank1.log" in capsys.readouterr().err
     assert main(["logs", str(exp.root), "rr"]) == 2
     assert "did you mean 'r'" in capsys.readouterr().err
-    write_status(exp.run("r"), RunState.COMPLETED)
+    update_status(exp.run("r"), RunState.COMPLETED)
     assert main(["logs", str(exp.root), "r", "--rank", "1", "-f"]) == 0  # a finished run: prints and ends
     assert "line3" in capsys.readouterr().out
     # A Slurm run without a trainer log yet: the scheduler's task log of its job.
     with locked_manifest(exp) as manifest:
-        manifest.record(SubmittedRun("r", "id-r", "slurm", job_id="12_3"), "h")
+        manifest.record(SubmittedRun("r", "id-r", "slurm", job_id="12_3"))
     (exp.logs / "slurm").mkdir(parents=True)
     (exp.logs / "slurm" / "12_3_2_log.out").write_text("srun task 2 output\n")
     assert main(["logs", str(exp.root), "r", "--rank", "2"]) == 0
@@ -137,8 +138,8 @@ def test_logs_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cancel_cli_marks_unfinished_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     exp = write_runs(tmp_path / "exp", [make_run("done"), make_run("queued"), make_run("planned")])
-    write_status(exp.run("done"), RunState.COMPLETED)
-    write_status(exp.run("queued"), RunState.PENDING, job_id="x")
+    update_status(exp.run("done"), RunState.COMPLETED)
+    update_status(exp.run("queued"), RunState.PENDING, job_id="x")
     assert main(["cancel", str(exp.root)]) == 0
     assert "cancelled: queued" in capsys.readouterr().out
     assert read_status(exp.run("queued"))["state"] == "CANCELLED"

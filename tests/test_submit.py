@@ -18,7 +18,8 @@ from launcher.backends.local import LocalBackend, supervisor_job_id
 from launcher.cli import main
 from launcher.errors import UserError
 from launcher.manifest import load_manifest
-from launcher.rundir import RunPaths, RunState, iter_jsonl, read_json, read_status, write_status
+from launcher.run_status import read_status, update_status
+from launcher.rundir import RunPaths, RunState, iter_jsonl, read_json
 from launcher.submit import decide, select_runs, submit_spec
 
 SPEC = """\
@@ -125,7 +126,7 @@ def test_in_flight_runs_are_not_duplicated(in_tmp: Path) -> None:
     submit_spec(spec, backend=_stand_in(), console=_console(), only=["freeze"])
     exp = submit_spec(spec, backend=_stand_in(), console=_console(), dry_run=True).exp
     # lora looks queued by a live supervisor (this very process): a second submit must leave it alone.
-    write_status(exp.run("lora"), RunState.PENDING, job_id=supervisor_job_id())
+    update_status(exp.run("lora"), RunState.PENDING, job_id=supervisor_job_id())
     outcome = submit_spec(spec, backend=_stand_in(), console=_console())
     assert outcome.submitted == []
     assert {d.run.name: d.why for d in outcome.decisions}["lora"] == "already pending; not submitted twice"
@@ -168,6 +169,27 @@ def test_changed_config_is_reported_and_force_replaces(in_tmp: Path) -> None:
     assert "0.0003" in exp.run("lora").run_yaml.read_text()
     steps = [m["step"] for m in iter_jsonl(exp.run("lora").metrics_jsonl)]
     assert steps == [1, 2, 3, 4]  # started afresh, not resumed from the old checkpoint dir
+
+
+def test_moving_a_finished_experiment_to_another_backend_resubmits_nothing(in_tmp: Path) -> None:
+    """The natural next step after a local try: `backend: local` -> `backend: slurm` (and a partition).
+    Where a run executes is not what it computes: nothing reads as changed, completed runs stay done."""
+    spec = _spec(in_tmp)
+    spec.write_text(spec.read_text() + "backend: local\n")
+    first = submit_spec(spec, backend=_stand_in(), console=_console())
+    assert first.final_states == {"lora": "COMPLETED", "freeze": "COMPLETED"}
+    ids = {r.name: r.run_id for r in (d.run for d in first.decisions)}
+    spec.write_text(spec.read_text().replace("backend: local", "backend: slurm\ncluster: {partition: gpu}"))
+
+    moved = submit_spec(spec, console=_console(), dry_run=True)
+
+    assert moved.backend == "slurm" and moved.submitted == []
+    assert {d.run.name: d.why for d in moved.decisions} == {
+        "lora": "already completed",
+        "freeze": "already completed",
+    }
+    assert {d.run.name: d.run.run_id for d in moved.decisions} == ids
+    assert "backend: slurm" in moved.exp.run("lora").run_yaml.read_text()
 
 
 def test_dry_run_writes_run_dirs_and_submits_nothing(

@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from spec_helpers import SPEC, load_text_spec
+from spec_helpers import SPEC, load_text_plan
 
 from launcher.errors import UserError
-from launcher.plan import build_plan, write_run_dirs
-from launcher.spec import load_spec
+from launcher.plan import load_and_plan, write_run_dirs
 from launcher.sweep import expand, format_value
 
 
 def test_grid_zip_seeds_and_method_axes(tmp_path: Path) -> None:
-    spec, _ = load_text_spec(tmp_path)
+    spec = load_text_plan(tmp_path).spec
     runs = expand(spec)
     lora = [r for r in runs if r.method.method == "lora"]
     freeze = [r for r in runs if r.method.method == "freeze"]
@@ -30,12 +29,12 @@ def test_grid_zip_seeds_and_method_axes(tmp_path: Path) -> None:
 
 
 def test_run_ids_stable_and_config_sensitive(tmp_path: Path) -> None:
-    spec, path = load_text_spec(tmp_path)
-    ids = [r.run_id for r in build_plan(spec, path)]
-    assert ids == [r.run_id for r in build_plan(load_spec(path), path)]
+    plan = load_text_plan(tmp_path)
+    ids = [r.run_id for r in plan.runs]
+    assert ids == [r.run_id for r in load_and_plan(plan.spec_path).runs]
     assert len(set(ids)) == len(ids)
-    other, path2 = load_text_spec(tmp_path, SPEC.replace("precision: fp32", "precision: bf16"))
-    assert set(ids).isdisjoint(r.run_id for r in build_plan(other, path2))
+    other = load_text_plan(tmp_path, SPEC.replace("precision: fp32", "precision: bf16"))
+    assert set(ids).isdisjoint(r.run_id for r in other.runs)
 
 
 def test_format_value() -> None:
@@ -47,10 +46,23 @@ def test_rewriting_a_changed_run_is_refused_unless_forced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    spec, path = load_text_spec(tmp_path, SPEC.split("sweep:")[0])
-    write_run_dirs(spec, path, build_plan(spec, path))
-    changed, path2 = load_text_spec(tmp_path, SPEC.split("sweep:")[0].replace("fp32", "bf16"))
+    write_run_dirs(load_text_plan(tmp_path, SPEC.split("sweep:")[0]))
+    changed = load_text_plan(tmp_path, SPEC.split("sweep:")[0].replace("fp32", "bf16"))
     with pytest.raises(UserError, match="different configuration"):
-        write_run_dirs(changed, path2, build_plan(changed, path2))
-    exp = write_run_dirs(changed, path2, build_plan(changed, path2), force=True)
+        write_run_dirs(changed)
+    exp = write_run_dirs(changed, force=True)
     assert "bf16" in exp.run("lora").run_yaml.read_text()
+
+
+def test_the_architecture_is_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validate, plan and write run dirs: one resolution per model, kept in the Plan."""
+    import launcher.plan as planner
+
+    monkeypatch.chdir(tmp_path)
+    calls: list[object] = []
+    real = planner.resolve_arch
+    monkeypatch.setattr(planner, "resolve_arch", lambda *args: calls.append(args) or real(*args))
+    plan = load_text_plan(tmp_path)
+    exp = write_run_dirs(plan)
+    assert len(calls) == 1 and len(plan.runs) == 24 and len(exp.run_dirs()) == 24
+    assert {a.hidden_size for a in plan.archs.values()} == {128}

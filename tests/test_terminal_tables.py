@@ -21,9 +21,9 @@ from spec_helpers import SPEC
 
 from launcher.collect import collect_experiments
 from launcher.collect.table import COLUMNS
-from launcher.plan import build_plan, plan_row
-from launcher.rundir import ExperimentPaths, RunState, write_status
-from launcher.spec import load_spec
+from launcher.plan import load_and_plan
+from launcher.run_status import update_status
+from launcher.rundir import ExperimentPaths, RunState
 from launcher.status import STATUS_COLUMNS, collect_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,7 +199,7 @@ def sweep_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_plan_keeps_swept_run_names_whole(terminal, sweep_spec: Path, width: int) -> None:
-    rows = [plan_row(r) for r in build_plan(load_spec(sweep_spec), sweep_spec)]
+    rows = load_and_plan(sweep_spec).rows()
     pane = terminal(["plan", str(sweep_spec)], width)
     pane.assert_nothing_wrapped()
     for row in rows:
@@ -217,12 +217,11 @@ def test_plan_keeps_swept_run_names_whole(terminal, sweep_spec: Path, width: int
 def planned(sweep_spec: Path) -> Path:
     from launcher.plan import write_run_dirs
 
-    spec = load_spec(sweep_spec)
-    exp = write_run_dirs(spec, sweep_spec, build_plan(spec, sweep_spec))
+    exp = write_run_dirs(load_and_plan(sweep_spec))
     runs = exp.run_dirs()
-    write_status(runs[0], RunState.COMPLETED, step=20, total_steps=20)
-    write_status(runs[1], RunState.RUNNING, step=7, total_steps=20)
-    write_status(
+    update_status(runs[0], RunState.COMPLETED, step=20, total_steps=20)
+    update_status(runs[1], RunState.RUNNING, step=7, total_steps=20)
+    update_status(
         runs[2],
         RunState.FAILED,
         "rank 1: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 1; 79.15 GiB total)",

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from train_helpers import REPO, make_run_dir, metrics, rank_output, run_ranks, start_ranks, status, wait_all
 
-from launcher.rundir import RunState, read_json, write_status
+from launcher.run_status import update_status
+from launcher.rundir import RunState, read_json
 from launcher.spec import TrainingSpec
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DIST_TIMEOUT_ENV, detect_dist_env, dist_timeout_s
@@ -78,7 +79,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, dia
         save_total_limit=2,
         eval_steps=6,
     )
-    write_status(paths, RunState.PENDING, job_id="4242_0", attempt=1)  # what a backend writes
+    update_status(paths, RunState.PENDING, job_id="4242_0", attempt=1)  # what a backend writes
     started = time.monotonic()
     codes = run_ranks(paths, 1, timeout_s=300)
     wall_s = time.monotonic() - started

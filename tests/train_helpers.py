@@ -18,7 +18,8 @@ from typing import Any
 
 from launcher.dsconfig import render_ds_config
 from launcher.launch_env import free_port, torchrun_env
-from launcher.rundir import RunPaths, RunState, iter_jsonl, write_json_atomic, write_status, write_text_atomic
+from launcher.run_status import update_status
+from launcher.rundir import RunPaths, RunState, iter_jsonl, write_json_atomic, write_text_atomic
 from launcher.spec import (
     ClusterSpec,
     DataSpec,
@@ -118,7 +119,7 @@ def make_run_dir(
     paths.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(paths.run_yaml, cfg.to_yaml())
     write_json_atomic(paths.ds_config, render_ds_config(cfg, TINY_HIDDEN_SIZE))
-    write_status(paths, RunState.PLANNED)
+    update_status(paths, RunState.PLANNED)
     return paths
 
 

@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from launcher.backends.local import (
 )
 from launcher.errors import UserError
 from launcher.launch_env import free_port
+from launcher.run_status import ATTEMPT_ID_ENV, update_status
 from launcher.rundir import (
     ExperimentPaths,
     RunPaths,
@@ -43,7 +45,6 @@ from launcher.rundir import (
     read_json,
     utc_now,
     write_json_atomic,
-    write_status,
     write_text_atomic,
 )
 
@@ -331,7 +332,7 @@ class HostfileBackend(LocalBackend):
                     supervisor_file(paths),
                     {"supervisor_pid": os.getpid(), "submitted_at": utc_now(), "cancel_requested": False},
                 )
-                write_status(paths, RunState.PENDING, None, backend=self.name, job_id=job_id)
+                update_status(paths, RunState.PENDING, backend=self.name, job_id=job_id)
                 self._queue.append(QueuedRun(run, paths))
             submitted.append(
                 SubmittedRun(
@@ -355,7 +356,7 @@ class HostfileBackend(LocalBackend):
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self._child_env({"PYTHONUNBUFFERED": "1"}),
+            env=self._child_env({"PYTHONUNBUFFERED": "1", ATTEMPT_ID_ENV: uuid.uuid4().hex}),
             start_new_session=True,
         )
         info = read_json(supervisor_file(paths)) if supervisor_file(paths).exists() else {}

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +28,8 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 from launcher.backends.base import SubmittedRun
 from launcher.errors import UserError
 from launcher.launch_env import TORCHRUN_KEYS, free_port, torchrun_env
-from launcher.rundir import (
-    ExperimentPaths,
-    RunPaths,
-    RunState,
-    read_json,
-    read_status,
-    utc_now,
-    write_json_atomic,
-    write_status,
-)
+from launcher.run_status import ATTEMPT_ID_ENV, read_status, update_status
+from launcher.rundir import ExperimentPaths, RunPaths, RunState, read_json, utc_now, write_json_atomic
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -167,11 +160,6 @@ def cancel_requested(paths: RunPaths) -> bool:
     return bool(read_supervisor(paths).get("cancel_requested"))
 
 
-def _status_extras(paths: RunPaths) -> dict[str, Any]:
-    status = read_status(paths)
-    return {k: v for k, v in status.items() if k not in ("state", "updated_at", "reason")}
-
-
 # --- processes ---------------------------------------------------------------------------------------
 
 
@@ -261,7 +249,7 @@ class LocalBackend:
                     supervisor_file(paths),
                     {"supervisor_pid": os.getpid(), "submitted_at": utc_now(), "cancel_requested": False},
                 )
-                write_status(paths, RunState.PENDING, None, backend=self.name, job_id=job_id)
+                update_status(paths, RunState.PENDING, backend=self.name, job_id=job_id)
                 self._queue.append(QueuedRun(run, paths))
             submitted.append(SubmittedRun(run.name, run.run_id, self.name, job_id=job_id, command=command))
         return submitted
@@ -336,6 +324,7 @@ class LocalBackend:
         self._ports.add(port)
         paths.logs.mkdir(parents=True, exist_ok=True)
         preexec = _pdeathsig_preexec()
+        attempt = {ATTEMPT_ID_ENV: uuid.uuid4().hex}  # failure records of other launches are history
         procs: list[RankProcess] = []
         try:
             for rank in range(run.resources.world_size):
@@ -350,7 +339,7 @@ class LocalBackend:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=self._child_env(self.rank_env(run, rank, port, gpus)),
+                    env=self._child_env({**self.rank_env(run, rank, port, gpus), **attempt}),
                     start_new_session=True,
                     preexec_fn=preexec,
                 )
@@ -424,8 +413,9 @@ class LocalBackend:
         head = queue[0]
         if cancel_requested(head.paths):
             queue.pop(0)
-            self._write_final(head.paths, RunState.CANCELLED, "cancelled before it started")
-            states[head.run.name] = RunState.CANCELLED.value
+            states[head.run.name] = self._write_final(
+                head.paths, RunState.CANCELLED, "cancelled before it started"
+            )
             return False
         need = head.run.resources.world_size if self._gpu_pool() else 0
         if need > len(free_gpus):
@@ -437,8 +427,8 @@ class LocalBackend:
             procs = self.launch(head, gpus)
         except OSError as exc:  # e.g. the train command is missing: this run fails, the others go on
             free_gpus.extend(gpus)
-            self._write_final(head.paths, RunState.FAILED, f"could not start its ranks: {exc}")
-            states[head.run.name] = RunState.FAILED.value
+            reason = f"could not start its ranks: {exc}"
+            states[head.run.name] = self._write_final(head.paths, RunState.FAILED, reason)
             return False
         return ActiveRun(head.run, head.paths, procs, gpus, time.monotonic())
 
@@ -493,8 +483,9 @@ class LocalBackend:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.popen.pid, sig)
 
-    def _write_final(self, paths: RunPaths, state: RunState, reason: str | None, **extra: Any) -> None:
-        write_status(paths, state, reason, **{**_status_extras(paths), **extra})
+    def _write_final(self, paths: RunPaths, state: RunState, reason: str | None, **extra: Any) -> str:
+        """Record the run's end; returns the state status.json holds (a COMPLETED run stays so)."""
+        return str(update_status(paths, state, reason, **extra)["state"])
 
     def _finalize(self, item: ActiveRun, *, interrupted: bool) -> str:
         """Decide the run's final state from the ranks' exit codes and what the trainer recorded."""
@@ -502,8 +493,7 @@ class LocalBackend:
         recorded = status.get("state")
         codes = {"exit_codes": {str(r): c for r, c in sorted(item.exit_codes.items())}}
         if cancel_requested(item.paths):
-            self._write_final(item.paths, RunState.CANCELLED, "cancelled by user", **codes)
-            return RunState.CANCELLED.value
+            return self._write_final(item.paths, RunState.CANCELLED, "cancelled by user", **codes)
         if item.failure is not None and not interrupted:
             reason = item.failure
             root = _root_failure(item.failed_ranks)
@@ -515,23 +505,18 @@ class LocalBackend:
                 trainer_said = recorded == RunState.FAILED.value and status.get("reason")
                 if trainer_said and status.get("failed_rank") == proc.rank:
                     reason = f"{status['reason']} ({proc.label} {_exit_text(code)})"
-            self._write_final(item.paths, RunState.FAILED, reason, **codes)
-            return RunState.FAILED.value
+            return self._write_final(item.paths, RunState.FAILED, reason, **codes)
         if interrupted or PREEMPTED_EXIT_CODE in item.exit_codes.values():
-            if recorded in (RunState.COMPLETED.value, RunState.FAILED.value):
+            if recorded in (RunState.COMPLETED.value, RunState.FAILED.value, RunState.PREEMPTED.value):
                 return str(recorded)
-            if recorded != RunState.PREEMPTED.value:
-                self._write_final(
-                    item.paths, RunState.PREEMPTED, "stopped; resumes from its last checkpoint", **codes
-                )
-            return RunState.PREEMPTED.value
+            reason = "stopped; resumes from its last checkpoint"
+            return self._write_final(item.paths, RunState.PREEMPTED, reason, **codes)
         if recorded != RunState.COMPLETED.value:
             reason = (
                 f"all ranks exited 0 but the run recorded {recorded}, not COMPLETED "
                 f"(see {item.paths.rank_log(0)})"
             )
-            self._write_final(item.paths, RunState.FAILED, reason, **codes)
-            return RunState.FAILED.value
+            return self._write_final(item.paths, RunState.FAILED, reason, **codes)
         return RunState.COMPLETED.value
 
     def _stop(self, active: list[ActiveRun], queue: list[QueuedRun], states: dict[str, str]) -> None:
@@ -566,8 +551,8 @@ class LocalBackend:
                 proc.log.close()
             states[item.run.name] = self._finalize(item, interrupted=True)
         for queued in queue:
-            self._write_final(queued.paths, RunState.PLANNED, "not started: submit was interrupted")
-            states[queued.run.name] = RunState.PLANNED.value
+            reason = "not started: submit was interrupted"
+            states[queued.run.name] = self._write_final(queued.paths, RunState.PLANNED, reason)
         out("stopped; run the same `launcher submit` again to resume from the checkpoints")
 
 

@@ -32,7 +32,8 @@ from launcher.backends.base import SubmittedRun
 from launcher.backends.slurm_preflight import PreflightProblem, Request, check_request, query_partitions
 from launcher.backends.slurm_queries import Runner, run_query
 from launcher.errors import UserError
-from launcher.rundir import ExperimentPaths, RunState, read_status, write_status
+from launcher.run_status import read_status, update_status
+from launcher.rundir import ExperimentPaths, RunState
 
 if TYPE_CHECKING:
     from launcher.spec import ClusterSpec, JobSpec, RunConfig
@@ -512,15 +513,8 @@ class SlurmBackend:
         # Marked first: a running rank that checkpoints on scancel's SIGTERM must not requeue itself.
         for run in runs:
             paths = exp.run(run.name)
-            status = read_status(paths)
-            if paths.root.is_dir() and not RunState(status["state"]).is_final:
-                extra = {k: v for k, v in status.items() if k not in ("state", "updated_at", "reason")}
-                write_status(
-                    paths,
-                    RunState(status["state"]),
-                    status.get("reason"),
-                    **{**extra, "cancel_requested": True},
-                )
+            if paths.root.is_dir() and not RunState(read_status(paths)["state"]).is_final:
+                update_status(paths, cancel_requested=True)
         if ids:
             try:
                 subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=SCANCEL_TIMEOUT_S)
@@ -528,11 +522,8 @@ class SlurmBackend:
                 raise UserError(f"scancel failed: {exc}; nothing was marked CANCELLED") from exc
         for run in runs:
             paths = exp.run(run.name)
-            status = read_status(paths)
-            if RunState(status["state"]).is_final:
-                continue
-            extra = {k: v for k, v in status.items() if k not in ("state", "updated_at", "reason")}
-            write_status(paths, RunState.CANCELLED, reason="cancelled by the user (scancel)", **extra)
+            if not RunState(read_status(paths)["state"]).is_final:
+                update_status(paths, RunState.CANCELLED, "cancelled by the user (scancel)")
 
     def live_states(self, runs: list[SubmittedRun]) -> dict[str, str]:
         from launcher.backends.slurm_queries import query_job_states
@@ -551,7 +542,7 @@ def write_pending(exp: ExperimentPaths, pending: dict[str, dict[str, Any]]) -> N
     threads overlap the fsyncs so a 1,000-run sweep does not spend seconds here."""
 
     def write(item: tuple[str, dict[str, Any]]) -> None:
-        write_status(exp.run(item[0]), RunState.PENDING, **item[1])
+        update_status(exp.run(item[0]), RunState.PENDING, **item[1])
 
     if len(pending) < 8:
         for item in pending.items():

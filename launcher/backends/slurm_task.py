@@ -17,18 +17,15 @@ import os
 import signal
 import socket
 import subprocess
-import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-from launcher.rundir import RunPaths, RunState, read_json, read_status, write_json_atomic, write_status
+from launcher.run_status import ATTEMPT_ID_ENV, failure_reason, read_status, record_failure, update_status
+from launcher.rundir import RunPaths, RunState, write_json_atomic
 
 log = logging.getLogger("launcher.slurm")
 REQUEUE_TIMEOUT_S = 30.0
-ATTEMPT_ENV = "LAUNCHER_ATTEMPT"
 
 
 def restart_count() -> int:
@@ -42,17 +39,6 @@ def restart_count() -> int:
 def slurm_job_id() -> str | None:
     """The id to requeue: SLURM_JOB_ID is the task's own id, also for array tasks."""
     return os.environ.get("SLURM_JOB_ID")
-
-
-def update_status(
-    paths: RunPaths, state: RunState | None = None, reason: str | None = None, **extra: Any
-) -> None:
-    """Merge keys into status.json, keeping the state and the keys the trainer wrote."""
-    current = read_status(paths)
-    kept = {k: v for k, v in current.items() if k not in ("state", "updated_at", "reason")}
-    kept.update(extra)
-    new_state = state or RunState(current["state"])
-    write_status(paths, new_state, reason if reason is not None else current.get("reason"), **kept)
 
 
 class _EarlySignals:
@@ -113,38 +99,7 @@ def mark_cancelled(paths: RunPaths) -> None:
     """`launcher cancel` stopped this run: CANCELLED, whatever the ranks made of the SIGTERM."""
     status = read_status(paths)
     kept = f"; checkpoint kept at step {status['step']}" if status.get("step") else ""
-    update_status(paths, RunState.CANCELLED, reason=f"cancelled by the user (scancel){kept}")
-
-
-def _failure_reason(exc: BaseException) -> str:
-    lines = [line for line in traceback.format_exception_only(type(exc), exc) if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
-
-
-def record_failure(paths: RunPaths, rank: int, exc: BaseException) -> None:
-    """Each failing rank leaves ``logs/failure_rank{N}.json``; status.json gets the EARLIEST failure.
-
-    When one rank crashes, the others fail later with "connection closed by peer" - and a surviving
-    rank 0 may even overwrite the crashed rank's FAILED with a RUNNING update in between. The first
-    failure in time is the real cause, whichever rank writes last.
-    """
-    this_attempt = f"{slurm_job_id()}:{restart_count()}"
-    with contextlib.suppress(OSError):
-        write_json_atomic(
-            paths.logs / f"failure_rank{rank}.json",
-            {"rank": rank, "reason": _failure_reason(exc), "at": time.time(), "attempt": this_attempt},
-        )
-    failures = []
-    for path in paths.logs.glob("failure_rank*.json"):
-        with contextlib.suppress(OSError, ValueError):
-            failure = read_json(path)
-            if failure.get("attempt") == this_attempt:  # files of earlier attempts are history
-                failures.append(failure)
-    first = min(failures, key=lambda f: float(f.get("at", 0.0)), default=None)
-    if read_status(paths).get("cancel_requested"):
-        mark_cancelled(paths)  # ranks killed by scancel fail on broken connections: not a failure
-    elif first is not None:
-        update_status(paths, RunState.FAILED, reason=str(first.get("reason")), failed_rank=first.get("rank"))
+    update_status(paths, RunState.CANCELLED, f"cancelled by the user (scancel){kept}")
 
 
 @dataclass(frozen=True)
@@ -158,7 +113,7 @@ class SlurmTask:
         paths = RunPaths(Path(run_dir))
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         attempt = restart_count() + 1
-        os.environ[ATTEMPT_ENV] = str(attempt)
+        os.environ[ATTEMPT_ID_ENV] = f"{slurm_job_id()}:{restart_count()}"  # shared by this attempt's ranks
         _record_launch(paths, rank, attempt)
         if rank == 0:
             update_status(paths, attempt=attempt, job_id=slurm_job_id())
@@ -169,8 +124,8 @@ class SlurmTask:
 
             try:
                 outcome = train_run(paths.root)
-            except Exception as exc:
-                record_failure(paths, rank, exc)
+            except Exception as exc:  # the trainer recorded it already, unless it failed before training
+                record_failure(paths, rank, failure_reason(exc))
                 raise
         if rank == 0:
             if outcome == RunState.PREEMPTED.value and read_status(paths).get("cancel_requested"):

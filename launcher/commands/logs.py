@@ -40,7 +40,8 @@ def find_log(logs_dir: Path, rank: int, scheduler_logs: list[Path] | None = None
 
 def run(args: argparse.Namespace) -> int:
     from launcher.manifest import load_manifest
-    from launcher.rundir import RunState, read_status
+    from launcher.run_status import read_status
+    from launcher.rundir import RunState
     from launcher.status import resolve_experiment, resolve_run_names
 
     exp = resolve_experiment(args.experiment)

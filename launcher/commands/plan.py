@@ -81,27 +81,26 @@ def print_table(rows: list[dict[str, Any]], title: str, gpu_mem_gib: float, *, w
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.plan import build_plan, experiment_paths, plan_row, write_run_dirs
-    from launcher.spec import load_spec
+    from launcher.plan import load_and_plan, write_run_dirs
 
-    spec = load_spec(args.spec)
-    runs = build_plan(spec, args.spec)
-    for warning in spec.spec_warnings:
+    plan = load_and_plan(args.spec)
+    spec = plan.spec
+    for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    rows = [plan_row(r) for r in runs]
+    rows = plan.rows()
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print_table(
             rows,
-            f"{spec.experiment}: {len(rows)} runs -> {experiment_paths(spec).root}",
+            f"{spec.experiment}: {len(rows)} runs -> {plan.exp.root}",
             spec.cluster.gpu_mem_gib,
             wide=args.wide,
         )
     if args.write:
-        exp = write_run_dirs(spec, args.spec, runs, force=args.force)
+        exp = write_run_dirs(plan, force=args.force)
         print(
-            f"wrote {len(runs)} run directories under {exp.runs_dir}",
+            f"wrote {len(plan.runs)} run directories under {exp.runs_dir}",
             file=sys.stderr if args.json else sys.stdout,
         )
     return 0

@@ -19,12 +19,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.plan import build_plan
-    from launcher.spec import load_spec
+    from launcher.plan import load_and_plan
 
-    spec = load_spec(args.spec, check_paths=args.check_paths)
-    runs = build_plan(spec, args.spec)
-    for warning in spec.spec_warnings:
+    plan = load_and_plan(args.spec, check_paths=args.check_paths)
+    runs = plan.runs
+    for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     methods = sorted({r.method.method for r in runs})
     print(f"{args.spec}: ok ({len(runs)} run{'s' if len(runs) != 1 else ''}: {', '.join(methods)})")

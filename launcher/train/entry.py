@@ -11,14 +11,14 @@ import contextlib
 import logging
 import os
 import sys
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from launcher.errors import UserError
-from launcher.rundir import RunPaths, RunState, read_json, read_status, write_json_atomic
+from launcher.run_status import clear_failure, failure_reason, read_status, record_failure
+from launcher.rundir import RunPaths, RunState, read_json
 from launcher.spec import RunConfig
 
 PREEMPTED_EXIT_CODE = 3
@@ -79,39 +79,12 @@ def _load_inputs(paths: RunPaths) -> tuple[RunConfig, dict[str, Any]]:
     return cfg, ds_config
 
 
-def _failure_reason(exc: BaseException) -> str:
-    """The exception's last line; our own errors (UserError, NonFiniteLoss) are already in the user's
-    terms, so just their message."""
-    if type(exc).__module__.startswith("launcher.") and str(exc):
-        return str(exc).strip().splitlines()[-1]
-    lines = [line for line in traceback.format_exception_only(type(exc), exc) if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
-
-
-def _failure_file(paths: RunPaths, rank: int) -> Path:
-    return paths.logs / f"failure_rank{rank}.json"
-
-
 def _record_failure(paths: RunPaths, rank: int, exc: BaseException) -> None:
-    """Traceback into this rank's log, this rank's reason into logs/failure_rank{N}.json, and FAILED into
-    status.json with the EARLIEST failure of any rank: the rank that died first has the real reason;
-    the others only see a broken connection (gloo "Connection closed by peer") a moment later."""
+    """Traceback into this rank's log; the reason into its failure record and status.json."""
     log.error(
         "rank %d failed:\n%s", rank, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     )
-    write_json_atomic(
-        _failure_file(paths, rank), {"rank": rank, "reason": _failure_reason(exc), "time": time.time()}
-    )
-    failures = []
-    for path in paths.logs.glob("failure_rank*.json"):
-        try:
-            failures.append(read_json(path))
-        except (OSError, ValueError):
-            continue
-    first = min(failures, key=lambda f: float(f.get("time", 0)))
-    from launcher.train.loop import set_status
-
-    set_status(paths, RunState.FAILED, reason=first.get("reason"), failed_rank=first.get("rank"))
+    record_failure(paths, rank, failure_reason(exc))
 
 
 def train_run(run_dir: Path) -> str:
@@ -134,7 +107,7 @@ def train_run(run_dir: Path) -> str:
     try:
         env = detect_dist_env()
         handlers = _setup_logging(paths, env.rank)
-        _failure_file(paths, env.rank).unlink(missing_ok=True)  # a previous attempt's failure is history
+        clear_failure(paths, env.rank)  # a previous attempt's failure is history
     except BaseException:
         flag.uninstall()
         raise
@@ -177,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         print(
-            f"error: training failed: {_failure_reason(exc)} (traceback in {paths.logs}/rank*.log)",
+            f"error: training failed: {failure_reason(exc)} (traceback in {paths.logs}/rank*.log)",
             file=sys.stderr,
         )
         return FAILED_EXIT_CODE

@@ -23,15 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.rundir import (
-    RunPaths,
-    RunState,
-    append_jsonl,
-    iter_jsonl,
-    read_status,
-    write_status,
-    write_text_atomic,
-)
+from launcher.run_status import update_status
+from launcher.rundir import RunPaths, RunState, append_jsonl, iter_jsonl, write_text_atomic
 from launcher.spec import RunConfig
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
@@ -165,22 +158,6 @@ def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
     )
 
 
-_STALE_STATUS_KEYS = ("failed_rank",)
-
-
-def set_status(paths: RunPaths, state: RunState, reason: str | None = None, **extra: Any) -> None:
-    """Write status.json keeping the keys a backend put there (job_id, attempt, ...)."""
-    current = read_status(paths)
-    kept = {
-        k: v
-        for k, v in current.items()
-        if k not in ("state", "updated_at", "reason")
-        and (state == RunState.FAILED or k not in _STALE_STATUS_KEYS)
-    }
-    kept.update(extra)
-    write_status(paths, state, reason, **kept)
-
-
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -293,8 +270,8 @@ def run_training(
         )
         if rank0:
             _truncate_logs_after(paths, state.global_step)
-    if rank0:
-        set_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
+    if rank0:  # the start of an attempt: the one write that may leave FAILED / CANCELLED (run_status)
+        update_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
     trackers = open_metric_loggers(cfg, paths, start_step=state.global_step, rank0=rank0)
 
     def save() -> None:
@@ -374,7 +351,8 @@ def run_training(
                 },
             )
             trackers.log_train_record(record, state.global_step)
-            set_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
+            # Progress only: a state another rank recorded meanwhile (its FAILED) stays.
+            update_status(paths, step=state.global_step, total_steps=total_steps)
         if t.eval_steps and state.global_step % t.eval_steps == 0 and state.global_step < total_steps:
             value = run_eval_loss()
             engine.train()
@@ -386,7 +364,7 @@ def run_training(
         if stop_votes > 0 and state.global_step < total_steps:
             save()
             if rank0:
-                set_status(
+                update_status(
                     paths,
                     RunState.PREEMPTED,
                     reason=f"{flag.signal_name} received; checkpoint saved at step {state.global_step}",
@@ -431,7 +409,7 @@ def run_training(
         write_result(paths, build_result(cfg, paths, outcome, RunState.COMPLETED.value))
         trackers.log_final(outcome)
         trackers.close(RunState.COMPLETED.value)
-        set_status(paths, RunState.COMPLETED, step=state.global_step, total_steps=total_steps)
+        update_status(paths, RunState.COMPLETED, step=state.global_step, total_steps=total_steps)
     barrier()
     engine.destroy()  # drops ZeRO-3's hooks and pending collectives before the process group goes
     return RunState.COMPLETED.value
