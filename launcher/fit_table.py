@@ -52,7 +52,7 @@ def _text_width(text: str) -> int:
     return max((cell_len(line) for line in text.splitlines()), default=0)
 
 
-def _header_min(header: str) -> int:
+def _longest_word(header: str) -> int:
     return max((_text_width(word) for word in header.split()), default=0)
 
 
@@ -71,10 +71,10 @@ def _layout(
     ]
     content = [max((_text_width(row[i]) for row in cells), default=0) for i in range(len(columns))]
     minimum = [
-        max(_header_min(c.header), min(content[i], _WRAP_MIN_WIDTH) if c.wrap else content[i])
+        max(_longest_word(c.header), min(content[i], _WRAP_MIN_WIDTH) if c.wrap else content[i])
         for i, c in enumerate(columns)
     ]
-    words = [max((_header_min(row[i]) for row in cells), default=0) for i in range(len(columns))]
+    words = [max((_longest_word(row[i]) for row in cells), default=0) for i in range(len(columns))]
     comfortable = [
         max(minimum[i], min(content[i], words[i], _WORD_WIDTH)) if c.wrap else minimum[i]
         for i, c in enumerate(columns)

@@ -293,9 +293,9 @@ STATUS_COLUMNS: tuple[Column[RunRow], ...] = (
 
 
 def render_table(
-    rows: list[RunRow], title: str | None = None, *, width: int | None = None, wide: bool = False
+    rows: list[RunRow], title: str | None = None, *, width: int, wide: bool = False
 ) -> RenderableType:
-    """The status table for a terminal ``width`` columns wide (None: every column, one line per row)."""
+    """The status table for a terminal ``width`` columns wide (the live view of ``status --watch``)."""
     table, _ = fitted_table(STATUS_COLUMNS, rows, width=width, every_column=wide, title=title)
     return table
 

@@ -46,20 +46,26 @@ def run(args: argparse.Namespace) -> int:
         return exit_code(rows)
     console = Console()
     title = str(exp.root)
-    if not args.watch:
+
+    def ended(rows: list[RunRow]) -> bool:
+        return bool(rows) and all(RunState(r.state).is_final for r in rows)
+
+    if not args.watch or not console.is_terminal:
+        # Piped / CI: no live view; --watch waits for the end, then prints the table once.
         rows = collect_rows(exp)
+        while args.watch and not ended(rows):
+            time.sleep(max(0.5, args.interval))
+            rows = collect_rows(exp)
         print_fitted(console, STATUS_COLUMNS, rows, wide=args.wide, title=title)
         return exit_code(rows)
-    # Piped / CI: every column on one line per row instead of squeezing into 80 columns.
-    width = console.width if console.is_terminal else None
 
     def table(rows: list[RunRow]) -> Any:
-        return render_table(rows, title=title, width=width, wide=args.wide)
+        return render_table(rows, title=title, width=console.width, wide=args.wide)
 
     with Live(table(collect_rows(exp)), console=console, auto_refresh=False) as live:
         while True:
             rows = collect_rows(exp)
             live.update(table(rows), refresh=True)
-            if rows and all(RunState(r.state).is_final for r in rows):
+            if ended(rows):
                 return exit_code(rows)
             time.sleep(max(0.5, args.interval))
