@@ -181,8 +181,9 @@ def test_collect_wide_shows_every_column(terminal, experiments) -> None:
     # text may fold onto the row's next line: its start is there).
     name = NAMES[1]
     line = next(line for line in pane.joined if f" {name} " in line)
+    row = collect_experiments([exp], write=False).row(name)
     for column in COLUMNS:
-        text = column.cell(collect_experiments([exp], write=False).row(name))
+        text = column.cell(row)
         assert (text[:12] if column.wrap else f" {text} ") in line, (column.header, text, line)
 
 
