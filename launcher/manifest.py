@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,23 @@ class ManifestEntry:
 @dataclass
 class Manifest:
     entries: dict[str, ManifestEntry] = field(default_factory=dict)
+
+    def submitted_runs(self, names: Collection[str] | None = None) -> list[SubmittedRun]:
+        """The recorded submissions (of ``names`` only, if given), as the backends take them."""
+        from launcher.backends.base import SubmittedRun
+
+        return [
+            SubmittedRun(
+                name=e.name,
+                run_id=run_id,
+                backend=e.backend,
+                job_id=e.job_id,
+                array_job_id=e.array_job_id,
+                array_index=e.array_index,
+            )
+            for run_id, e in self.entries.items()
+            if names is None or e.name in names
+        ]
 
     def by_name(self, name: str) -> tuple[str, ManifestEntry] | None:
         for run_id, entry in self.entries.items():

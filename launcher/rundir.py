@@ -296,6 +296,20 @@ def iter_jsonl(path: Path, skipped: list[str] | None = None) -> Iterator[dict[st
                 yield obj
 
 
+def tail_lines(path: Path, max_bytes: int) -> list[str]:
+    """The lines of a file's last ``max_bytes`` (logs and metrics grow long; their ends matter). A
+    line cut by the window's start is dropped; a missing file has no lines."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return lines[1:] if size > max_bytes else lines
+
+
 # --- time ---------------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     from launcher.backends.base import Backend, SubmittedRun
     from launcher.plan import Plan
-    from launcher.spec import JobSpec, RunConfig
+    from launcher.spec import RunConfig
 
 IN_FLIGHT = (RunState.PENDING.value, RunState.RUNNING.value)
 CANCEL_WAIT_S = 60.0
@@ -125,7 +126,8 @@ def find_changed_configs(exp: ExperimentPaths, runs: list[RunConfig]) -> dict[st
 def current_states(exp: ExperimentPaths, names: set[str]) -> dict[str, str]:
     """Each run's state: its status.json, refined by the backend's live view (e.g. a dead local
     supervisor, a Slurm job that vanished from the queue)."""
-    from launcher.status import merge_state, query_live_states
+    from launcher.status import query_live_states
+    from launcher.status_row import merge_state
 
     live = query_live_states(load_manifest(exp), names=names)
     states = {}
@@ -177,16 +179,19 @@ def archive_run_dir(exp: ExperimentPaths, name: str) -> Path | None:
     return dest
 
 
-def _cancel_in_flight(exp: ExperimentPaths, names: set[str]) -> None:
-    from launcher.backends.base import get_backend
-    from launcher.status import submitted_runs
+def _cancel_through_backends(exp: ExperimentPaths, names: Collection[str]) -> None:
+    """Each run is cancelled by the backend that submitted it (the manifest says which)."""
+    from launcher.backends.registry import get_backend
 
     by_backend: dict[str, list[SubmittedRun]] = {}
-    for sub in submitted_runs(load_manifest(exp)):
-        if sub.name in names:
-            by_backend.setdefault(sub.backend, []).append(sub)
+    for sub in load_manifest(exp).submitted_runs(names):
+        by_backend.setdefault(sub.backend, []).append(sub)
     for backend_name, subs in by_backend.items():
         get_backend(backend_name, None).cancel(exp, subs)
+
+
+def _cancel_in_flight(exp: ExperimentPaths, names: set[str]) -> None:
+    _cancel_through_backends(exp, names)
     # A cancelled Slurm job may still be writing into its run dir for a moment: the dir is about to
     # be archived and re-created, so wait until the scheduler no longer lists the jobs as live.
     from launcher.status import query_live_states
@@ -230,7 +235,10 @@ def submit_spec(
     selected = select_runs(plan.runs, only)
     exp = plan.exp
     if backend is None:
-        backend = make_backend(plan.spec, backend_name, hostfile, console)
+        from launcher.backends.registry import default_backend_name, get_backend
+
+        name = backend_name or default_backend_name(plan.spec)
+        backend = get_backend(name, plan.spec, console=console, hostfile=hostfile)
     submission = _Submission(plan, selected, backend)
     if dry_run:
         return _dry_run(submission, console, retry_failed=retry_failed, force=force)
@@ -238,26 +246,13 @@ def submit_spec(
     # submit. Held from reading the states to recording the jobs, not while local runs train.
     with submission_lock(exp):
         outcome = _submit(submission, console, retry_failed=retry_failed, force=force)
-    wait = getattr(backend, "wait", None)
-    if callable(wait) and outcome.submitted:  # local / hostfile: supervise the runs, then the table
-        outcome.final_states = wait(exp)
-        run_collector(exp, console)
+    if outcome.submitted:
+        # local / hostfile supervise their runs here, then the table is made; Slurm returns at once
+        # (its collector job makes the table).
+        outcome.final_states = backend.wait(exp)
+        if outcome.final_states:
+            run_collector(exp, console)
     return outcome
-
-
-def make_backend(spec: JobSpec, backend_name: str | None, hostfile: Path | None, console: Console) -> Backend:
-    from launcher.backends.base import default_backend_name, get_backend
-    from launcher.backends.local import LocalBackend
-
-    name = backend_name or default_backend_name(spec)
-    if hostfile is not None and name != "hostfile":
-        raise UserError("--hostfile only applies to --backend hostfile")
-    backend = get_backend(name, spec)
-    if isinstance(backend, LocalBackend):  # and HostfileBackend: progress goes where we print
-        backend.console = console
-    if hostfile is not None:
-        backend.hostfile = hostfile  # type: ignore[attr-defined]
-    return backend
 
 
 @dataclass
@@ -375,20 +370,13 @@ def _print_decisions(console: Console, outcome: SubmitOutcome, *, dry_run: bool)
 def cancel_runs(exp: ExperimentPaths, names: list[str] | None = None) -> list[str]:
     """Cancel unfinished runs (all, or `names`) through the backend that submitted them, then record
     CANCELLED in their status.json. Returns the runs cancelled."""
-    from launcher.backends.base import get_backend
     from launcher.run_status import update_status
-    from launcher.status import submitted_runs
 
     wanted = set(names) if names is not None else {p.name for p in exp.run_dirs()}
     states = current_states(exp, wanted)
     cancellable = (*IN_FLIGHT, RunState.PREEMPTED.value)
     targets = sorted(n for n in wanted if states.get(n) in cancellable)
-    by_backend: dict[str, list[SubmittedRun]] = {}
-    for sub in submitted_runs(load_manifest(exp)):
-        if sub.name in targets:
-            by_backend.setdefault(sub.backend, []).append(sub)
-    for backend_name, subs in by_backend.items():
-        get_backend(backend_name, None).cancel(exp, subs)
+    _cancel_through_backends(exp, targets)
     for name in targets:
         paths = exp.run(name)
         if read_status(paths).get("state") != RunState.CANCELLED.value:

@@ -148,6 +148,7 @@ def test_dry_run_writes_launch_script(tmp_path: Path) -> None:
     argv = shlex.split(sub.command)
     assert "--no_ssh_check" in argv and argv[argv.index("--master_addr") + 1] == "127.0.0.1"
     assert read_status(exp.run("local2"))["state"] == "PLANNED"
+    assert os.access(exp.run("local2").logs / "launch.sh", os.X_OK)
 
 
 def test_real_deepspeed_launcher_runs_two_ranks_on_localhost(
@@ -173,6 +174,9 @@ def test_real_deepspeed_launcher_runs_two_ranks_on_localhost(
     assert "deepspeed.launcher.launch" in log
     assert list((exp.run("ds").logs).glob("*_rank1.log"))  # DeepSpeed's per-rank log
     assert sub.job_id is not None
+    # launch.sh is rewritten with the port this attempt used, and can still be run by hand
+    launch = exp.run("ds").logs / "launch.sh"
+    assert os.access(launch, os.X_OK) and f"--master_port {envs[0]['MASTER_PORT']}" in launch.read_text()
 
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs Slurm's scontrol (the CI cluster has it)")

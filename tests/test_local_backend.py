@@ -261,7 +261,7 @@ def test_killed_supervisor_leaves_no_orphan_ranks(tmp_path: Path, monkeypatch: p
     import sys
 
     from launcher.manifest import load_manifest
-    from launcher.status import collect_rows, submitted_runs
+    from launcher.status import collect_rows
 
     monkeypatch.setenv("STAND_IN_STEP_S", "0.1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -281,7 +281,7 @@ def test_killed_supervisor_leaves_no_orphan_ranks(tmp_path: Path, monkeypatch: p
     assert not any(job_alive(str(pid)) for pid in ranks)
     assert read_status(exp.run("orphan"))["state"] == "PREEMPTED"  # the ranks checkpointed on SIGTERM
     assert list(exp.run("orphan").checkpoints.glob("step_*"))
-    [sub] = submitted_runs(load_manifest(exp))
+    [sub] = load_manifest(exp).submitted_runs()
     assert _backend().live_states([sub]) == {"orphan": "PREEMPTED"}
     assert [r.state for r in collect_rows(exp)] == ["PREEMPTED"]
 

@@ -14,14 +14,8 @@ from launcher.cli import main
 from launcher.manifest import locked_manifest
 from launcher.run_status import read_status, update_status
 from launcher.rundir import RunState, append_jsonl
-from launcher.status import (
-    call_with_timeout,
-    collect_rows,
-    estimate_eta_s,
-    merge_state,
-    read_run_row,
-    tail_jsonl,
-)
+from launcher.status import call_with_timeout, collect_rows
+from launcher.status_row import estimate_eta_s, merge_state, read_status_row, tail_jsonl
 
 
 def test_tail_jsonl_skips_a_torn_last_line(tmp_path: Path) -> None:
@@ -63,10 +57,10 @@ def test_run_row_from_files(tmp_path: Path) -> None:
             paths.metrics_jsonl,
             {"step": step, "loss": 1.0 / step, "tokens_per_s": 321.0, "elapsed_s": elapsed},
         )
-    row = read_run_row(paths, attempts=1, backend="slurm", job_id="5_0")
+    row = read_status_row(paths, attempts=1, backend="slurm", job_id="5_0")
     assert (row.state, row.step, row.total_steps, row.attempts) == ("RUNNING", 20, 50, 2)
     assert row.loss == pytest.approx(0.05) and row.tokens_per_s == 321.0 and row.eta_s == pytest.approx(60.0)
-    failed = read_run_row(paths, live_state="FAILED", backend="slurm", job_id="5_0")
+    failed = read_status_row(paths, live_state="FAILED", backend="slurm", job_id="5_0")
     assert failed.state == "FAILED" and "5_0" in (failed.reason or "") and failed.eta_s is None
 
 

@@ -100,6 +100,24 @@ def test_select_runs() -> None:
         select_runs(runs, ["ful"])
 
 
+def test_every_backend_is_built_by_the_registry_with_the_whole_protocol(tmp_path: Path) -> None:
+    from launcher.backends.registry import BACKEND_NAMES, get_backend
+
+    console = _console()
+    for name in BACKEND_NAMES:
+        backend = get_backend(name, None, console=console)
+        assert backend.name == name
+        for method in ("submit", "wait", "cancel", "live_states"):
+            assert callable(getattr(backend, method)), (name, method)
+    hosts = tmp_path / "hosts.txt"
+    assert get_backend("hostfile", None, hostfile=hosts).hostfile == hosts  # type: ignore[attr-defined]
+    assert get_backend("local", None, console=console).console is console  # type: ignore[attr-defined]
+    with pytest.raises(UserError, match="--hostfile only applies to --backend hostfile"):
+        get_backend("slurm", None, hostfile=hosts)
+    with pytest.raises(UserError, match="valid choices: slurm, local, hostfile"):
+        get_backend("k8s", None)
+
+
 # --- with the planner and real processes ------------------------------------------------------------
 
 

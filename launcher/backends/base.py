@@ -1,18 +1,14 @@
-"""The one small interface every backend (slurm, local, hostfile) implements."""
+"""The one small interface every backend (slurm, local, hostfile) implements; the registry that builds
+them by name is launcher.backends.registry."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from launcher.errors import UserError
-
 if TYPE_CHECKING:
     from launcher.rundir import ExperimentPaths
-    from launcher.spec import JobSpec, RunConfig
-
-BACKEND_NAMES: tuple[str, ...] = ("slurm", "local", "hostfile")
+    from launcher.spec import RunConfig
 
 
 @dataclass
@@ -27,35 +23,23 @@ class SubmittedRun:
 
 
 class Backend(Protocol):
+    """Everything `launcher submit`, `status` and `cancel` ask of a backend."""
+
     name: str
 
-    def submit(self, exp: ExperimentPaths, runs: list[RunConfig], *, dry_run: bool) -> list[SubmittedRun]: ...
+    def submit(self, exp: ExperimentPaths, runs: list[RunConfig], *, dry_run: bool) -> list[SubmittedRun]:
+        """Queue the runs (their run dirs are written); with dry_run, only say what would run."""
+        ...
+
+    def wait(self, exp: ExperimentPaths) -> dict[str, str]:
+        """Block until the runs this process supervises have ended: run name -> final state. A
+        scheduler backend supervises nothing here and returns {} at once (its collector job writes
+        the table when the runs end)."""
+        ...
 
     def cancel(self, exp: ExperimentPaths, runs: list[SubmittedRun]) -> None: ...
 
-    # run name -> RunState value; {} if unknown; never hangs
-    def live_states(self, runs: list[SubmittedRun]) -> dict[str, str]: ...
-
-
-def default_backend_name(spec: JobSpec | None) -> str:
-    """The spec's backend, else slurm when `sbatch` is on PATH, else local."""
-    if spec is not None and getattr(spec, "backend", None):
-        return str(spec.backend)
-    return "slurm" if shutil.which("sbatch") else "local"
-
-
-def get_backend(name: str, spec: JobSpec | None) -> Backend:
-    """Build a backend by name; imports lazily so `launcher status` never pays for submitit/torch."""
-    if name == "slurm":
-        from launcher.backends.slurm import SlurmBackend
-
-        return SlurmBackend(spec)
-    if name == "local":
-        from launcher.backends.local import LocalBackend
-
-        return LocalBackend(spec)
-    if name == "hostfile":
-        from launcher.backends.hostfile import HostfileBackend
-
-        return HostfileBackend(spec)
-    raise UserError(f"unknown backend {name!r}; valid choices: {', '.join(BACKEND_NAMES)}")
+    def live_states(self, runs: list[SubmittedRun]) -> dict[str, str]:
+        """Run name -> RunState value where the backend knows better than the files; {} if it cannot
+        tell; never hangs."""
+        ...

@@ -14,7 +14,6 @@ same Python environment and a shared filesystem holding the run directory at the
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shlex
 import shutil
@@ -27,22 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from launcher.backends.base import SubmittedRun
 from launcher.backends.local import (
     LocalBackend,
     QueuedRun,
     RankProcess,
+    read_supervisor,
     supervisor_file,
-    supervisor_job_id,
 )
 from launcher.errors import UserError
 from launcher.launch_env import free_port
-from launcher.run_status import ATTEMPT_ID_ENV, update_status
+from launcher.run_status import ATTEMPT_ID_ENV
 from launcher.rundir import (
     ExperimentPaths,
     RunPaths,
-    RunState,
-    read_json,
     utc_now,
     write_json_atomic,
     write_text_atomic,
@@ -224,6 +220,12 @@ def _is_local_host(host: str) -> bool:
     return host in LOCAL_HOSTNAMES or host in (socket.gethostname(), socket.getfqdn())
 
 
+def _write_launch_script(paths: RunPaths, argv: list[str]) -> None:
+    """logs/launch.sh: the exact command of the run, executable, to rerun it by hand."""
+    script = "#!/bin/bash\n# written by `launcher submit --backend hostfile`; runs this run as is\n"
+    write_text_atomic(paths.logs / "launch.sh", script + shlex.join(argv) + "\n", mode=0o755)
+
+
 def _stable_port(run_id: str) -> int:
     """A remote master's port can't be probed from here; derive one per run in [29500, 30500)."""
     return 29500 + int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % 1000
@@ -317,36 +319,19 @@ class HostfileBackend(LocalBackend):
     def describe_command(self, paths: RunPaths, run: RunConfig) -> str:
         return shlex.join(self.command(run, paths))
 
-    def submit(self, exp: ExperimentPaths, runs: list[RunConfig], *, dry_run: bool) -> list[SubmittedRun]:
-        submitted = []
-        commands = {run.name: self.command(run, exp.run(run.name)) for run in runs}  # validate all first
+    def prepare(self, exp: ExperimentPaths, runs: list[RunConfig]) -> dict[str, str]:
+        """Validate every run against the hostfile, then write each run's logs/launch.sh."""
+        commands = {run.name: self.command(run, exp.run(run.name)) for run in runs}
         for run in runs:
-            paths = exp.run(run.name)
-            script = "#!/bin/bash\n# written by `launcher submit --backend hostfile`; runs this run as is\n"
-            script += shlex.join(commands[run.name]) + "\n"
-            write_text_atomic(paths.logs / "launch.sh", script)
-            (paths.logs / "launch.sh").chmod(0o755)
-            job_id = None if dry_run else supervisor_job_id()
-            if not dry_run:
-                write_json_atomic(
-                    supervisor_file(paths),
-                    {"supervisor_pid": os.getpid(), "submitted_at": utc_now(), "cancel_requested": False},
-                )
-                update_status(paths, RunState.PENDING, backend=self.name, job_id=job_id)
-                self._queue.append(QueuedRun(run, paths))
-            submitted.append(
-                SubmittedRun(
-                    run.name, run.run_id, self.name, job_id=job_id, command=shlex.join(commands[run.name])
-                )
-            )
-        return submitted
+            _write_launch_script(exp.run(run.name), commands[run.name])
+        return {name: shlex.join(argv) for name, argv in commands.items()}
 
     def launch(self, queued: QueuedRun, gpus: list[str]) -> list[RankProcess]:
         run, paths = queued.run, queued.paths
         hosts = parse_hostfile(self._hostfile_for(run))
         port = free_port(self._ports) if _is_local_host(hosts[0].host) else None
         argv = self.command(run, paths, port)
-        write_text_atomic(paths.logs / "launch.sh", "#!/bin/bash\n" + shlex.join(argv) + "\n")
+        _write_launch_script(paths, argv)  # with the port this attempt really uses
         log_path = paths.logs / DEEPSPEED_LOG
         log = open(log_path, "ab")  # noqa: SIM115 - closed by the supervisor when the launcher exits
         log.write(f"\n=== launcher hostfile: started {utc_now()} ===\n$ {shlex.join(argv)}\n".encode())
@@ -359,7 +344,7 @@ class HostfileBackend(LocalBackend):
             env=self._child_env({"PYTHONUNBUFFERED": "1", ATTEMPT_ID_ENV: uuid.uuid4().hex}),
             start_new_session=True,
         )
-        info = read_json(supervisor_file(paths)) if supervisor_file(paths).exists() else {}
+        info = read_supervisor(paths)
         info.update({"rank_pids": [popen.pid], "started_at": utc_now(), "command": argv})
         write_json_atomic(supervisor_file(paths), info)
         return [RankProcess(0, popen, log_path, log, label="the deepspeed launcher")]

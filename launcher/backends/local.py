@@ -29,7 +29,15 @@ from launcher.backends.base import SubmittedRun
 from launcher.errors import UserError
 from launcher.launch_env import TORCHRUN_KEYS, free_port, torchrun_env
 from launcher.run_status import ATTEMPT_ID_ENV, read_status, update_status
-from launcher.rundir import ExperimentPaths, RunPaths, RunState, read_json, utc_now, write_json_atomic
+from launcher.rundir import (
+    ExperimentPaths,
+    RunPaths,
+    RunState,
+    read_json,
+    tail_lines,
+    utc_now,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -93,15 +101,7 @@ def job_alive(job_id: str) -> bool:
 
 def last_log_line(path: Path, max_chars: int = 300) -> str:
     """The last non-blank line of a log (usually the exception), for a FAILED reason."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 8192))
-            text = handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in tail_lines(path, 8192) if line.strip()]
     return lines[-1][:max_chars] if lines else ""
 
 
@@ -230,18 +230,12 @@ class LocalBackend:
     # --- Backend protocol --------------------------------------------------------------------------
 
     def submit(self, exp: ExperimentPaths, runs: list[RunConfig], *, dry_run: bool) -> list[SubmittedRun]:
-        gpus = self._gpu_pool()
-        for run in runs:
-            if gpus and run.resources.world_size > len(gpus):
-                raise UserError(
-                    f"run {run.name!r} needs {run.resources.world_size} GPUs (nodes x gpus_per_node) "
-                    f"but this machine shows {len(gpus)}; lower resources.gpus_per_node / nodes, "
-                    "or use --backend slurm"
-                )
+        """Queue the runs for ``wait`` (this process supervises them): each gets its supervisor file
+        and PENDING with this process as its job id. Every run is checked before any is queued."""
+        commands = self.prepare(exp, runs)
         submitted = []
         for run in runs:
             paths = exp.run(run.name)
-            command = self.describe_command(paths, run)
             job_id = None if dry_run else supervisor_job_id()
             if not dry_run:
                 paths.logs.mkdir(parents=True, exist_ok=True)
@@ -251,8 +245,22 @@ class LocalBackend:
                 )
                 update_status(paths, RunState.PENDING, backend=self.name, job_id=job_id)
                 self._queue.append(QueuedRun(run, paths))
-            submitted.append(SubmittedRun(run.name, run.run_id, self.name, job_id=job_id, command=command))
+            submitted.append(
+                SubmittedRun(run.name, run.run_id, self.name, job_id=job_id, command=commands[run.name])
+            )
         return submitted
+
+    def prepare(self, exp: ExperimentPaths, runs: list[RunConfig]) -> dict[str, str]:
+        """Check that every run can start here; run name -> the command it will run (as printed)."""
+        gpus = self._gpu_pool()
+        for run in runs:
+            if gpus and run.resources.world_size > len(gpus):
+                raise UserError(
+                    f"run {run.name!r} needs {run.resources.world_size} GPUs (nodes x gpus_per_node) "
+                    f"but this machine shows {len(gpus)}; lower resources.gpus_per_node / nodes, "
+                    "or use --backend slurm"
+                )
+        return {run.name: self.describe_command(exp.run(run.name), run) for run in runs}
 
     def cancel(self, exp: ExperimentPaths, runs: list[SubmittedRun]) -> None:
         """Ask the supervisor (maybe another process) to stop these runs; SIGTERM their ranks."""
@@ -368,7 +376,7 @@ class LocalBackend:
 
     def wait(self, exp: ExperimentPaths) -> dict[str, str]:
         """Run every queued run to its end; returns run name -> final state. Ctrl-C stops them resumably."""
-        from launcher.status import RunsProgress
+        from launcher.progress import RunsProgress
 
         queue = list(self._queue)
         self._queue.clear()

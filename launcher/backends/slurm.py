@@ -506,6 +506,10 @@ class SlurmBackend:
             )
         return submitted
 
+    def wait(self, exp: ExperimentPaths) -> dict[str, str]:
+        """Nothing to supervise here: Slurm runs the jobs, the collector job writes the table."""
+        return {}
+
     # -- cancel / live states ---------------------------------------------------------------------------
 
     def cancel(self, exp: ExperimentPaths, runs: list[SubmittedRun]) -> None:

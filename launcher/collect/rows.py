@@ -17,7 +17,7 @@ from typing import Any, TypeGuard
 
 import yaml
 
-from launcher.rundir import RESULT_KEYS, RunPaths, RunState, iter_jsonl
+from launcher.rundir import RESULT_KEYS, RunPaths, RunState, iter_jsonl, tail_lines
 
 # libyaml is ~10x faster than the pure-Python loader; run.yaml is read for every unfinished run.
 _YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -251,18 +251,6 @@ def last_eval_loss(path: Path, warnings: list[str]) -> float | None:
     return value
 
 
-def _tail_lines(path: Path) -> list[str]:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - _LOG_TAIL_BYTES))
-            data = handle.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", errors="replace").splitlines()
-
-
 def _log_files(paths: RunPaths) -> list[Path]:
     """Rank logs first (rank0, rank1, ... numerically), then the scheduler's logs."""
     try:
@@ -283,7 +271,7 @@ def last_error_line(paths: RunPaths) -> str | None:
     A Python exception line wins over a generic match (the traceback's last line is the reason).
     """
     for path in _log_files(paths):
-        lines = [line.strip() for line in _tail_lines(path) if line.strip()]
+        lines = [line.strip() for line in tail_lines(path, _LOG_TAIL_BYTES) if line.strip()]
         for pattern in (_EXCEPTION_LINE, _ERROR_LINE):
             for line in reversed(lines):
                 if pattern.search(line) and not line.startswith("Traceback"):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from launcher.rundir import RunState
 
 if TYPE_CHECKING:
-    from launcher.status import RunRow
+    from launcher.status_row import StatusRow
 
 HELP = (
     "show each run's state, attempts, step/total, loss, tokens/s and ETA (--watch, --json); "
@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wide", action="store_true", help="every column, however wide the terminal")
 
 
-def exit_code(rows: list[RunRow]) -> int:
+def exit_code(rows: list[StatusRow]) -> int:
     return FAILED_EXIT_CODE if any(r.state == RunState.FAILED.value for r in rows) else 0
 
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     title = str(exp.root)
 
-    def ended(rows: list[RunRow]) -> bool:
+    def ended(rows: list[StatusRow]) -> bool:
         return bool(rows) and all(RunState(r.state).is_final for r in rows)
 
     if not args.watch or not console.is_terminal:
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         print_fitted(console, STATUS_COLUMNS, rows, wide=args.wide, title=title)
         return exit_code(rows)
 
-    def table(rows: list[RunRow]) -> Any:
+    def table(rows: list[StatusRow]) -> Any:
         return render_table(rows, title=title, width=console.width, wide=args.wide)
 
     with Live(table(collect_rows(exp)), console=console, auto_refresh=False) as live:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launcher.backends.base import BACKEND_NAMES
+from launcher.backends.registry import BACKEND_NAMES
 
 HELP = "submit a spec's runs (Slurm arrays, local processes or DeepSpeed's hostfile launcher)"
 
