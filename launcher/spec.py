@@ -164,6 +164,20 @@ class SweepSpec(StrictModel):
     """Repeat every configuration with each seed (the collector groups them: mean and std)."""
 
 
+class ContainerSpec(StrictModel):
+    """Run every rank inside an image (launcher.container): Apptainer around python, or pyxis on srun."""
+
+    image: str
+    """Apptainer: a .sif file or a URI (docker://...); pyxis: an enroot image
+    (nvcr.io#nvidia/pytorch:24.05-py3) or a squashfs file. It needs launcher and its dependencies."""
+    runtime: Literal["apptainer", "pyxis"] = "apptainer"
+    mounts: list[str] = Field(default_factory=list)
+    """Extra host paths, "SRC[:DST[:FLAGS]]". The experiment directory and the model, tokenizer and data
+    paths of the runs are mounted at their own paths without listing them."""
+    env: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Environment variables set inside the container."""
+
+
 class ClusterSpec(StrictModel):
     partition: str | None = None
     account: str | None = None
@@ -182,6 +196,11 @@ class ClusterSpec(StrictModel):
     """Additional sbatch options by name, e.g. {reservation: llm}. Values are quoted, never raw lines."""
     setup: list[str] = Field(default_factory=list)
     """Shell lines run before training, e.g. 'module load cuda/12.4'."""
+    container: ContainerSpec | None = None
+    python: str | None = None
+    """The interpreter each rank runs: default the submitting python, or python3 inside a container."""
+    srun_args: list[str] = Field(default_factory=list)
+    """Extra srun options, one per item (e.g. --mpi=pmix); each is quoted, never raw shell."""
     array_parallelism: int | None = Field(default=None, ge=1)
     max_requeues: int = Field(default=3, ge=0)
     signal_delay_s: int = Field(default=120, ge=0)

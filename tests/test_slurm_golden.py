@@ -121,6 +121,7 @@ def normalise(text: str, exp: ExperimentPaths) -> str:
     folder = str(slurm_mod.slurm_log_folder(ExperimentPaths(exp.root.resolve())))
     for form in (shlex.quote(folder), folder):
         text = text.replace(form, "<LOGS>")
+    text = text.replace(str(exp.root.resolve()), "<EXP>")  # container mounts name the experiment dir
     return text.replace(shlex.quote(sys.executable), "<PYTHON>").replace(sys.executable, "<PYTHON>")
 
 
@@ -191,6 +192,98 @@ def test_all_options_golden(tmp_path: Path, fake_slurm: Path) -> None:
     assert "#SBATCH --array=0-4%2" in script
     assert "#SBATCH --signal=USR2@300" in script
     assert "#SBATCH --reservation='llm week'" in script
+
+
+# --- containers: Apptainer around the rank's python, pyxis on srun ---------------------------------------
+
+CONTAINER_RUN = {
+    "model": {"path": "/models/glm-6b"},
+    "data": {"train_file": "/data/sets/train.json", "eval_file": "/data/sets/eval.json"},
+}
+CONTAINER = {
+    "mounts": ["/scratch/shared:/shared:ro", "/data"],
+    "env": {"HF_HUB_OFFLINE": 1, "NCCL_IB_HCA": "mlx5_0,mlx5_1", "NOTE": "a b $(x)"},
+}
+
+
+def container_run(name: str, runtime: str, image: str, **cluster: Any) -> RunConfig:
+    run = make_run(
+        name,
+        gpus=2,
+        cpus_per_task=1,
+        partition="low",
+        container={"image": image, "runtime": runtime, **CONTAINER},
+        **cluster,
+    )
+    return run.model_copy(
+        update={
+            "model": run.model.model_validate(CONTAINER_RUN["model"]),
+            "data": run.data.model_validate(CONTAINER_RUN["data"]),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("runtime", "image", "golden"),
+    [
+        ("apptainer", "/images/launcher 1.0.sif", "apptainer_2gpu.sbatch"),
+        ("pyxis", "nvcr.io#nvidia/pytorch:24.05-py3", "pyxis_2gpu.sbatch"),
+    ],
+)
+def test_container_golden(tmp_path: Path, fake_slurm: Path, runtime: str, image: str, golden: str) -> None:
+    """Each rank runs the image's python3: Apptainer wraps it, pyxis puts the image on srun. The
+    experiment dir, the model and the data dirs are mounted at their own paths (/data is given)."""
+    exp = _exp(tmp_path)
+    runs = [container_run(f"r{i}", runtime, image, srun_args=["--mpi=pmix"]) for i in range(2)]
+    _prepare(exp, runs)
+    SlurmBackend(None).submit(exp, runs, dry_run=False)
+    script, collector = calls(fake_slurm)
+    check_golden(golden, normalise(script, exp))
+    assert sys.executable not in script  # not the host venv's python
+    command = shlex.split(next(line for line in script.splitlines() if line.startswith("srun ")))
+    python_at = command.index("python3")
+    assert command[python_at + 1 :] == [
+        "-u",
+        "-m",
+        "submitit.core._submit",
+        str(slurm_mod.slurm_log_folder(ExperimentPaths(exp.root.resolve()))),
+    ]
+    root = str(exp.root.resolve())
+    if runtime == "apptainer":
+        assert command[command.index("apptainer") : command.index("apptainer") + 3] == [
+            "apptainer",
+            "exec",
+            "--nv",
+        ]
+        binds = [command[i + 1] for i, word in enumerate(command) if word == "--bind"]
+        assert binds == [
+            "/scratch/shared:/shared:ro",
+            "/data:/data",
+            "/models/glm-6b:/models/glm-6b",
+            f"{root}:{root}",
+        ]
+        assert command[python_at - 1] == image
+        assert "export APPTAINERENV_NCCL_IB_HCA=mlx5_0,mlx5_1" in script.splitlines()
+        assert "export APPTAINERENV_NOTE='a b $(x)'" in script.splitlines()
+    else:
+        assert f"--container-image={image}" in command and "--mpi=pmix" in command
+        assert (
+            f"--container-mounts=/scratch/shared:/shared:ro,/data:/data,/models/glm-6b:/models/glm-6b,{root}:{root}"
+            in command
+        )
+        assert "--container-env=HF_HUB_OFFLINE,NCCL_IB_HCA,NOTE" in command
+        assert "export NOTE='a b $(x)'" in script.splitlines()
+    assert sys.executable not in collector and "python3 -u -m submitit.core._submit" in collector
+    for text in (script, collector):
+        subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_rank_python_is_configurable_without_a_container(tmp_path: Path, fake_slurm: Path) -> None:
+    exp = _exp(tmp_path)
+    runs = [make_run("r0", cpus_per_task=1, python="/opt/site python/bin/python3.11")]
+    _prepare(exp, runs)
+    SlurmBackend(None, with_collector=False).submit(exp, runs, dry_run=False)
+    assert "--kill-on-bad-exit=1 '/opt/site python/bin/python3.11' -u -m submitit" in calls(fake_slurm)[0]
 
 
 def test_dry_run_writes_the_same_script_and_submits_nothing(tmp_path: Path, fake_slurm: Path) -> None:
@@ -312,6 +405,16 @@ REJECTED: list[tuple[dict[str, Any], str]] = [
     ({"setup": ["module load cuda\nrm -rf /"]}, "cluster.setup[1]"),
     ({"setup": ["echo ok", "echo \r bad"]}, "cluster.setup[2]"),
     ({"time_min": 2, "signal_delay_s": 120}, "cluster.signal_delay_s"),
+    ({"srun_args": ["--mpi=pmix\n--x"]}, "cluster.srun_args[0]"),
+    ({"srun_args": ["rm -rf ~"]}, "is not an srun option"),
+    ({"srun_args": ["--output=/tmp/x"]}, "sets --output itself"),
+    ({"srun_args": ["--container-image=x"]}, "use cluster.container"),
+    ({"python": "python3\nrm -rf /"}, "cluster.python"),
+    ({"container": {"image": "img\n"}}, "cluster.container.image"),
+    ({"container": {"image": "i", "mounts": ["/a:/b,/c:/d"]}}, "cluster.container.mounts[0]"),
+    ({"container": {"image": "i", "mounts": ["relative/path"]}}, "absolute paths"),
+    ({"container": {"image": "i", "env": {"A-B": "x"}}}, "not an environment variable name"),
+    ({"container": {"image": "i", "env": {"A": "x\ny"}}}, "cluster.container.env.A"),
 ]
 
 # Values that are legal and must arrive at Slurm byte for byte (quoted, one line each).

@@ -269,6 +269,11 @@ class HostfileBackend(LocalBackend):
 
     def command(self, run: RunConfig, paths: RunPaths, port: int | None = None) -> list[str]:
         """The exact `deepspeed` command for one run (validated against the hostfile)."""
+        if run.cluster.container is not None:
+            raise UserError(
+                "cluster.container: DeepSpeed's hostfile launcher starts the ranks with each host's own "
+                "python; run containers with --backend slurm, or --backend local (Apptainer)"
+            )
         hostfile = self._hostfile_for(run)
         hosts = parse_hostfile(hostfile)
         nodes, gpus = run.resources.nodes, run.resources.gpus_per_node

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 from launcher.backends.base import SubmittedRun
+from launcher.container import container_problems, host_env, interpreter_argv, local_container_problem
 from launcher.errors import UserError
 from launcher.launch_env import TORCHRUN_KEYS, free_port, torchrun_env
 from launcher.run_status import ATTEMPT_ID_ENV, read_status, update_status
@@ -215,8 +216,9 @@ class LocalBackend:
         sibling_kill_grace_s: float = 5.0,
     ) -> None:
         self.spec = spec
-        # The rank command without its RUN_DIR argument; tests substitute a stand-in trainer.
-        self.train_command = list(train_command or [sys.executable, "-u", "-m", "launcher.train"])
+        # The rank command without its RUN_DIR argument; tests substitute a stand-in trainer. None: each
+        # run's own interpreter (cluster.python, maybe inside cluster.container) with launcher.train.
+        self.train_command = list(train_command) if train_command else None
         self.console = console
         self.show_progress = show_progress
         self.poll_interval_s = poll_interval_s
@@ -254,6 +256,10 @@ class LocalBackend:
         """Check that every run can start here; run name -> the command it will run (as printed)."""
         gpus = self._gpu_pool()
         for run in runs:
+            problems = container_problems(run.cluster)
+            problem = local_container_problem(run.cluster)
+            if problems or problem:
+                raise UserError("\n".join(problems or [str(problem)]) + "\nNothing was started.")
             if gpus and run.resources.world_size > len(gpus):
                 raise UserError(
                     f"run {run.name!r} needs {run.resources.world_size} GPUs (nodes x gpus_per_node) "
@@ -300,6 +306,16 @@ class LocalBackend:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         return env
 
+    def rank_argv(self, paths: RunPaths, run: RunConfig) -> list[str]:
+        """What one rank runs: the train command (the run's interpreter, in its container) + RUN_DIR."""
+        command = self.train_command or [
+            *interpreter_argv(run.cluster, paths.root.resolve(), [run]),
+            "-u",
+            "-m",
+            "launcher.train",
+        ]
+        return [*command, str(paths.root.resolve())]
+
     def describe_command(self, paths: RunPaths, run: RunConfig) -> str:
         """What each rank runs (printed by --dry-run); MASTER_PORT is picked free when the run starts."""
         lines = []
@@ -307,7 +323,8 @@ class LocalBackend:
             env = self.rank_env(run, rank, 0, [])
             env["MASTER_PORT"] = "<free port>"
             env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
-            argv = shlex.join([*self.train_command, str(paths.root.resolve())])
+            env.update(host_env(run.cluster, [run]))
+            argv = shlex.join(self.rank_argv(paths, run))
             lines.append(f"{env_text} {argv} > {shlex.quote(str(paths.rank_log(rank)))} 2>&1")
         return "\n".join(lines)
 
@@ -341,13 +358,14 @@ class LocalBackend:
                 log = open(log_path, "ab")  # noqa: SIM115
                 log.write(f"\n=== launcher local: rank {rank} started {utc_now()} ===\n".encode())
                 log.flush()
-                argv = [*self.train_command, str(paths.root.resolve())]
                 popen = subprocess.Popen(
-                    argv,
+                    self.rank_argv(paths, run),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=self._child_env({**self.rank_env(run, rank, port, gpus), **attempt}),
+                    env=self._child_env(
+                        {**self.rank_env(run, rank, port, gpus), **attempt, **host_env(run.cluster, [run])}
+                    ),
                     start_new_session=True,
                     preexec_fn=preexec,
                 )

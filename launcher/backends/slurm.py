@@ -24,13 +24,14 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from launcher.backends.base import SubmittedRun
 from launcher.backends.slurm_preflight import PreflightProblem, Request, check_request, query_partitions
 from launcher.backends.slurm_queries import Runner, run_query
+from launcher.container import container_problems, env_exports, interpreter_argv, srun_container_args
 from launcher.errors import UserError
 from launcher.run_status import read_status, update_status
 from launcher.rundir import ExperimentPaths, RunState
@@ -130,6 +131,7 @@ def cluster_problems(cluster: ClusterSpec) -> list[str]:
             f"({cluster.time_min} min): the warning signal would come at the start and every attempt "
             "would stop at once; lower signal_delay_s or raise time_min"
         )
+    problems += container_problems(cluster)
     for number, line in enumerate(cluster.setup, start=1):
         if _CONTROL.search(line.replace("\t", " ")):
             problems.append(
@@ -203,6 +205,12 @@ class Shape:
     signal_delay_s: int
     array_parallelism: int | None
     max_requeues: int
+    container: str | None
+    """cluster.container as JSON (runs in other images or runtimes never share an array)."""
+    python: str | None
+    srun_args: tuple[str, ...]
+    cluster: ClusterSpec = field(compare=False, hash=False, repr=False)
+    """The cluster section these fields came from (to build the rank command)."""
 
     @classmethod
     def of(cls, run: RunConfig) -> Shape:
@@ -223,6 +231,10 @@ class Shape:
             signal_delay_s=c.signal_delay_s,
             array_parallelism=c.array_parallelism,
             max_requeues=c.max_requeues,
+            container=c.container.model_dump_json() if c.container else None,
+            python=c.python,
+            srun_args=tuple(c.srun_args),
+            cluster=c,
         )
 
     def request(self) -> Request:
@@ -235,9 +247,15 @@ class Shape:
             partition=self.partition,
         )
 
-    def executor_parameters(self, count: int, *, hold: bool = False) -> dict[str, Any]:
+    def launch(self, exp_root: Path, members: Sequence[RunConfig]) -> RankLaunch:
+        return RankLaunch.of(self.cluster, exp_root, members)
+
+    def executor_parameters(
+        self, count: int, *, hold: bool = False, launch: RankLaunch | None = None
+    ) -> dict[str, Any]:
         """submitit SlurmExecutor parameters for an array of ``count`` runs of this shape."""
         assert self.cpus_per_task != "auto", "the pre-flight resolves cpus_per_task: auto first"
+        launch = launch or RankLaunch()
         additional: dict[str, Any] = {"requeue": True}
         for key, value in self.extra_sbatch:
             if value is False:
@@ -253,10 +271,15 @@ class Shape:
             "time": self.time_min,
             "signal_delay_s": self.signal_delay_s,
             "array_parallelism": min(count, self.array_parallelism or count),
-            "setup": [*NCCL_ENV_SETUP, f"export OMP_NUM_THREADS={self.cpus_per_task}", *self.setup],
+            "setup": [
+                *NCCL_ENV_SETUP,
+                f"export OMP_NUM_THREADS={self.cpus_per_task}",
+                *launch.setup,
+                *self.setup,
+            ],
             "additional_parameters": additional,
             # One failing rank ends the whole step instead of leaving the others hung in a collective.
-            "srun_args": ["--kill-on-bad-exit=1"],
+            "srun_args": ["--kill-on-bad-exit=1", *launch.srun_args, *self.srun_args],
         }
         optional = {
             "mem": f"{self.mem_gb}GB" if self.mem_gb is not None else None,
@@ -269,6 +292,30 @@ class Shape:
         if self.exclusive:
             params["exclusive"] = True
         return params
+
+
+@dataclass(frozen=True)
+class RankLaunch:
+    """How srun starts a rank's python: the interpreter (maybe inside Apptainer), pyxis's srun options
+    and the batch-script lines they need (launcher.container)."""
+
+    python: tuple[str, ...] = ()
+    """argv of the interpreter; empty: the submitting python."""
+    srun_args: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, cluster: ClusterSpec, exp_root: Path, runs: Sequence[RunConfig]) -> RankLaunch:
+        return cls(
+            python=tuple(interpreter_argv(cluster, exp_root, runs)),
+            srun_args=tuple(srun_container_args(cluster, exp_root, runs)),
+            setup=tuple(env_exports(cluster, runs)),
+        )
+
+    @property
+    def python_command(self) -> str:
+        """submitit's ``python`` (a shell command): each word quoted."""
+        return shlex.join(self.python) if self.python else shlex.quote(sys.executable)
 
 
 def group_by_shape(runs: Sequence[RunConfig], max_size: int) -> list[tuple[Shape, list[RunConfig]]]:
@@ -343,10 +390,6 @@ def _sbatch_message(exc: BaseException) -> str:
     return "\n  ".join(dict.fromkeys(lines)) or type(exc).__name__
 
 
-def _python() -> str:
-    return shlex.quote(sys.executable)
-
-
 # --- the backend ---------------------------------------------------------------------------------------
 
 
@@ -388,21 +431,25 @@ class SlurmBackend:
         self.check(exp, runs)
         folder = slurm_log_folder(ExperimentPaths(exp.root.resolve()))
         chunks = preflight(group_by_shape(runs, max_array_size()), dry_run=dry_run)
+        exp_root = exp.root.resolve()
+        # Built before any sbatch: a run whose paths cannot be mounted stops the whole submission.
+        launches = [shape.launch(exp_root, members) for shape, members in chunks]
         if dry_run:
-            return self._dry_run(exp, folder, chunks)
+            return self._dry_run(folder, exp_root, chunks, launches)
         import submitit
 
         from launcher.backends.slurm_task import SlurmTask, collect_task
 
-        exp_root = exp.root.resolve()
         submitted: list[SubmittedRun] = []
         array_ids: list[str] = []
         pending: dict[str, dict[str, Any]] = {}
-        for shape, members in chunks:
-            executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=shape.max_requeues)
+        for (shape, members), launch in zip(chunks, launches, strict=True):
+            executor = submitit.SlurmExecutor(
+                folder=folder, max_num_timeout=shape.max_requeues, python=launch.python_command
+            )
             executor.update_parameters(
                 job_name=job_name(members[0].experiment),
-                **shape.executor_parameters(len(members), hold=self.hold),
+                **shape.executor_parameters(len(members), hold=self.hold, launch=launch),
             )
             run_dirs = [str(exp_root / "runs" / run.name) for run in members]
             task = SlurmTask(max_requeues=shape.max_requeues)
@@ -470,22 +517,23 @@ class SlurmBackend:
         collect_task: Any,
     ) -> str:
         """A 1-CPU job that waits for every array (afterany: whatever their outcome) and writes the table."""
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
-        executor.update_parameters(**collector_parameters(first, array_ids, hold=self.hold))
+        launch = RankLaunch.of(first.cluster, exp_root, [first])
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0, python=launch.python_command)
+        executor.update_parameters(**collector_parameters(first, array_ids, hold=self.hold, launch=launch))
         job = executor.submit(collect_task, str(exp_root))
         self.sbatch_calls += 1
         self.collector_job_id = str(job.job_id)
         return self.collector_job_id
 
     def _dry_run(
-        self, exp: ExperimentPaths, folder: Path, chunks: list[tuple[Shape, list[RunConfig]]]
+        self, folder: Path, exp_root: Path, chunks: Chunks, launches: list[RankLaunch]
     ) -> list[SubmittedRun]:
         """Write the exact sbatch scripts submitit would submit, submit nothing."""
         out_dir = folder / "dry-run"
         out_dir.mkdir(parents=True, exist_ok=True)
         submitted: list[SubmittedRun] = []
-        for number, (shape, members) in enumerate(chunks):
-            text = render_array_script(folder, members[0].experiment, shape, len(members), hold=self.hold)
+        for number, ((shape, members), launch) in enumerate(zip(chunks, launches, strict=True)):
+            text = render_array_script(folder, members[0].experiment, shape, members, launch, hold=self.hold)
             script = out_dir / f"array{number}.sbatch"
             script.write_text(text, encoding="utf-8")
             for index, run in enumerate(members):
@@ -501,9 +549,9 @@ class SlurmBackend:
         if self.with_collector:
             first = chunks[0][1][0]
             ids = [f"<array{n}>" for n in range(len(chunks))]
-            (out_dir / "collector.sbatch").write_text(
-                render_script(folder, collector_parameters(first, ids, hold=self.hold)), encoding="utf-8"
-            )
+            launch = RankLaunch.of(first.cluster, exp_root, [first])
+            params = collector_parameters(first, ids, hold=self.hold, launch=launch)
+            (out_dir / "collector.sbatch").write_text(render_script(folder, params, launch), encoding="utf-8")
         return submitted
 
     def wait(self, exp: ExperimentPaths) -> dict[str, str]:
@@ -556,8 +604,12 @@ def write_pending(exp: ExperimentPaths, pending: dict[str, dict[str, Any]]) -> N
         list(pool.map(write, pending.items()))
 
 
-def collector_parameters(first: RunConfig, array_ids: Iterable[str], *, hold: bool = False) -> dict[str, Any]:
+def collector_parameters(
+    first: RunConfig, array_ids: Iterable[str], *, hold: bool = False, launch: RankLaunch | None = None
+) -> dict[str, Any]:
+    """The collector job: one task with the ranks' interpreter (the same container, if any)."""
     c = first.cluster
+    launch = launch or RankLaunch()
     params: dict[str, Any] = {
         "job_name": job_name(first.experiment, "-collect"),
         "nodes": 1,
@@ -565,8 +617,10 @@ def collector_parameters(first: RunConfig, array_ids: Iterable[str], *, hold: bo
         "cpus_per_task": 1,
         "time": COLLECTOR_TIME_MIN,
         "dependency": "afterany:" + ":".join(array_ids),
-        "setup": list(NCCL_ENV_SETUP),
+        "setup": [*NCCL_ENV_SETUP, *launch.setup],
     }
+    if launch.srun_args:
+        params["srun_args"] = list(launch.srun_args)
     if hold:
         params["additional_parameters"] = {"hold": True}
     optional = {"partition": c.partition, "account": c.account, "qos": c.qos}
@@ -574,16 +628,28 @@ def collector_parameters(first: RunConfig, array_ids: Iterable[str], *, hold: bo
     return params
 
 
-def render_script(folder: Path, params: dict[str, Any], map_count: int | None = None) -> str:
+def render_script(
+    folder: Path, params: dict[str, Any], launch: RankLaunch, map_count: int | None = None
+) -> str:
     """The sbatch script submitit writes for these parameters (same function, nothing submitted)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    command = " ".join([_python(), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    command = " ".join([launch.python_command, "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **params)
 
 
 def render_array_script(
-    folder: Path, experiment: str, shape: Shape, count: int, *, hold: bool = False
+    folder: Path,
+    experiment: str,
+    shape: Shape,
+    members: Sequence[RunConfig],
+    launch: RankLaunch,
+    *,
+    hold: bool = False,
 ) -> str:
-    params = {"job_name": job_name(experiment), **shape.executor_parameters(count, hold=hold)}
-    return render_script(folder, params, map_count=count if count > 1 else None)
+    count = len(members)
+    params = {
+        "job_name": job_name(experiment),
+        **shape.executor_parameters(count, hold=hold, launch=launch),
+    }
+    return render_script(folder, params, launch, map_count=count if count > 1 else None)
