@@ -24,7 +24,8 @@ from launcher.cache import cache_dir
 from launcher.cli import main
 from launcher.container import interpreter_argv, mounts
 from launcher.errors import UserError
-from launcher.rundir import ExperimentPaths, read_json, read_status
+from launcher.run_status import read_status
+from launcher.rundir import ExperimentPaths, read_json
 from launcher.spec import ClusterSpec, ContainerSpec, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
