@@ -3,7 +3,8 @@
 Two sources, both exact:
 - a local model directory: ``config.json`` is instantiated on the meta device (no memory, no weights);
 - otherwise a bundled description (``launcher/archs/<name>.json``) of a well-known model, expanded here
-  into the same per-parameter listing by family (chatglm, chatglm2, llama, glm).
+  into the same per-parameter listing by family (chatglm, llama, glm). ChatGLM2/3-6B are described as
+  ``launcher convert chatglm`` lays them out (glm), the only form they run in here.
 
 The memory model and the method checks (freeze patterns, LoRA targets) read only ``ArchInfo``.
 """
@@ -172,21 +173,6 @@ def arch_from_description(desc: dict[str, Any]) -> ArchInfo:
             for w in ("weight", "bias")
         ]
         final_params = [(f"{final}.weight", h), (f"{final}.bias", h)]
-    elif family == "chatglm2":  # ChatGLM2/3-6B: RMSNorm, multi-query fused QKV with bias, SwiGLU
-        prefix, emb, final = (
-            "transformer.encoder.layers",
-            "transformer.embedding.word_embeddings",
-            "transformer.encoder.final_layernorm",
-        )
-        head = "transformer.output_layer"
-        spec = [
-            ("self_attention.query_key_value", h, q_dim + 2 * kv_dim, True),
-            ("self_attention.dense", q_dim, h, False),
-            ("mlp.dense_h_to_4h", h, 2 * ffn, False),
-            ("mlp.dense_4h_to_h", ffn, h, False),
-        ]
-        norms = [("input_layernorm.weight", h), ("post_attention_layernorm.weight", h)]
-        final_params = [(f"{final}.weight", h)]
     elif family in ("llama", "glm"):  # transformers' LlamaForCausalLM / Qwen2ForCausalLM / GlmForCausalLM
         prefix, emb, final, head = "model.layers", "model.embed_tokens", "model.norm", "lm_head"
         qkv_bias = bool(desc.get("attention_bias", family == "glm"))

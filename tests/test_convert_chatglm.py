@@ -363,7 +363,7 @@ def test_source_is_only_read_and_destination_appears_whole(cases: dict[str, Case
             path.chmod(path.stat().st_mode | 0o200)
     assert _digest(src) == before
     assert record["weight_files"] > 2 and (out / "model.safetensors.index.json").is_file()
-    assert sorted(p.name for p in out.parent.iterdir()) == [".converted.lock", "converted"]
+    assert [p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")] == ["converted"]
 
 
 def test_special_token_named_like_an_ordinary_piece_keeps_its_id(tmp_path: Path, capsys: Any) -> None:
@@ -386,3 +386,68 @@ def test_special_token_named_like_an_ordinary_piece_keeps_its_id(tmp_path: Path,
     assert tokenizer.convert_tokens_to_ids("<eop>") == original.special["eop"] == 334
     for text in ("hello eop world", "people eop"):
         assert tokenizer(text)["input_ids"] == original.encode(text)
+
+
+def test_validate_sentence_names_the_model_the_cause_and_the_way_out(
+    cases: dict[str, Case], tmp_path: Path
+) -> None:
+    """Read from config.json as data (the remote code never runs); one line each."""
+    import transformers
+
+    from launcher.convert.detect import arch_unrunnable_reason, unrunnable_reason
+
+    for name, title in (("chatglm3", "ChatGLM3-6B"), ("chatglm2_bin", "ChatGLM2-6B"), ("glm4", "GLM-4")):
+        src = cases[name].src
+        sentence = unrunnable_reason(src, trust_remote_code=True)
+        assert sentence is not None and "\n" not in sentence
+        assert f"{src} is {title} in its original layout" in sentence
+        assert f"fails under the installed {transformers.__version__}" in sentence
+        assert f"`launcher convert chatglm {src} {src}-glm`" in sentence
+        assert unrunnable_reason(cases[name].dst) is None  # the converted model runs
+    v1 = tmp_path / "chatglm-6b"
+    v1.mkdir()
+    (v1 / "config.json").write_text(
+        json.dumps({"model_type": "chatglm", "position_encoding_2d": True, "vocab_size": 130528})
+    )
+    sentence = unrunnable_reason(v1, trust_remote_code=True) or ""
+    assert (
+        f"{v1} is ChatGLM-6B (v1)" in sentence
+        and "does not convert" in sentence
+        and "ChatGLM3-6B" in sentence
+    )
+    assert "ChatGLM-6B (v1)" in (arch_unrunnable_reason("chatglm-6b") or "")
+    assert arch_unrunnable_reason("chatglm3-6b") is None
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "mine", "auto_map": {"AutoConfig": "c.C"}}))
+    assert "model.trust_remote_code: true" in (unrunnable_reason(custom) or "")
+    assert unrunnable_reason(custom, trust_remote_code=True) is None  # its code may run: planning tries it
+
+
+@pytest.mark.parametrize("name", ["chatglm2-6b", "chatglm3-6b"])
+def test_bundled_description_is_the_converted_model(name: str) -> None:
+    """model.arch chatglm2-6b / chatglm3-6b plan exactly what `launcher convert chatglm` makes of the
+    published config (6B dims), instantiated on the meta device."""
+    from launcher.archs import arch_from_config, bundled_arch
+    from launcher.convert.chatglm_config import glm_config, parse_config
+
+    published = ref.OriginalConfig(
+        num_layers=28,
+        hidden_size=4096,
+        num_attention_heads=32,
+        kv_channels=128,
+        multi_query_group_num=2,
+        ffn_hidden_size=13696,
+        padded_vocab_size=65024,
+    )
+    native = glm_config(
+        parse_config(Path("config.json"), published.config_json()), eos_token_ids=[2], pad_token_id=0
+    )
+    converted, bundled = arch_from_config(native, name), bundled_arch(name)
+    assert dict(converted.param_names()) == dict(bundled.param_names())
+    assert converted.total_params == bundled.total_params == 6_243_584_000
+    assert {lin.name for lin in bundled.layer_linears} >= {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+    }

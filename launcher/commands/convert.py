@@ -30,8 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     chatglm.add_argument(
         "--max-shard-gib",
         type=float,
-        default=2.0,
-        help="largest output weight file; peak memory is about one file (default 2)",
+        default=1.0,
+        help="largest output weight file (default 1); peak memory is about two of them, any model size",
     )
 
 

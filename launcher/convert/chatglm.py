@@ -58,7 +58,7 @@ def convert_chatglm(
     dst: Path,
     *,
     family: str | None = None,
-    max_shard_gib: float = 2.0,
+    max_shard_gib: float = 1.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Convert and publish; returns the conversion record (also written as DST/conversion.json)."""

@@ -10,14 +10,13 @@ Renaming (values unchanged except the split):
   norms keep their names.
 - ``transformer.rotary_pos_emb.inv_freq`` is dropped: the original recomputes it from the config too.
 
-Streaming: one source file is open at a time (safetensors and zip-format .bin are memory-mapped, so only
-the tensors being copied are read), and output shards are written as soon as they reach
-``max_shard_bytes``; peak memory is about one output shard, whatever the model's size.
+Streaming: tensors are read one at a time through a memory mapping that is renewed after
+``max_shard_bytes`` (checkpoint_files.TensorReader), and output shards are written as soon as they
+reach ``max_shard_bytes``: peak memory is about two output shards, whatever the model's size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from launcher.convert.chatglm_config import (
     expected_shapes,
     shape_source,
 )
-from launcher.convert.checkpoint_files import TensorInfo, open_tensors
+from launcher.convert.checkpoint_files import TensorInfo, TensorReader
 from launcher.errors import UserError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -176,18 +175,17 @@ def write_weights(
     shards = _plan(found, cfg, max_shard_bytes)
     weight_map: dict[str, str] = {}
     total = 0
-    with contextlib.ExitStack() as stack:
-        current: tuple[Path, Callable[[str], Any]] | None = None
+    with TensorReader(remap_bytes=max_shard_bytes) as reader:
         for index, shard in enumerate(shards):
             buffer: dict[str, Any] = {}
             for item in shard:
-                if current is None or current[0] != item.source.file:
-                    stack.close()  # one source file open at a time
-                    current = (item.source.file, stack.enter_context(open_tensors(item.source.file)))
-                for name, tensor in converted(item.source.name, current[1](item.source.name), cfg):
-                    buffer[name] = tensor.clone(
-                        memory_format=torch.contiguous_format
-                    )  # own storage, not a view
+                source = reader.read(item.source)
+                for name, tensor in converted(item.source.name, source, cfg):
+                    # q/k/v are views of one tensor: each gets storage of its own (safetensors wants that)
+                    buffer[name] = (
+                        tensor if tensor is source else tensor.clone(memory_format=torch.contiguous_format)
+                    )
+                del source
             name = _shard_name(index, len(shards))
             save_file(buffer, str(out_dir / name), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in buffer.values())

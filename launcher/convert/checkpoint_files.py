@@ -3,14 +3,15 @@ shape and dtype from the file headers, and the tensors of one file at a time.
 
 Formats: ``model.safetensors`` or ``pytorch_model.bin``, or shards of either listed in their
 ``*.index.json``. ``.bin`` files are opened with ``weights_only=True`` (tensors only, no pickled code)
-and memory-mapped, so reading a header or one tensor does not load the whole shard.
+and memory-mapped, so reading a header or one tensor does not load the whole shard; ``TensorReader``
+keeps what stays mapped bounded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,14 @@ def weight_files(src: Path) -> list[Path]:
     )
 
 
-def _load_bin(file: Path) -> dict[str, Any]:
+def _load_bin(file: Path, with_mapping: bool = False) -> Any:
+    """The state dict of a .bin file, memory-mapped when its format allows (``with_mapping``: also
+    say whether it is)."""
     import pickle
 
     import torch
 
+    mapped = True
     try:
         try:
             data = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
@@ -112,12 +116,12 @@ def _load_bin(file: Path) -> dict[str, Any]:
             if "mmap" not in str(exc):
                 raise
             # A file from torch's legacy (pre-zip) format cannot be mapped: it is read whole.
-            data = torch.load(file, map_location="cpu", weights_only=True)
+            data, mapped = torch.load(file, map_location="cpu", weights_only=True), False
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(f"{file}: not a readable PyTorch weights file ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise UserError(f"{file}: expected a dict of tensors (a state dict)")
-    return data
+    return (data, mapped) if with_mapping else data
 
 
 def _scan_file(file: Path) -> list[TensorInfo]:
@@ -171,17 +175,51 @@ def scan(src: Path) -> dict[str, TensorInfo]:
     return found
 
 
-@contextlib.contextmanager
-def open_tensors(file: Path) -> Iterator[Callable[[str], Any]]:
-    """``get(name) -> torch.Tensor`` for one weight file, reading only the tensors asked for."""
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
+class TensorReader:
+    """Reads tensors one at a time into memory of their own, one file mapped at a time.
 
-        with safe_open(str(file), framework="pt") as handle:
-            yield handle.get_tensor
-        return
-    data = _load_bin(file)
-    try:
-        yield data.__getitem__
-    finally:
-        data.clear()
+    A memory mapping keeps every page read through it resident (and counted in this process's memory)
+    until it is closed, so the file is closed and mapped again after ``remap_bytes`` have been read
+    through it: the tensors being written, not the shard, bound the memory. A legacy (unmappable) .bin
+    is loaded whole once and kept while its tensors are read.
+    """
+
+    def __init__(self, remap_bytes: int):
+        self.remap_bytes = remap_bytes
+        self._file: Path | None = None
+        self._get: Callable[[str], Any] | None = None
+        self._mapped = True
+        self._read_bytes = 0
+        self._stack = contextlib.ExitStack()
+
+    def _open(self, file: Path) -> None:
+        self._stack.close()
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            self._get, self._mapped = handle.get_tensor, True
+        else:
+            data, self._mapped = _load_bin(file, with_mapping=True)
+            self._stack.callback(data.clear)
+            self._get = data.__getitem__
+        self._file, self._read_bytes = file, 0
+
+    def read(self, info: TensorInfo) -> Any:
+        import torch
+
+        if self._file != info.file or (self._mapped and self._read_bytes >= self.remap_bytes):
+            self._open(info.file)
+        assert self._get is not None
+        self._read_bytes += info.nbytes
+        return self._get(info.name).clone(memory_format=torch.contiguous_format)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._file = self._get = None
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -23,14 +23,6 @@ V1_WAY_OUT = (
 )
 
 
-def _read_config(model_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def is_chatglm(raw: dict[str, Any]) -> bool:
     """The original THUDM remote-code family: model_type chatglm, or an auto_map into chatglm code."""
     auto_map = raw.get("auto_map")
@@ -123,30 +115,50 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 # --- validate's sentence -----------------------------------------------------------------------
 
+V1_ARCHS = ("chatglm-6b",)
+"""Bundled descriptions (launcher/archs) of models that cannot run here: memory comparisons only."""
 
-def unrunnable_reason(model_dir: Path) -> str | None:
-    """One sentence (the model, the cause, the way out) when ``model_dir`` holds a ChatGLM in its
-    original remote code, which cannot run under the installed transformers; None otherwise."""
+
+def _cause() -> str:
     import transformers
 
-    raw = _read_config(model_dir)
-    if raw is None or not is_chatglm(raw):
-        return None
-    cause = (
-        f"its remote code targets transformers 4.x and fails under the installed {transformers.__version__} "
-        "(its config, weight init and tuple KV cache predate transformers 5)"
-    )
-    if is_v1(raw):
-        return f"{model_dir} is ChatGLM-6B (v1), and {cause}; {V1_WAY_OUT}"
-    if "vision_config" in raw:
-        return (
-            f"{model_dir} is GLM-4V, and {cause}; launcher trains text models: use GLM-4 (glm-4-9b-chat-hf)"
-        )
-    try:
-        title = detect_family(model_dir, raw)[0].title
-    except UserError:
-        title = "ChatGLM2/3-6B"
     return (
-        f"{model_dir} is {title} in its original layout, and {cause}; convert it once with "
-        f"`launcher convert chatglm {model_dir} {model_dir}-glm` and set model.path to the converted model"
+        f"its remote code targets transformers 4.x and fails under the installed "
+        f"{transformers.__version__} (its config, weight init and tuple KV cache predate transformers 5)"
     )
+
+
+def unrunnable_reason(model_dir: Path, trust_remote_code: bool = False) -> str | None:
+    """One sentence (the model, the cause, the way out) when the model in ``model_dir`` cannot run under
+    the installed transformers, read from its config.json without running its code; None otherwise."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    raw = _read_json(model_dir / "config.json")
+    if is_chatglm(raw):
+        if is_v1(raw):
+            return f"{model_dir} is ChatGLM-6B (v1), and {_cause()}; {V1_WAY_OUT}"
+        if "vision_config" in raw:
+            return f"{model_dir} is GLM-4V, and {_cause()}; launcher trains text models: use glm-4-9b-chat-hf"
+        try:
+            title = detect_family(model_dir, raw)[0].title
+        except UserError:
+            title = "ChatGLM2/3-6B"
+        return (
+            f"{model_dir} is {title} in its original layout, and {_cause()}; convert it once with "
+            f"`launcher convert chatglm {model_dir} {model_dir}-glm` and set model.path to the result"
+        )
+    model_type = raw.get("model_type")
+    if raw.get("auto_map") and model_type not in CONFIG_MAPPING_NAMES and not trust_remote_code:
+        return (
+            f"{model_dir} ({model_type}) is defined by its own code (auto_map in config.json), which loads "
+            "only with model.trust_remote_code: true; set it if you trust that code, or use a release of the "
+            "model that transformers supports natively"
+        )
+    return None
+
+
+def arch_unrunnable_reason(arch: str) -> str | None:
+    """One sentence when ``model.arch`` names a bundled model that cannot run here (ChatGLM-6B v1)."""
+    if arch in V1_ARCHS:
+        return f"model.arch {arch} is ChatGLM-6B (v1), and {_cause()}; {V1_WAY_OUT}"
+    return None
