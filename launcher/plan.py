@@ -30,6 +30,7 @@ from launcher.archs import (
     short_module_names,
     tiny_glm_arch,
 )
+from launcher.convert.detect import model_problem
 from launcher.dsconfig import batch_sizes, render_ds_config
 from launcher.errors import UserError
 from launcher.memory_model import LayoutError, param_layout
@@ -129,6 +130,10 @@ def resolve_arch(model: ModelSpec, base_dir: Path) -> tuple[ArchInfo | None, str
     if model.builtin == "tiny-glm":
         return tiny_glm_arch(), None, None
     names = bundled_arch_names()
+    # A model that cannot run here (ChatGLM's remote code) is an error now, not a plan that fails in the job.
+    unrunnable = model_problem(resolve_path(model.path, base_dir), model.arch, model.trust_remote_code)
+    if unrunnable is not None:
+        return None, unrunnable, None
     if model.path is not None:
         model_dir = Path(resolve_path(model.path, base_dir) or "")
         if (model_dir / "config.json").is_file():

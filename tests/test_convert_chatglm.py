@@ -451,3 +451,31 @@ def test_bundled_description_is_the_converted_model(name: str) -> None:
         "self_attn.k_proj",
         "self_attn.v_proj",
     }
+
+
+def test_validate_refuses_the_original_and_plans_the_converted(
+    cases: dict[str, Case], tmp_path: Path, capsys: Any
+) -> None:
+    """No fallback that would fail inside the job: model.arch and trust_remote_code do not rescue it."""
+    case = cases["chatglm3"]
+
+    def validate(model: str) -> tuple[int, str]:
+        spec = tmp_path / "s.yaml"
+        spec.write_text(
+            f"experiment: e\nmodel:\n{model}\ndata:\n  builtin: dialogue\ntemplate: chatglm3\n"
+            "methods:\n  - method: lora\n    target_modules: [q_proj, v_proj]\n  - method: ptuning\n"
+        )
+        code = main(["validate", str(spec)])
+        return code, capsys.readouterr().err
+
+    code, err = validate(f"  path: {case.src}\n  arch: chatglm3-6b\n  trust_remote_code: true")
+    assert code == 2 and f"{case.src} is ChatGLM3-6B in its original layout" in err
+    assert f"`launcher convert chatglm {case.src} {case.src}-glm`" in err
+    code, err = validate(f"  path: {case.src}")
+    assert code == 2 and "s.yaml:3:" in err and "model.path" in err
+    code, err = validate("  path: /nowhere/chatglm-6b\n  arch: chatglm-6b")
+    assert code == 2 and "model.arch chatglm-6b is ChatGLM-6B (v1)" in err
+    assert validate(f"  path: {case.dst}") == (0, "")
+    assert (
+        validate("  path: /nowhere/chatglm3-6b-glm\n  arch: chatglm3-6b")[0] == 0
+    )  # plans the converted layout

@@ -162,3 +162,11 @@ def arch_unrunnable_reason(arch: str) -> str | None:
     if arch in V1_ARCHS:
         return f"model.arch {arch} is ChatGLM-6B (v1), and {_cause()}; {V1_WAY_OUT}"
     return None
+
+
+def model_problem(model_path: str | None, arch: str | None, trust_remote_code: bool) -> str | None:
+    """validate's one sentence when the spec's model cannot run here: read from the model directory's
+    config.json when it is on this machine, else from ``model.arch``; None when nothing is known wrong."""
+    if model_path is not None and (Path(model_path) / "config.json").is_file():
+        return unrunnable_reason(Path(model_path), trust_remote_code)
+    return arch_unrunnable_reason(arch) if arch is not None else None
