@@ -8,7 +8,8 @@ and as .bin shards with their index. Each conversion runs in its own process, wh
 resident set (VmHWM). Printed per format, all measured in this run:
 - the conversion's peak RSS and the same for a tiny checkpoint with the same tokenizer (the fixed
   cost: interpreter, torch, transformers, the tokenizer);
-- (peak - fixed) / checkpoint size: the memory that grows with the model (target: well below 1);
+- (peak - fixed) / checkpoint size, for two model sizes: the peak follows the output shard size
+  (--max-shard-gib), not the model (target: well below 1, and the same peak for both sizes);
 - the same ratio for loading the whole checkpoint at once, as a converter that is not streamed would.
 """
 
@@ -34,7 +35,7 @@ CONVERT = "import sys; from launcher.cli import main; assert main(sys.argv[1:]) 
 LOAD_WHOLE = (  # what a converter that is not streamed holds at once
     "import sys, torch; from pathlib import Path; from safetensors.torch import load_file; "
     "files = sorted(Path(sys.argv[1]).glob('*.safetensors')) or sorted(Path(sys.argv[1]).glob('*.bin')); "
-    "whole = {k: v for f in files for k, v in (load_file(f) if f.suffix == '.safetensors' "
+    "whole = {k: v.clone() for f in files for k, v in (load_file(f) if f.suffix == '.safetensors' "
     "else torch.load(f, weights_only=True)).items()}; " + _PEAK
 )
 
@@ -140,28 +141,30 @@ def main() -> None:
 
         ref.train_sentencepiece(pretraining_corpus(400), tokenizer, vocab_size=1200)
         shard = ["--max-shard-gib", str(args.max_shard_gib)]
-        header = ("format", "size GiB", "peak GiB", "fixed GiB", "streamed", "whole", "time s")
-        print("{:<12} {:>9} {:>9} {:>10} {:>9} {:>7} {:>7}".format(*header))
+        header = ("format", "layers", "size GiB", "peak GiB", "fixed GiB", "streamed", "whole", "time s")
+        print("{:<12} {:>6} {:>9} {:>9} {:>10} {:>9} {:>7} {:>7}".format(*header))
         for fmt in args.formats.split(","):
-            tiny, big = root / f"tiny-{fmt}", root / f"big-{fmt}"
+            tiny = root / f"tiny-{fmt}"
             write_checkpoint(tiny, TINY, 1280, 1, 1, fmt, tokenizer)
-            size = write_checkpoint(big, BIG, 65024, args.layers, args.shards, fmt, tokenizer)
             fixed, _ = peak_kib(
                 CONVERT, "convert", "chatglm", str(tiny), str(root / f"{tiny.name}-out"), *shard
             )
-            peak, seconds = peak_kib(
-                CONVERT, "convert", "chatglm", str(big), str(root / f"{big.name}-out"), *shard
-            )
             load_fixed, _ = peak_kib(LOAD_WHOLE, str(tiny))
-            whole, _ = peak_kib(LOAD_WHOLE, str(big))
-            streamed_ratio = (peak - fixed) * 1024 / size
-            whole_ratio = (whole - load_fixed) * 1024 / size
-            print(
-                f"{fmt:<12} {size / GIB:>9.2f} {peak * 1024 / GIB:>9.2f} {fixed * 1024 / GIB:>10.2f} "
-                f"{streamed_ratio:>9.3f} {whole_ratio:>7.3f} {seconds:>7.1f}"
-            )
-            shutil.rmtree(big)
-            shutil.rmtree(root / f"{big.name}-out")
+            for layers in (args.layers // 2, args.layers):  # the peak must not grow with the model
+                big = root / f"big-{fmt}-{layers}"
+                size = write_checkpoint(big, BIG, 65024, layers, args.shards, fmt, tokenizer)
+                out = root / f"{big.name}-out"
+                peak, seconds = peak_kib(CONVERT, "convert", "chatglm", str(big), str(out), *shard)
+                whole, _ = peak_kib(LOAD_WHOLE, str(big))
+                row = (fmt, layers, size / GIB, peak * 1024 / GIB, fixed * 1024 / GIB)
+                ratios = ((peak - fixed) * 1024 / size, (whole - load_fixed) * 1024 / size, seconds)
+                print(
+                    "{:<12} {:>6} {:>9.2f} {:>9.2f} {:>10.2f} {:>9.3f} {:>7.3f} {:>7.1f}".format(
+                        *row, *ratios
+                    )
+                )
+                shutil.rmtree(big)
+                shutil.rmtree(out)
         print(
             "streamed: (conversion peak - its fixed cost) / size; whole: the same for loading it all at once"
         )

@@ -479,3 +479,24 @@ def test_validate_refuses_the_original_and_plans_the_converted(
     assert (
         validate("  path: /nowhere/chatglm3-6b-glm\n  arch: chatglm3-6b")[0] == 0
     )  # plans the converted layout
+
+
+def test_legacy_bin_converts_and_pickled_code_is_refused(
+    cases: dict[str, Case], tmp_path: Path, capsys: Any
+) -> None:
+    """torch's pre-zip .bin format cannot be memory-mapped: it is read whole and converts the same;
+    a .bin that pickles anything but tensors is refused (weights_only: its code never runs)."""
+    from safetensors.torch import load_file
+
+    case = cases["chatglm3"]
+    src = tmp_path / "legacy"
+    shutil.copytree(case.src, src)
+    (src / "model.safetensors").unlink()
+    torch.save(case.weights, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert main(["convert", "chatglm", str(src), str(tmp_path / "out")]) == 0
+    got, want = load_file(tmp_path / "out" / "model.safetensors"), load_file(case.dst / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    torch.save({**case.weights, "extra": Path("x")}, src / "pytorch_model.bin")
+    assert main(["convert", "chatglm", str(src), str(tmp_path / "out2")]) == 2
+    assert "pytorch_model.bin: not a readable PyTorch weights file" in capsys.readouterr().err

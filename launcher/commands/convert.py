@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--max-shard-gib",
         type=float,
         default=1.0,
-        help="largest output weight file (default 1); peak memory is about two of them, any model size",
+        help="largest output weight file (default 1); peak memory is about 3 of them, any model size",
     )
 
 

@@ -12,7 +12,8 @@ Renaming (values unchanged except the split):
 
 Streaming: tensors are read one at a time through a memory mapping that is renewed after
 ``max_shard_bytes`` (checkpoint_files.TensorReader), and output shards are written as soon as they
-reach ``max_shard_bytes``: peak memory is about two output shards, whatever the model's size.
+reach ``max_shard_bytes``: peak memory is about three output shards (the one being filled, its
+serialized copy while it is written, the source pages mapped for it), whatever the model's size.
 """
 
 from __future__ import annotations

@@ -101,9 +101,8 @@ def weight_files(src: Path) -> list[Path]:
     )
 
 
-def _load_bin(file: Path, with_mapping: bool = False) -> Any:
-    """The state dict of a .bin file, memory-mapped when its format allows (``with_mapping``: also
-    say whether it is)."""
+def _load_bin(file: Path) -> tuple[dict[str, Any], bool]:
+    """The state dict of a .bin file and whether it is memory-mapped (its format allows it)."""
     import pickle
 
     import torch
@@ -118,10 +117,11 @@ def _load_bin(file: Path, with_mapping: bool = False) -> Any:
             # A file from torch's legacy (pre-zip) format cannot be mapped: it is read whole.
             data, mapped = torch.load(file, map_location="cpu", weights_only=True), False
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"{file}: not a readable PyTorch weights file ({str(exc).splitlines()[0]})") from None
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{file}: not a readable PyTorch weights file ({first_line})") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise UserError(f"{file}: expected a dict of tensors (a state dict)")
-    return (data, mapped) if with_mapping else data
+    return data, mapped
 
 
 def _scan_file(file: Path) -> list[TensorInfo]:
@@ -146,7 +146,7 @@ def _scan_file(file: Path) -> list[TensorInfo]:
                 return infos
         except (SafetensorError, OSError) as exc:
             raise UserError(f"{file}: not a readable safetensors file ({exc})") from None
-    data = _load_bin(file)
+    data, _ = _load_bin(file)
     return [
         TensorInfo(name, file, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.element_size())
         for name, t in data.items()
@@ -200,7 +200,7 @@ class TensorReader:
             handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
             self._get, self._mapped = handle.get_tensor, True
         else:
-            data, self._mapped = _load_bin(file, with_mapping=True)
+            data, self._mapped = _load_bin(file)
             self._stack.callback(data.clear)
             self._get = data.__getitem__
         self._file, self._read_bytes = file, 0
