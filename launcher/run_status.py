@@ -7,7 +7,7 @@ merges by the policy below and writes the result atomically. The policy (docs/ru
 - **States.** COMPLETED is never left: once a run has completed, later writes merge their keys but
   the state stays COMPLETED (a completed run is only redone in a fresh run dir, `submit --force`).
   FAILED and CANCELLED are left only by a new submission (PENDING) or the start of a new attempt
-  (RUNNING); a FAILED run may also become CANCELLED (a cancel explains the failures it caused).
+  (STARTING, RUNNING); a FAILED run may also become CANCELLED (a cancel explains the failures it caused).
   Every other transition is allowed. An update without a state keeps the current one.
 - **reason** belongs to its state: it is kept while the state stays, and replaced (or cleared) when
   the state changes.
@@ -56,8 +56,14 @@ ATTEMPT_ID_ENV = "LAUNCHER_ATTEMPT_ID"
 
 _LEAVES_ONLY_TO: dict[RunState, tuple[RunState, ...]] = {
     RunState.COMPLETED: (RunState.COMPLETED,),
-    RunState.FAILED: (RunState.FAILED, RunState.PENDING, RunState.RUNNING, RunState.CANCELLED),
-    RunState.CANCELLED: (RunState.CANCELLED, RunState.PENDING, RunState.RUNNING),
+    RunState.FAILED: (
+        RunState.FAILED,
+        RunState.PENDING,
+        RunState.STARTING,
+        RunState.RUNNING,
+        RunState.CANCELLED,
+    ),
+    RunState.CANCELLED: (RunState.CANCELLED, RunState.PENDING, RunState.STARTING, RunState.RUNNING),
 }
 
 

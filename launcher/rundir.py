@@ -25,6 +25,8 @@ from launcher.errors import DiskFullError
 class RunState(str, Enum):
     PLANNED = "PLANNED"
     PENDING = "PENDING"
+    STARTING = "STARTING"
+    """The scheduler started the job; its ranks are loading (imports, model, data, engine)."""
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"

@@ -44,24 +44,32 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float, default: T) -> T:
     return box[0] if box else default
 
 
-def query_live_states(
-    manifest: Manifest, timeout_s: float = LIVE_QUERY_TIMEOUT_S, names: set[str] | None = None
+def _ask_backends(
+    manifest: Manifest, question: str, timeout_s: float, names: set[str] | None
 ) -> dict[str, str]:
-    """Run name -> live state from each backend that submitted runs; {} where a backend can't tell."""
+    """Run name -> answer of ``backend.<question>(runs)`` from each backend that submitted runs."""
     from launcher.backends.registry import get_backend
 
     by_backend: dict[str, list[SubmittedRun]] = {}
     for run in manifest.submitted_runs(names):
         by_backend.setdefault(run.backend, []).append(run)
-    states: dict[str, str] = {}
+    answers: dict[str, str] = {}
     for backend_name, runs in by_backend.items():
         try:
             backend = get_backend(backend_name, None)
         except (ImportError, UserError):
             continue
-        query = functools.partial(backend.live_states, runs)
+        query = functools.partial(getattr(backend, question), runs)
         empty: dict[str, str] = {}
-        states.update(call_with_timeout(query, timeout_s, empty))
+        answers.update(call_with_timeout(query, timeout_s, empty))
+    return answers
+
+
+def query_live_states(
+    manifest: Manifest, timeout_s: float = LIVE_QUERY_TIMEOUT_S, names: set[str] | None = None
+) -> dict[str, str]:
+    """Run name -> live state from each backend that submitted runs; {} where a backend can't tell."""
+    states = _ask_backends(manifest, "live_states", timeout_s, names)
     return {name: state for name, state in states.items() if state in RunState.__members__}
 
 
@@ -84,6 +92,11 @@ def collect_rows(exp: ExperimentPaths, *, live: bool = True) -> list[StatusRow]:
                 job_id=entry.job_id if entry else None,
             )
         )
+    pending = {row.name for row in rows if row.state == RunState.PENDING.value}
+    if live and pending:
+        reasons = _ask_backends(manifest, "pending_reasons", LIVE_QUERY_TIMEOUT_S, pending)
+        for row in rows:
+            row.pending_reason = reasons.get(row.name) if row.name in pending else None
     return rows
 
 
@@ -92,6 +105,7 @@ def collect_rows(exp: ExperimentPaths, *, live: bool = True) -> list[StatusRow]:
 STATE_STYLES = {
     "PLANNED": "dim",
     "PENDING": "yellow",
+    "STARTING": "blue",
     "RUNNING": "cyan",
     "COMPLETED": "green",
     "FAILED": "bold red",
@@ -102,6 +116,11 @@ STATE_STYLES = {
 
 def _step_cell(row: StatusRow) -> str:
     return "-" if row.step is None else f"{row.step}/{row.total_steps if row.total_steps else '?'}"
+
+
+def _reason_cell(row: StatusRow) -> str:
+    waiting = f"squeue: {row.pending_reason}" if row.pending_reason else ""
+    return "; ".join(part for part in (row.reason, waiting) if part)
 
 
 # Priorities pick what a narrow terminal shows (launcher.fit_table).
@@ -119,7 +138,7 @@ STATUS_COLUMNS: tuple[Column[StatusRow], ...] = (
     ),
     Column("ETA", lambda r: format_duration(r.eta_s), right=True, priority=1),
     Column("job", lambda r: f"{r.backend}:{r.job_id}" if r.job_id else (r.backend or "-"), priority=4),
-    Column("reason", lambda r: r.reason or "", priority=1, wrap=True),
+    Column("reason", _reason_cell, priority=1, wrap=True),
 )
 
 

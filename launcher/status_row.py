@@ -36,6 +36,8 @@ class StatusRow:
     job_id: str | None
     reason: str | None
     updated_at: str | None
+    pending_reason: str | None = None
+    """Why the scheduler keeps a PENDING run queued (Slurm's squeue reason: Priority, Resources...)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,15 +97,18 @@ def estimate_eta_s(records: list[dict[str, Any]], step: int | None, total: int |
 def merge_state(file_state: str, live_state: str | None) -> str:
     """The run's state from its files and the scheduler's view.
 
-    Final files (the trainer wrote COMPLETED/FAILED, or a cancel was recorded) win. The scheduler wins
-    when it says the job is queued or running (e.g. requeued after preemption while the files still
-    say PREEMPTED), and when the files claim in-flight but the job ended without updating them
-    (killed, node lost, supervisor gone).
+    Final files (the trainer wrote COMPLETED/FAILED, or a cancel was recorded) win. A job the scheduler
+    runs whose ranks have not reported RUNNING yet is STARTING. The scheduler wins when it says the job
+    is queued or running (e.g. requeued after preemption while the files still say PREEMPTED), and
+    when the files claim in-flight but the job ended without updating them (killed, node lost,
+    supervisor gone).
     """
     final = (RunState.COMPLETED.value, RunState.FAILED.value, RunState.CANCELLED.value)
-    in_flight = (RunState.PENDING.value, RunState.RUNNING.value)
+    in_flight = (RunState.PENDING.value, RunState.STARTING.value, RunState.RUNNING.value)
     if not live_state or live_state == file_state or file_state in final:
         return file_state
+    if live_state == RunState.RUNNING.value:
+        return RunState.STARTING.value  # the files say anything but RUNNING: the ranks are loading
     if live_state in in_flight or file_state in in_flight:
         return live_state
     return file_state
@@ -126,8 +131,12 @@ def read_status_row(
     merged = merge_state(state, live_state)
     if merged != state:
         state = merged
-        if merged != RunState.RUNNING.value:
-            reason = f"the {backend or 'scheduler'} backend reports {merged} (job {job_id})"
+        # STARTING: the job runs and its ranks have not reported yet; the state says it all.
+        reason = (
+            None
+            if merged == RunState.STARTING.value
+            else (f"the {backend or 'scheduler'} backend reports {merged} (job {job_id})")
+        )
     step = _as_int(status.get("step"))
     metrics_step = _as_int(last.get("step"))
     if metrics_step is not None and (step is None or metrics_step > step):

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from launcher.plan import Plan
     from launcher.spec import RunConfig
 
-IN_FLIGHT = (RunState.PENDING.value, RunState.RUNNING.value)
+IN_FLIGHT = (RunState.PENDING.value, RunState.STARTING.value, RunState.RUNNING.value)
 CANCEL_WAIT_S = 60.0
 RETRYABLE = (RunState.FAILED.value, RunState.CANCELLED.value)
 

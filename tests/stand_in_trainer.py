@@ -54,6 +54,7 @@ def main() -> int:
     env["slurm_vars"] = sorted(k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_")))
     env["pid"] = os.getpid()
     env["start"] = time.time()
+    env["state_at_start"] = json.loads((run_dir / "status.json").read_text())["state"]
     _write_json(run_dir / "logs" / f"env{rank}.json", env)
     print(f"stand-in rank {rank}/{world} of {name} on port {env['MASTER_PORT']}", flush=True)
 

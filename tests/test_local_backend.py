@@ -54,6 +54,7 @@ def test_two_concurrent_runs_of_two_ranks_complete(tmp_path: Path, monkeypatch: 
     for name in ("a", "b"):
         envs = [_env(exp, name, r) for r in (0, 1)]
         assert [e["RANK"] for e in envs] == ["0", "1"]
+        assert envs[0]["state_at_start"] == "STARTING"  # written before rank 0 could say RUNNING
         assert {e["WORLD_SIZE"] for e in envs} == {"2"}
         assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
         assert envs[0]["slurm_vars"] == []

@@ -72,9 +72,12 @@ def test_failed_is_left_only_by_a_new_attempt_or_submission(paths: RunPaths) -> 
         1,
         4,
     )
-    update_status(paths, RunState.RUNNING, step=0)  # a new attempt (`launcher train` again)
+    update_status(paths, RunState.STARTING)  # a new attempt (a requeue, `launcher train` again)
     status = read_status(paths)
-    assert status["state"] == "RUNNING" and status["reason"] is None and "failed_rank" not in status
+    assert status["state"] == "STARTING" and status["reason"] is None and "failed_rank" not in status
+    update_status(paths, RunState.RUNNING, step=0)
+    status = read_status(paths)
+    assert status["state"] == "RUNNING" and status["reason"] is None
     assert status["job_id"] == "7"
 
 

@@ -317,7 +317,16 @@ def test_the_demo_runs_on_the_test_cluster(tmp_path: Path, tiny_ready: None) -> 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     exp = ExperimentPaths(tmp_path / "out" / "demo")
     names = ["freeze", "ptuning", "lora", "full"]
-    assert wait_final(exp, names, 420) == {n: "COMPLETED" for n in names}, diagnostics(exp)
+    seen: set[str] = set()
+
+    def ended() -> bool:
+        states = {state_of(exp, n) for n in names}
+        seen.update(states)
+        return all(RunState(s).is_final for s in states)
+
+    wait_for(ended, 420, "the demo's runs to end")
+    assert {n: state_of(exp, n) for n in names} == {n: "COMPLETED" for n in names}, diagnostics(exp)
+    assert "STARTING" in seen  # written by the Slurm task while the ranks load
     wait_for(exp.summary_json.is_file, 120, "the collector's table")
     assert read_json(exp.run("full").result_json)["world_size"] == 2
     scripts = [p.read_text() for p in (exp.logs / "slurm").glob("*_submission.sh")]
@@ -574,6 +583,8 @@ def test_cancel_and_status_without_accounting(tmp_path: Path, monkeypatch: pytes
     ids = [str(s.job_id) for s in outcome.submitted]
     assert {squeue_row(i)[0] for i in ids} == {"PENDING"}  # type: ignore[index]
     assert set(backend.live_states(outcome.submitted).values()) == {"PENDING"}
+    # `launcher status` says why they wait: squeue's reason for a held job
+    assert {(r.state, r.pending_reason) for r in collect_rows(exp)} == {("PENDING", "JobHeldUser")}
 
     backend.cancel(exp, outcome.submitted)
     subprocess.run(["scancel", str(backend.collector_job_id)], check=True, timeout=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def test_eta_from_recent_rate() -> None:
         ("RUNNING", "PREEMPTED", "PREEMPTED"),  # local supervisor gone
         ("PLANNED", "PREEMPTED", "PLANNED"),  # never started: the scheduler's guess does not apply
         ("PENDING", None, "PENDING"),
+        # The job runs but no rank has reported RUNNING: its ranks are loading.
+        ("PENDING", "RUNNING", "STARTING"),
+        ("STARTING", "RUNNING", "STARTING"),
+        ("PREEMPTED", "RUNNING", "STARTING"),  # requeued and started again
+        ("RUNNING", "RUNNING", "RUNNING"),
+        ("STARTING", "PENDING", "PENDING"),  # requeued before its ranks were ready
+        ("STARTING", "FAILED", "FAILED"),  # killed while loading
     ],
 )
 def test_merge_state(files: str, live: str | None, merged: str) -> None:
@@ -141,3 +149,33 @@ def test_cancel_cli_marks_unfinished_runs(tmp_path: Path, capsys: pytest.Capture
     assert read_status(exp.run("done"))["state"] == "COMPLETED"
     assert read_status(exp.run("planned"))["state"] == "PLANNED"
     assert main(["cancel", str(exp.root), "nope"]) == 2
+
+
+def test_status_shows_slurms_pending_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """squeue's %r for queued Slurm runs (array tasks not split off yet included), in --json and in the
+    table's reason column; nothing for running ones. squeue is a stand-in on PATH."""
+    exp = write_runs(tmp_path / "exp", [make_run("a"), make_run("b"), make_run("c")])
+    with locked_manifest(exp) as manifest:
+        for name, job in (("a", "41_0"), ("b", "41_1"), ("c", "42")):
+            manifest.record(SubmittedRun(name, f"id-{name}", "slurm", job_id=job))
+            update_status(exp.run(name), RunState.PENDING, backend="slurm", job_id=job)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    squeue.write_text(
+        '#!/bin/sh\necho "$@" >> "$0.calls"\n'
+        'printf "41_0|PENDING|Priority\\n41_[1-3]|PENDING|Resources\\n42|RUNNING|None\\n"\n'
+    )
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    found = {r.name: r for r in collect_rows(exp)}
+    assert (found["a"].pending_reason, found["b"].pending_reason) == ("Priority", "Resources")
+    assert found["c"].state == "STARTING" and found["c"].pending_reason is None
+    assert "--format=%i|%T|%r" in (bin_dir / "squeue.calls").read_text()
+    capsys.readouterr()
+    assert main(["status", str(exp.root), "--json"]) == 0
+    assert {d["name"]: d["pending_reason"] for d in json.loads(capsys.readouterr().out)}["b"] == "Resources"
+    assert main(["status", str(exp.root), "--wide"]) == 0
+    assert "squeue: Priority" in capsys.readouterr().out

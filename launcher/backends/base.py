@@ -43,3 +43,7 @@ class Backend(Protocol):
         """Run name -> RunState value where the backend knows better than the files; {} if it cannot
         tell; never hangs."""
         ...
+
+    def pending_reasons(self, runs: list[SubmittedRun]) -> dict[str, str]:
+        """Run name -> why the scheduler keeps it queued (Slurm's squeue reason); {} if it cannot tell."""
+        ...

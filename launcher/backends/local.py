@@ -293,6 +293,9 @@ class LocalBackend:
                 states[sub.name] = RunState.PREEMPTED.value
         return states
 
+    def pending_reasons(self, runs: list[SubmittedRun]) -> dict[str, str]:
+        return {}  # queued runs here wait for the runs ahead of them (local.max_concurrent_runs)
+
     # --- commands ----------------------------------------------------------------------------------
 
     def rank_env(self, run: RunConfig, rank: int, port: int, gpus: list[str]) -> dict[str, str]:
@@ -449,6 +452,8 @@ class LocalBackend:
         gpus = free_gpus[:need]
         del free_gpus[:need]
         queue.pop(0)
+        # Before the ranks exist: rank 0 writes RUNNING once its engine is ready, and must not be undone.
+        update_status(head.paths, RunState.STARTING)
         try:
             procs = self.launch(head, gpus)
         except OSError as exc:  # e.g. the train command is missing: this run fails, the others go on

@@ -577,6 +577,12 @@ class SlurmBackend:
             if not RunState(read_status(paths)["state"]).is_final:
                 update_status(paths, RunState.CANCELLED, "cancelled by the user (scancel)")
 
+    def pending_reasons(self, runs: list[SubmittedRun]) -> dict[str, str]:
+        from launcher.backends.slurm_queries import pending_reasons
+
+        reasons = pending_reasons([r.job_id for r in runs if r.job_id])
+        return {r.name: reasons[r.job_id] for r in runs if r.job_id and r.job_id in reasons}
+
     def live_states(self, runs: list[SubmittedRun]) -> dict[str, str]:
         from launcher.backends.slurm_queries import query_job_states
 

@@ -69,15 +69,45 @@ def parse_pipe_table(text: str) -> dict[str, str]:
     return out
 
 
-def squeue_states(runner: Runner = run_query) -> dict[str, str] | None:
-    """Every job of this user Slurm still remembers (queued, running and ended within MinJobAge),
-    array tasks one per line. Querying all rather than by id: squeue rejects the whole call when one
-    id has been purged."""
+def squeue_rows(runner: Runner = run_query) -> dict[str, tuple[str, str]] | None:
+    """{job id: (state, reason)} for every job of this user Slurm still remembers (queued, running and
+    ended within MinJobAge), array tasks one per line. Querying all rather than by id: squeue rejects
+    the whole call when one id has been purged. The reason (%r) says why a job waits ("Priority",
+    "Resources", "Dependency", "BeginTime", ...) or "None"."""
     user = os.environ.get("USER") or os.environ.get("LOGNAME")
-    cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T"]
+    cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%r"]
     cmd += [f"--user={user}"] if user else ["--me"]
     out = runner(cmd)
-    return None if out is None else parse_pipe_table(out)
+    if out is None:
+        return None
+    rows = {}
+    for line in out.splitlines():
+        job_id, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if job_id and state:
+            rows[job_id] = (state, reason.strip())
+    return rows
+
+
+def squeue_states(runner: Runner = run_query) -> dict[str, str] | None:
+    rows = squeue_rows(runner)
+    return None if rows is None else {job_id: state for job_id, (state, _) in rows.items()}
+
+
+def pending_reasons(job_ids: Iterable[str], runner: Runner = run_query) -> dict[str, str]:
+    """{job id: squeue's reason} for the queued jobs among ``job_ids``; {} when squeue does not answer."""
+    rows = squeue_rows(runner) or {}
+    reasons = {
+        job_id: reason
+        for job_id, (state, reason) in rows.items()
+        if map_slurm_state(state) == RunState.PENDING
+    }
+    out = {}
+    for job_id in dict.fromkeys(job_ids):
+        reason = lookup(reasons, job_id) if job_id else None
+        if reason and reason != "None":
+            out[job_id] = reason
+    return out
 
 
 def sacct_states(job_ids: Iterable[str], runner: Runner = run_query) -> dict[str, str] | None:

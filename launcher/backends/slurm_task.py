@@ -115,8 +115,8 @@ class SlurmTask:
         attempt = restart_count() + 1
         os.environ[ATTEMPT_ID_ENV] = f"{slurm_job_id()}:{restart_count()}"  # shared by this attempt's ranks
         _record_launch(paths, rank, attempt)
-        if rank == 0:
-            update_status(paths, attempt=attempt, job_id=slurm_job_id())
+        if rank == 0:  # before the ranks load anything; rank 0 writes RUNNING once its engine is ready
+            update_status(paths, RunState.STARTING, attempt=attempt, job_id=slurm_job_id())
         if early.received:
             outcome = RunState.PREEMPTED.value  # nothing trained since the last checkpoint: just requeue
         else:
