@@ -339,27 +339,32 @@ class SentencePieceReference:
         return self.encode(prompt)
 
 
-def train_sentencepiece(texts: list[str], path: Path, vocab_size: int, model_type: str = "bpe") -> None:
-    """A small sentencepiece model with the settings that matter here as ChatGLM's has them: byte
-    fallback, no normalization rule, a dummy prefix, spaces kept."""
+def train_sentencepiece(texts: list[str], path: Path, vocab_size: int, **settings: Any) -> None:
+    """A small sentencepiece BPE model with what ChatGLM's tokenizer relies on (its encode("\n") is the
+    word-boundary piece then the newline byte): byte fallback and a dummy prefix; by default no
+    normalization rule and spaces kept (``settings`` override any trainer option)."""
     import io
 
     import sentencepiece as spm
 
     buffer = io.BytesIO()
+    options: dict[str, Any] = {
+        "model_type": "bpe",
+        "byte_fallback": True,
+        "character_coverage": 0.995,
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        "add_dummy_prefix": True,
+        "split_digits": True,
+        **settings,
+    }
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=buffer,
         vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=True,
-        character_coverage=0.995,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        split_digits=True,
         num_threads=1,
         minloglevel=2,
+        **options,
     )
     path.write_bytes(buffer.getvalue())
 

@@ -340,9 +340,7 @@ def test_source_is_only_read_and_destination_appears_whole(cases: dict[str, Case
 
     src = tmp_path / "src"
     shutil.copytree(cases["chatglm3"].src, src)
-    before = _digest(src)
-    for path in [src, *src.iterdir()]:
-        path.chmod(path.stat().st_mode & ~0o222)  # read-only: any write would raise
+    before = _digest(src)  # contents and modification times
     out = tmp_path / "out" / "converted"
     written: list[str] = []
 
@@ -353,14 +351,10 @@ def test_source_is_only_read_and_destination_appears_whole(cases: dict[str, Case
             if len(written) == 2:
                 raise KeyboardInterrupt
 
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            convert_chatglm(src, out, max_shard_gib=0.0001, log=interrupt_after_first_shard)
-        assert not out.exists() and [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
-        record = convert_chatglm(src, out, max_shard_gib=0.0001, log=lambda _: None)
-    finally:
-        for path in [src, *src.iterdir()]:
-            path.chmod(path.stat().st_mode | 0o200)
+    with pytest.raises(KeyboardInterrupt):
+        convert_chatglm(src, out, max_shard_gib=0.0001, log=interrupt_after_first_shard)
+    assert not out.exists() and [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
+    record = convert_chatglm(src, out, max_shard_gib=0.0001, log=lambda _: None)
     assert _digest(src) == before
     assert record["weight_files"] > 2 and (out / "model.safetensors.index.json").is_file()
     assert [p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")] == ["converted"]
@@ -500,3 +494,43 @@ def test_legacy_bin_converts_and_pickled_code_is_refused(
     torch.save({**case.weights, "extra": Path("x")}, src / "pytorch_model.bin")
     assert main(["convert", "chatglm", str(src), str(tmp_path / "out2")]) == 2
     assert "pytorch_model.bin: not a readable PyTorch weights file" in capsys.readouterr().err
+
+
+def test_unwritable_destination_is_exit_2(cases: dict[str, Case], tmp_path: Path, capsys: Any) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    dst = tmp_path / "a-file" / "out"  # its parent cannot be created, even by root
+    assert main(["convert", "chatglm", str(cases["chatglm3"].src), str(dst)]) == 2
+    assert f"{dst}: cannot be written" in capsys.readouterr().err
+    assert (
+        main(["convert", "chatglm", str(cases["chatglm3"].src), str(tmp_path / "o"), "--max-shard-gib", "0"])
+        == 2
+    )
+    assert "--max-shard-gib must be a positive" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"normalization_rule_name": "nmt_nfkc", "remove_extra_whitespaces": True},
+        {"model_type": "unigram"},
+    ],
+    ids=["nfkc-collapsed-spaces", "unigram"],
+)
+def test_tokenizer_follows_other_sentencepiece_settings(settings: dict[str, Any], tmp_path: Path) -> None:
+    """The sentencepiece model's own normalizer and type are followed (the real ChatGLM files were not
+    available here to read theirs): plain text and the ChatGLM3 chat give the original's ids."""
+    from chatglm_fixtures import corpus
+
+    from launcher.convert.chatglm_tokenizer import convert_sentencepiece
+    from launcher.convert.families import CHATGLM3
+
+    model = tmp_path / "tokenizer.model"
+    ref.train_sentencepiece(corpus(), model, 1200, **settings)
+    original = ref.SentencePieceReference(model, ref.CHATGLM3_SPECIALS)
+    tokenizer = convert_sentencepiece(model, CHATGLM3, 512).tokenizer
+    for text in PLAIN_TEXTS:
+        assert tokenizer(text)["input_ids"] == original.encode(text), text
+    chat = CHATGLM3_CHAT
+    got = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert got == original.chat(chat)

@@ -67,6 +67,8 @@ def convert_chatglm(
     started = time.monotonic()
     src, dst = src.expanduser().resolve(), dst.expanduser().absolute()
     _check_paths(src, dst)
+    if not max_shard_gib > 0:
+        raise UserError(f"--max-shard-gib must be a positive number of GiB, got {max_shard_gib}")
     cfg = read_config(src)
     chosen, decided_by = detect_family(src, cfg.raw, family)
     found = scan(src)
@@ -101,7 +103,10 @@ def convert_chatglm(
         )
         (tmp / RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
-    build_once(dst, build)
+    try:
+        build_once(dst, build)
+    except OSError as exc:  # a full disk or an unwritable parent: the temporary build is already removed
+        raise UserError(f"{dst}: cannot be written ({exc}); nothing was published") from None
     for note in notes:
         log(f"note: {note}")
     size_gib = record["weight_bytes"] / GIB

@@ -31,7 +31,7 @@ class ConvertedTokenizer:
     tokenizer: Any
     """A ``PreTrainedTokenizerFast``, ready for ``save_pretrained``."""
     ids: dict[str, int]
-    """Every special token's original name -> id."""
+    """The tokens the family names (special tokens, eos, pad), by original name -> id."""
     size: int
     """Base vocabulary plus the special tokens: the rows of the embedding the tokenizer can reach."""
     notes: list[str] = field(default_factory=list)
