@@ -252,6 +252,11 @@ BAD_INPUTS: list[tuple[str, Any, list[str]]] = [
     ),
     ("layernorm", lambda s: _config(s, rmsnorm=False), ["config.json", "rmsnorm is False", "LayerNorm"]),
     (
+        "bad value",
+        lambda s: _config(s, hidden_size="64"),
+        ["config.json: hidden_size must be a positive integer, got '64'"],
+    ),
+    (
         "shape",
         lambda s: _config(s, ffn_hidden_size=100),
         ["model.safetensors", "mlp.dense_4h_to_h.weight has shape [64, 96]", "implies [64, 100]"],

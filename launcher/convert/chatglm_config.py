@@ -96,11 +96,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _positive(path: Path, key: str, value: Any, kind: type = int) -> Any:
-    valid = not isinstance(value, bool) and isinstance(value, kind if kind is int else int | float)
-    if not valid or value <= 0:
-        what = "integer" if kind is int else "number"
-        raise UserError(f"{path}: {key} must be a positive {what}, got {value!r}")
+def _positive(path: Path, key: str, value: Any, integer: bool = True) -> Any:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise UserError(
+            f"{path}: {key} must be a positive {'integer' if integer else 'number'}, got {value!r}"
+        )
     return value
 
 
@@ -117,8 +118,8 @@ def parse_config(path: Path, raw: dict[str, Any]) -> ChatGLMConfig:
         if value != needed and not (needed == 0 and value is None):
             raise UserError(f"{path}: {key} is {value!r}; only {needed!r} converts ({why})")
 
-    def get(key: str, kind: type = int) -> Any:
-        return _positive(path, key, raw.get(key, _DEFAULTS.get(key)), kind)
+    def get(key: str, integer: bool = True) -> Any:
+        return _positive(path, key, raw.get(key, _DEFAULTS.get(key)), integer)
 
     hidden, heads = get("hidden_size"), get("num_attention_heads")
     kv_channels = raw.get("kv_channels")
@@ -144,8 +145,8 @@ def parse_config(path: Path, raw: dict[str, Any]) -> ChatGLMConfig:
         ffn_hidden_size=get("ffn_hidden_size"),
         padded_vocab_size=get("padded_vocab_size"),
         seq_length=get("seq_length"),
-        layernorm_epsilon=float(get("layernorm_epsilon", float)),
-        rope_ratio=float(get("rope_ratio", float)),
+        layernorm_epsilon=float(get("layernorm_epsilon", integer=False)),
+        rope_ratio=float(get("rope_ratio", integer=False)),
         qkv_bias=bool(raw.get("add_qkv_bias", _DEFAULTS["add_qkv_bias"])),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         torch_dtype=str(dtype) if dtype else None,

@@ -113,41 +113,20 @@ def check_tensors(found: dict[str, TensorInfo], cfg: ChatGLMConfig, where: Path)
         raise UserError(f"{where}: missing {listed}, which config.json ({cfg.num_layers} layers) implies")
 
 
-@dataclass(frozen=True)
-class _Planned:
-    source: TensorInfo
-    outputs: tuple[tuple[str, tuple[int, ...]], ...]
-
-    @property
-    def nbytes(self) -> int:
-        per_item = self.source.item_bytes
-        total = 0
-        for _, shape in self.outputs:
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += count * per_item
-        return total
-
-
-def _plan(found: dict[str, TensorInfo], cfg: ChatGLMConfig, max_shard_bytes: int) -> list[list[_Planned]]:
-    """Output shards: consecutive source tensors (in file order, so one source file is open at a time),
-    each shard at most ``max_shard_bytes`` unless a single tensor is larger."""
-    import torch
-
-    shards: list[list[_Planned]] = [[]]
+def _plan(found: dict[str, TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
+    """Output shards: consecutive source tensors (in file order, so the source files are read in turn),
+    each shard at most ``max_shard_bytes`` unless a single tensor is larger. Renaming and splitting
+    keep the bytes, so a shard's size is its sources' size."""
+    shards: list[list[TensorInfo]] = [[]]
     size = 0
     for info in found.values():
-        meta = torch.empty(info.shape, device="meta")
-        outputs = tuple((n, tuple(t.shape)) for n, t in converted(info.name, meta, cfg))
-        if not outputs:
+        if info.name == ROTARY_BUFFER:
             continue
-        item = _Planned(info, outputs)
-        if shards[-1] and size + item.nbytes > max_shard_bytes:
+        if shards[-1] and size + info.nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(item)
-        size += item.nbytes
+        shards[-1].append(info)
+        size += info.nbytes
     return shards
 
 
@@ -173,15 +152,15 @@ def write_weights(
     import torch
     from safetensors.torch import save_file
 
-    shards = _plan(found, cfg, max_shard_bytes)
+    shards = _plan(found, max_shard_bytes)
     weight_map: dict[str, str] = {}
     total = 0
     with TensorReader(remap_bytes=max_shard_bytes) as reader:
         for index, shard in enumerate(shards):
             buffer: dict[str, Any] = {}
-            for item in shard:
-                source = reader.read(item.source)
-                for name, tensor in converted(item.source.name, source, cfg):
+            for info in shard:
+                source = reader.read(info)
+                for name, tensor in converted(info.name, source, cfg):
                     # q/k/v are views of one tensor: each gets storage of its own (safetensors wants that)
                     buffer[name] = (
                         tensor if tensor is source else tensor.clone(memory_format=torch.contiguous_format)
