@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Precision = Literal["bf16", "fp16", "fp32"]
 BuiltinModel = Literal["tiny-glm"]
 BuiltinData = Literal["dialogue", "spo"]
-DataFormat = Literal["auto", "chatglm", "alpaca"]
+DataFormat = Literal["auto", "chatglm", "alpaca", "sharegpt", "messages"]
 BackendName = Literal["slurm", "local", "hostfile"]
 METHOD_NAMES: tuple[str, ...] = ("freeze", "ptuning", "lora", "full")
 
@@ -51,7 +51,12 @@ class DataSpec(StrictModel):
     train_file: str | None = None
     eval_file: str | None = None
     format: DataFormat = "auto"
-    """chatglm: prompt/response/history; alpaca: instruction/input/output; auto: detect per file."""
+    """chatglm: prompt/response/history; alpaca: instruction/input/output; sharegpt: conversations of
+    from/value; messages: OpenAI-style role/content; auto: detect per file (.json, .jsonl, .parquet or a
+    datasets save_to_disk directory)."""
+    train_on: Literal["all", "last"] | None = None
+    """Which assistant turns are learned: all, or only the last; default: all for sharegpt/messages,
+    last for chatglm/alpaca (their history is context)."""
     max_train_examples: int | None = Field(default=None, ge=1)
     max_eval_examples: int | None = Field(default=None, ge=1)
 
@@ -247,8 +252,9 @@ class JobSpec(StrictModel):
     model: ModelSpec
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     data: DataSpec
-    template: str = "chatglm"
-    """A named template (chatglm, chatglm2, chatglm3, glm4, alpaca, plain) or a custom string with
+    template: str = "auto"
+    """auto (the tokenizer's chat template when it has one, else chatglm), tokenizer (its chat template),
+    a named template (chatglm, chatglm2, chatglm3, glm4, alpaca, plain) or a custom string with
     {history} and {query}."""
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)

@@ -285,9 +285,9 @@ def _check_model_data(spec: JobSpec, problems: Problems) -> None:
         elif d.eval_file is None:
             problems.error(("data", "eval_file"), "missing: train_file is set, eval_file is needed too")
     try:
-        from launcher.templates import get_template
+        from launcher.templates import check_template
 
-        get_template(spec.template)
+        check_template(spec.template)
     except UserError as exc:
         problems.error(("template",), str(exc), prefer_value=True)
 
@@ -344,9 +344,9 @@ def _check_dotted_value(spec: JobSpec, key: str, value: Any, where: KeyPath, pro
             if not isinstance(value, str):
                 problems.error(where, f"must be a string, got {_show(value)}", prefer_value=True)
                 return
-            from launcher.templates import get_template
+            from launcher.templates import check_template
 
-            get_template(value)
+            check_template(value)
         elif section == "resources":
             ResourcesSpec.model_validate({key.split(".", 1)[1]: value})
         else:

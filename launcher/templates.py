@@ -1,19 +1,43 @@
-"""Prompt templates: how a ChatGLM-style (history, query) pair becomes the source text.
+"""Prompt templates: how a conversation (system, earlier turns, the query, the answer) becomes text and ids.
 
-A spec's ``template`` is either a name below or a custom string containing ``{query}`` (and optionally
-``{history}``, rendered as ``问：..\\n答：..\\n`` turns). Substitution is plain string replacement, so
-braces inside user data are never interpreted.
+A spec's ``template`` is one of:
+- ``auto`` (the default): the tokenizer's own chat template when it has one, else ``chatglm``;
+- ``tokenizer``: the tokenizer's chat template, rendered by ``tokenizer.apply_chat_template`` (an error
+  when the tokenizer has none);
+- a named template below, or a custom string containing ``{query}`` (and optionally ``{history}``,
+  rendered as ``问：..\\n答：..\\n`` turns). Substitution is single-pass, so braces inside user data are
+  never interpreted. A system message is put first, followed by a line break.
+
+``ChatFormat`` is the one object the data pipeline, generation and the export use for a (template,
+tokenizer) pair; ``Template.to_jinja`` turns a named or custom template into a chat template, so an
+export's ``apply_chat_template`` renders exactly what training saw.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from launcher.errors import UserError
 
 QUERY = "{query}"
 HISTORY = "{history}"
+AUTO = "auto"
+TOKENIZER = "tokenizer"
+FALLBACK = "chatglm"
+"""What ``auto`` means for a tokenizer without a chat template (the built-in tiny model's case)."""
+_PLACEHOLDER = re.compile(r"\{(i|q|a|query|history)\}")
+
+Message = dict[str, str]
+
+
+def _fill(text: str, values: dict[str, str]) -> str:
+    """Replace ``{i}``/``{q}``/``{a}``/``{query}``/``{history}`` in one pass (data is never re-scanned)."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
 
 
 @dataclass(frozen=True)
@@ -28,22 +52,58 @@ class Template:
 
     def render_history(self, history: Sequence[tuple[str, str]]) -> str:
         return "".join(
-            self.turn.replace("{i}", str(self.first_round + i)).replace("{q}", q).replace("{a}", a)
+            _fill(self.turn, {"i": str(self.first_round + i), "q": q, "a": a})
             for i, (q, a) in enumerate(history)
         )
 
-    def split(self, history: Sequence[tuple[str, str]], query: str) -> tuple[str, str, str]:
-        """(text before the query, the query, text after it): lets truncation cut the query alone."""
+    def render(self, history: Sequence[tuple[str, str]], query: str, system: str | None = None) -> str:
+        head = f"{system}\n" if system is not None else ""
         if self.custom is not None:
-            head, _, tail = self.custom.partition(QUERY)
-            hist = self.render_history(history)
-            return head.replace(HISTORY, hist), query, tail.replace(HISTORY, hist)
-        last = self.last.replace("{i}", str(self.first_round + len(history)))
-        head, _, tail = last.partition(QUERY)
-        return self.render_history(history) + head, query, tail
+            return head + _fill(self.custom, {"history": self.render_history(history), "query": query})
+        last = _fill(self.last, {"i": str(self.first_round + len(history)), "query": query})
+        return head + self.render_history(history) + last
 
-    def render(self, history: Sequence[tuple[str, str]], query: str) -> str:
-        return "".join(self.split(history, query))
+    def to_jinja(self) -> str:
+        """This template as a Jinja chat template: the same text as ``render`` for a conversation ending
+        with a user message, plus the answer when it ends with an assistant message."""
+
+        def expr(text: str, names: dict[str, str]) -> str:
+            parts = []
+            pos = 0
+            for m in _PLACEHOLDER.finditer(text):
+                if m.start() > pos:
+                    parts.append(json.dumps(text[pos : m.start()], ensure_ascii=False))
+                parts.append(names.get(m.group(1), json.dumps(m.group(0))))
+                pos = m.end()
+            if pos < len(text):
+                parts.append(json.dumps(text[pos:], ensure_ascii=False))
+            return " ~ ".join(parts) or '""'
+
+        turn = expr(self.turn, {"i": f"({self.first_round} + ns.n)", "q": "m['content']", "a": "answer"})
+        if self.custom is not None:
+            last = expr(self.custom, {"history": "ns.history", "query": "m['content']"})
+        else:
+            last = expr(self.last, {"i": f"({self.first_round} + ns.n)", "query": "m['content']"})
+        return (
+            "{%- set ns = namespace(last=-1, n=0, history='') -%}"
+            "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last = loop.index0 -%}"
+            "{%- endif -%}{%- endfor -%}"
+            "{%- for m in messages -%}"
+            "{%- if m['role'] == 'system' -%}{{ m['content'] ~ '\\n' }}"
+            "{%- elif m['role'] == 'user' and loop.index0 < ns.last -%}"
+            "{%- set answer = loop.nextitem['content'] if loop.nextitem is defined "
+            "and loop.nextitem['role'] == 'assistant' else '' -%}"
+            + (
+                "{%- set ns.history = ns.history ~ " + turn + " -%}"
+                if self.custom is not None
+                else "{{ " + turn + " }}"
+            )
+            + "{%- set ns.n = ns.n + 1 -%}"
+            "{%- elif m['role'] == 'user' -%}{{ " + last + " }}"
+            "{%- elif m['role'] == 'assistant' and loop.index0 > ns.last -%}{{ m['content'] }}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
 
 
 TEMPLATES: dict[str, Template] = {
@@ -71,6 +131,7 @@ TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", "{q}\n{a}\n", "{query}\n"),
 }
 TEMPLATE_NAMES: tuple[str, ...] = tuple(TEMPLATES)
+SPEC_CHOICES = f"{AUTO}, {TOKENIZER}, {', '.join(TEMPLATE_NAMES)}"
 
 
 def get_template(spec: str) -> Template:
@@ -80,10 +141,155 @@ def get_template(spec: str) -> Template:
     if QUERY in spec:
         return Template("custom", "问：{q}\n答：{a}\n", QUERY, custom=spec)
     raise UserError(
-        f"unknown template {spec!r}: use one of {', '.join(TEMPLATE_NAMES)}, "
+        f"unknown template {spec!r}: use one of {SPEC_CHOICES}, "
         "or a custom string containing {query} (and optionally {history})"
     )
 
 
+def check_template(spec: str) -> None:
+    """A spec's ``template`` value is valid (without the tokenizer: ``auto``/``tokenizer`` are checked
+    against it when it is loaded)."""
+    if spec not in (AUTO, TOKENIZER):
+        get_template(spec)
+
+
 def render_prompt(template: str, history: Sequence[tuple[str, str]], query: str) -> str:
     return get_template(template).render(history, query)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve_template(spec: str, tokenizer: Any) -> str:
+    """``auto`` -> ``tokenizer`` when the tokenizer has a chat template, else the fallback; the others
+    stay as they are (``tokenizer`` without a chat template is a UserError)."""
+    if spec == AUTO:
+        return TOKENIZER if has_chat_template(tokenizer) else FALLBACK
+    if spec == TOKENIZER and not has_chat_template(tokenizer):
+        raise UserError(
+            "template: tokenizer, but the tokenizer has no chat template (no chat_template in its "
+            "tokenizer_config.json or chat_template.jinja); choose a named template: "
+            + ", ".join(TEMPLATE_NAMES)
+        )
+    if spec != TOKENIZER:
+        get_template(spec)
+    return spec
+
+
+def conversation(
+    system: str | None, history: Sequence[tuple[str, str]], query: str, answer: str | None = None
+) -> list[Message]:
+    out = [{"role": "system", "content": system}] if system is not None else []
+    for question, reply in history:
+        out += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    out.append({"role": "user", "content": query})
+    if answer is not None:
+        out.append({"role": "assistant", "content": answer})
+    return out
+
+
+class ChatFormat:
+    """How conversations become text and token ids for one (template, tokenizer) pair.
+
+    With the tokenizer's chat template the text is ``apply_chat_template``'s and is tokenized without
+    adding special tokens (the template writes them). A named or custom template renders the prompt as
+    ``Template.render`` does, tokenized WITH the tokenizer's special tokens (bos, ChatGLM's
+    [gMASK]<sop>); its answer is the response text followed by eos.
+    """
+
+    def __init__(self, template: str, tokenizer: Any):
+        self.spec = template
+        self.tokenizer = tokenizer
+        self.name = resolve_template(template, tokenizer)
+        self.uses_chat_template = self.name == TOKENIZER
+        self.named = None if self.uses_chat_template else get_template(self.name)
+        if tokenizer.eos_token_id is None:
+            raise UserError("the tokenizer has no eos token: set one in its tokenizer_config.json")
+        self.eos_id = int(tokenizer.eos_token_id)
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.special_ids = frozenset(
+            [*tokenizer.all_special_ids, *(i for i, tok in added.items() if getattr(tok, "special", False))]
+        )
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
+        if self.uses_chat_template:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            )
+        assert self.named is not None
+        system, pairs, query, answer = _split(messages)
+        return self.named.render(pairs, query, system) + (answer or "")
+
+    def ids(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> list[int]:
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        return list(self.tokenizer(text, add_special_tokens=not self.uses_chat_template)["input_ids"])
+
+    def continuation_ids(self, text: str) -> list[int]:
+        """Ids of text that follows a prompt (no special tokens added)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def split_answer(self, tail: Sequence[int]) -> tuple[list[int], int, bool]:
+        """(answer ids, end-of-turn id, whether the eot is in ``tail``) for the ids after a prompt: the
+        eot is the first special token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``); for a template that
+        writes none after the answer it is ``end_of_turn_id``."""
+        for index, token in enumerate(tail):
+            if token in self.special_ids:
+                return list(tail[:index]), int(token), True
+        return list(tail), self.end_of_turn_id, False
+
+    @functools.cached_property
+    def end_of_turn_id(self) -> int:
+        """What ends an answer when the template writes no end-of-turn token after it: the special token
+        the template puts right after an answer when a user turn follows (GLM-4's ``<|user|>``, as its
+        own fine-tuning code appends), else eos."""
+        if self.uses_chat_template:
+            try:
+                answered = self.ids(conversation(None, [], "1", "2"), add_generation_prompt=False)
+                followed = self.ids(conversation(None, [("1", "2")], "3"), add_generation_prompt=False)
+            except Exception:  # a template that refuses the probe: eos
+                return self.eos_id
+            nxt = len(answered)
+            if followed[:nxt] == answered and nxt < len(followed) and followed[nxt] in self.special_ids:
+                return int(followed[nxt])
+        return self.eos_id
+
+    @functools.cached_property
+    def stop_ids(self) -> list[int]:
+        """The tokens that end an answer in this format (eos and the template's end-of-turn token):
+        generation must stop at every one of them."""
+        stops = [self.eos_id]
+        if self.uses_chat_template:
+            try:
+                prompt_ids = self.ids(conversation(None, [], "1"), add_generation_prompt=True)
+                full = self.ids(conversation(None, [], "1", "2"), add_generation_prompt=False)
+            except Exception:  # a template that refuses the probe: eos alone
+                return stops
+            _, eot, _ = self.split_answer(full[len(prompt_ids) :])
+            stops += [eot] if eot not in stops else []
+        return stops
+
+    def chat_template(self) -> str:
+        """The chat template an export carries: the tokenizer's, or this named template as Jinja."""
+        if self.uses_chat_template:
+            return str(self.tokenizer.chat_template)
+        assert self.named is not None
+        return self.named.to_jinja()
+
+
+def _split(messages: Sequence[Message]) -> tuple[str | None, list[tuple[str, str]], str, str | None]:
+    """(system, pairs before the last user message, the last user message, the answer after it)."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    rest = list(messages[1:] if system is not None else messages)
+    answer = rest.pop()["content"] if rest and rest[-1]["role"] == "assistant" else None
+    query = rest.pop()["content"] if rest else ""
+    pairs = [(rest[i]["content"], rest[i + 1]["content"]) for i in range(0, len(rest) - 1, 2)]
+    return system, pairs, query, answer
+
+
+@functools.lru_cache(maxsize=8)
+def chat_format(template: str, tokenizer: Any) -> ChatFormat:
+    """The ChatFormat of a (template, tokenizer) pair, built once (the probes render the template)."""
+    return ChatFormat(template, tokenizer)

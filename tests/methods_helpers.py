@@ -41,7 +41,9 @@ EXPORT_METHODS: list[dict[str, Any]] = [
 OFFLOADED = {"full_offload"}
 
 
-def run_config(model_dir: Path, method: dict[str, Any], **eval_overrides: Any) -> RunConfig:
+def run_config(
+    model_dir: Path, method: dict[str, Any], template: str = "chatglm", **eval_overrides: Any
+) -> RunConfig:
     """A minimal resolved run config for the tiny model (only what eval/export read matters)."""
     eval_cfg = {"max_new_tokens": 12, "num_samples": 7, "batch_size": 2, **eval_overrides}
     return RunConfig.model_validate(
@@ -53,7 +55,7 @@ def run_config(model_dir: Path, method: dict[str, Any], **eval_overrides: Any) -
             "model": {"path": str(model_dir)},
             "tokenizer": {},
             "data": {"builtin": "dialogue"},
-            "template": "chatglm",
+            "template": template,
             "training": {"max_source_length": 96, "max_target_length": 32, "precision": "fp32"},
             "eval": eval_cfg,
             "resources": {
@@ -126,12 +128,14 @@ def spawn_ranks(args: list[str], world_size: int = 2, timeout_s: float = 300) ->
         raise AssertionError(f"ranks {failed} failed:\n{outputs}")
 
 
-def load(model_dir: str, method: dict[str, Any], seed: int = 0) -> tuple[Any, Any, RunConfig]:
+def load(
+    model_dir: str, method: dict[str, Any], seed: int = 0, template: str = "chatglm"
+) -> tuple[Any, Any, RunConfig]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from launcher.train.adapters import apply_method
 
-    cfg = run_config(Path(model_dir), method)
+    cfg = run_config(Path(model_dir), method, template)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)  # same new-parameter init (prefix, LoRA) as the 1-rank reference

@@ -218,12 +218,12 @@ def test_load_alpaca(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("lines", "fmt", "expected"),
     [
-        (['{"prompt": "q", "response": "a"}', '{"prompt": "q"}'], "auto", ":2: record has no 'response' key"),
+        (['{"prompt": "q", "response": "a"}', '{"prompt": "q"}'], "auto", ":2: response: missing"),
         (['{"prompt": "q", "response": "a"}', "{not json"], "auto", ":2: invalid JSON"),
-        (['{"prompt": "q", "response": 3}'], "chatglm", ":1: 'response' must be a string"),
-        (['{"prompt": "q", "response": "a", "history": [["x"]]}'], "auto", ":1: 'history'[0] must be"),
+        (['{"prompt": "q", "response": 3}'], "chatglm", ":1: response: must be a string, got int"),
+        (['{"prompt": "q", "response": "a", "history": [["x"]]}'], "auto", ":1: history[0]: must be"),
         (['{"text": "q"}'], "auto", ":1: cannot tell the data format"),
-        (['{"instruction": "q"}'], "alpaca", ":1: record has no 'output' key"),
+        (['{"instruction": "q"}'], "alpaca", ":1: output: missing"),
         (["[1, 2]"], "auto", ":1: each record must be a JSON object"),
     ],
 )
@@ -238,17 +238,17 @@ def test_malformed_records_name_file_line_and_key(
 def test_json_list_error_reports_the_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text('[\n  {"prompt": "q", "response": "a"},\n  {"prompt": "q"}\n]\n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"bad.json:3: record has no 'response' key"):
+    with pytest.raises(UserError, match=r"bad.json:3: response: missing"):
         load_examples(path)
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match=r"nope\.jsonl does not exist"):
         load_examples(tmp_path / "nope.jsonl")
     with pytest.raises(UserError, match="no records"):
         load_examples(_write(tmp_path / "empty.jsonl", [""]))
     with pytest.raises(UserError, match="unknown data format"):
-        load_examples(tmp_path / "nope.jsonl", "sharegpt")
+        load_examples(tmp_path / "nope.jsonl", "openai")
 
 
 def test_resolve_paths(tmp_path: Path, tiny_model_dir: Path) -> None:

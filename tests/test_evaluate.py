@@ -142,14 +142,16 @@ def test_ptuning_v1_generation_independent_of_batching(
             assert greedy_through_forward(model, tokenizer, prompt, cfg.eval.max_new_tokens) == prediction
 
 
-def greedy_through_forward(model: Any, tokenizer: Any, prompt: list[int], max_new_tokens: int) -> str:
+def greedy_through_forward(
+    model: Any, tokenizer: Any, prompt: list[int], max_new_tokens: int, stops: tuple[int, ...] = ()
+) -> str:
     """The reference decode: one example, no padding, no KV cache, every step through the model's
-    (peft's) forward - the path training uses."""
+    (peft's) forward - the path training uses. It stops at eos or any of ``stops``."""
     seq, new = list(prompt), []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             token = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
+            if token == tokenizer.eos_token_id or token in stops:
                 break
             seq.append(token)
             new.append(token)
@@ -178,6 +180,38 @@ def test_generation_equals_greedy_through_the_training_forward(
         with model.disable_adapter():
             base = [greedy_through_forward(model, tokenizer, p, cfg.eval.max_new_tokens) for p in prompts]
         assert base != reference, "the virtual tokens changed no answer: the test would not see them dropped"
+
+
+@pytest.mark.parametrize("family", ["llama3", "phi3", "glm4"])
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_prompt_tuning_generation_equals_greedy_on_gqa_families(
+    version: str, family: str, family_dirs: dict[str, Path], dialogue_files: tuple[Path, Path]
+) -> None:
+    """The same check on grouped-query models (Llama 3: 4 heads over 1 KV head; Phi-3: 4 over 2, fused
+    qkv; GLM-4: head_dim 24 != hidden/heads), prompted through their chat templates."""
+    from launcher.templates import chat_format
+    from launcher.train.evaluate import _eos_ids
+
+    method = {"method": "ptuning", "name": f"ptuning_{version}", "version": version, "pre_seq_len": 4}
+    model, tokenizer, cfg = load(str(family_dirs[family]), method, template="auto")
+    model.eval()
+    torch.manual_seed(3)
+    for param in model.prompt_encoder.parameters():
+        param.data.normal_(0.0, 1.0)
+    examples, _ = features(str(dialogue_files[1]), tokenizer, cfg, 5)
+    predictions = [s["prediction"] for s in generate_samples(model, tokenizer, examples, cfg, 0, 1)]
+    prompts = [encode_prompt(ex, tokenizer, cfg.template, cfg.training.max_source_length) for ex in examples]
+    assert tokenizer.decode(prompts[0]).endswith(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": examples[0].query}], tokenize=False, add_generation_prompt=True
+        ).split(examples[0].query)[-1]
+    )
+    stops = tuple(_eos_ids(tokenizer, model.get_base_model(), chat_format(cfg.template, tokenizer).stop_ids))
+    reference = [greedy_through_forward(model, tokenizer, p, cfg.eval.max_new_tokens, stops) for p in prompts]
+    assert predictions == reference and any(reference)
+    with model.disable_adapter():
+        base = [greedy_through_forward(model, tokenizer, p, cfg.eval.max_new_tokens, stops) for p in prompts]
+    assert base != reference, "the prompt changed no answer: the test would not see it dropped"
 
 
 def test_eval_loss_is_token_weighted(base: Any) -> None:

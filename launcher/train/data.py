@@ -1,15 +1,22 @@
-"""Training data: load ChatGLM / Alpaca records, render them with a template, tokenize with the
-history-truncation rule, pad per batch, and order batches deterministically across ranks.
+"""Training data: load records (launcher.train.formats), render them with the run's ChatFormat
+(launcher.templates), tokenize with the history-truncation rule and the label mask, pad per batch, and
+order batches deterministically across ranks.
 
-Truncation rule (the issue's "known pain"): when the rendered source is longer than
-``max_source_length``, whole history turns are dropped, OLDEST first; the current query is never cut
-unless it alone does not fit, in which case its BEGINNING is cut (the end of a question usually holds
-the actual ask). Either case marks the example ``truncated``.
+Truncation rule: when the rendered source is longer than ``max_source_length``, whole history turns are
+dropped, OLDEST first; the current query is never cut unless it alone does not fit, in which case its
+BEGINNING is cut (the end of a question usually holds the actual ask). Either case marks the example
+``truncated``. A system message is never dropped.
+
+Labels: only the assistant's tokens are learned, i.e. the answer and its end-of-turn token. With a chat
+template they are found by rendering the prompt (``add_generation_prompt``) and the conversation with
+the answer, and taking what the answer adds, up to the first special token (``<|im_end|>``,
+``<|eot_id|>``...); a template that writes no end-of-turn token gets eos. ``train_on: all`` also labels
+every earlier assistant turn, located the same way; if the template renders an earlier turn differently
+once later turns follow (e.g. it drops past reasoning), each assistant turn becomes its own sequence.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Sequence
@@ -18,32 +25,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
-from launcher.templates import Template, get_template
+from launcher.templates import ChatFormat, chat_format, conversation
+from launcher.train.formats import CONVERSATION_FORMATS, FORMATS, Example, ExampleReader
 
 if TYPE_CHECKING:
     import torch
 
-    from launcher.spec import DataSpec, ModelSpec
+    from launcher.spec import DataSpec, ModelSpec, RunConfig
 
+__all__ = ["FORMATS", "IGNORE_INDEX", "Example"]
 IGNORE_INDEX = -100
-FORMATS: tuple[str, ...] = ("auto", "chatglm", "alpaca")
-_CHATGLM_KEYS = ("prompt", "response")
-_ALPACA_KEYS = ("instruction", "output")
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    history: list[tuple[str, str]]
-    query: str
-    response: str
+TRAIN_ON: tuple[str, ...] = ("all", "last")
+PROBLEMS_SHOWN = 10
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    """``IGNORE_INDEX`` on prompt tokens: only the response (and its eos) is learned."""
+    """``IGNORE_INDEX`` except on the assistant's tokens (the response and its end-of-turn token)."""
     truncated: bool
     """True when history turns were dropped or the query was cut to fit ``max_source_length``."""
     source_len: int = 0
@@ -55,107 +55,44 @@ class Encoded:
 # --- loading ------------------------------------------------------------------------------------
 
 
-def _records(path: Path) -> list[tuple[int, Any]]:
-    """(line number, record) for a JSON list or a JSONL file; invalid JSON is a UserError with file:line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: data file not found") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    decoder = json.JSONDecoder()
-    stripped = text.lstrip()
-    records: list[tuple[int, Any]] = []
-    if stripped.startswith("["):  # a JSON list: walk its elements to keep each one's line number
-        pos = text.index("[") + 1
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(text):
-                raise UserError(f"{path}:{text.count(chr(10)) + 1}: JSON list is not closed with ']'")
-            if text[pos] == "]":
-                break
-            line = text.count("\n", 0, pos) + 1
-            try:
-                obj, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-            records.append((line, obj))
-        return records
-    for line_no, raw_line in enumerate(text.splitlines(), start=1):
-        if not raw_line.strip():
-            continue
-        try:
-            records.append((line_no, json.loads(raw_line)))
-        except json.JSONDecodeError as exc:
-            raise UserError(
-                f"{path}:{line_no}: invalid JSON ({exc.msg}); expected one object per line"
-            ) from None
-    return records
+def problems_message(path: Path, problems: Sequence[str], total: int | None = None) -> str:
+    """Every problem of a file on its own line (the first ``PROBLEMS_SHOWN``, then how many more)."""
+    total = len(problems) if total is None else total
+    shown = list(problems[:PROBLEMS_SHOWN])
+    more = f"\n  ... and {total - len(shown)} more" if total > len(shown) else ""
+    noun = "record" if total == 1 else "records"
+    return f"{path}: {total} {noun} with problems:\n  " + "\n  ".join(shown) + more
 
 
-def _detect_format(path: Path, line: int, record: dict[str, Any]) -> str:
-    if any(k in record for k in _CHATGLM_KEYS):
-        return "chatglm"
-    if any(k in record for k in _ALPACA_KEYS):
-        return "alpaca"
-    raise UserError(
-        f"{path}:{line}: cannot tell the data format from keys {sorted(record)}: expected chatglm "
-        "(prompt, response, optional history) or alpaca (instruction, input, output); set data.format"
-    )
-
-
-def _text(path: Path, line: int, record: dict[str, Any], key: str, fmt: str, required: bool = True) -> str:
-    if key not in record or record[key] is None:
-        if not required:
-            return ""
-        needed = "prompt, response" if fmt == "chatglm" else "instruction, output"
-        raise UserError(f"{path}:{line}: record has no {key!r} key ({fmt} format needs {needed})")
-    value = record[key]
-    if not isinstance(value, str):
-        raise UserError(f"{path}:{line}: {key!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _history(path: Path, line: int, record: dict[str, Any]) -> list[tuple[str, str]]:
-    raw = record.get("history") or []
-    if not isinstance(raw, list):
-        raise UserError(f"{path}:{line}: 'history' must be a list of [question, answer] pairs")
-    turns: list[tuple[str, str]] = []
-    for i, turn in enumerate(raw):
-        if not (isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
-            raise UserError(f"{path}:{line}: 'history'[{i}] must be a [question, answer] pair of strings")
-        turns.append((turn[0], turn[1]))
-    return turns
+def load_data(path: Path, fmt: str = "auto") -> tuple[list[Example], str]:
+    """(examples, the file's format) of a data file (see launcher.train.formats). Every malformed
+    record is reported at once as a UserError with file:line and the key."""
+    reader = ExampleReader(Path(path), fmt)
+    examples: list[Example] = []
+    problems: list[str] = []
+    for _, item in reader:
+        if isinstance(item, str):
+            problems.append(item)
+        else:
+            examples.append(item)
+    if problems:
+        raise UserError(problems_message(Path(path), problems))
+    if not examples:
+        raise UserError(f"{path}: no records (empty data file)")
+    return examples, reader.format
 
 
 def load_examples(path: Path, fmt: str = "auto") -> list[Example]:
-    """Examples from a JSON list or JSONL file in ChatGLM (prompt/response/history) or Alpaca
-    (instruction/input/output[/history]) format. Any malformed record is a UserError with file:line."""
-    if fmt not in FORMATS:
-        raise UserError(f"unknown data format {fmt!r}: use one of {', '.join(FORMATS)}")
-    path = Path(path)
-    records = _records(path)
-    if not records:
-        raise UserError(f"{path}: no records (empty data file)")
-    examples: list[Example] = []
-    file_fmt = fmt
-    for index, (line, record) in enumerate(records):
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{line}: each record must be a JSON object, got {type(record).__name__}")
-        if file_fmt == "auto":
-            file_fmt = _detect_format(path, line, record)
-        if file_fmt == "chatglm":
-            query = _text(path, line, record, "prompt", file_fmt)
-            response = _text(path, line, record, "response", file_fmt)
-        else:
-            instruction = _text(path, line, record, "instruction", file_fmt)
-            extra = _text(path, line, record, "input", file_fmt, required=False)
-            query = f"{instruction}\n{extra}" if extra else instruction
-            response = _text(path, line, record, "output", file_fmt)
-        ex_id = str(record.get("id", f"{path.stem}-{index}"))
-        examples.append(Example(ex_id, _history(path, line, record), query, response))
-    return examples
+    return load_data(path, fmt)[0]
+
+
+def train_on_for(train_on: str | None, fmt: str) -> str:
+    """Which assistant turns are learned: the setting, else ``all`` for conversations (messages,
+    sharegpt; as LLaMA-Factory, TRL and OpenAI do) and ``last`` for chatglm/alpaca, whose history is
+    context (ChatGLM's own fine-tuning code learns only the response)."""
+    if train_on is not None:
+        return train_on
+    return "all" if fmt in CONVERSATION_FORMATS else "last"
 
 
 def resolve_data_files(data: DataSpec) -> tuple[Path, Path]:
@@ -166,10 +103,13 @@ def resolve_data_files(data: DataSpec) -> tuple[Path, Path]:
         return ensure_builtin_data(data.builtin)
     if data.train_file is None or data.eval_file is None:
         raise UserError("data: set either builtin (dialogue, spo) or both train_file and eval_file")
+    from launcher.train.records import data_file_problem
+
     files = (Path(data.train_file), Path(data.eval_file))
     for key, path in zip(("data.train_file", "data.eval_file"), files, strict=True):
-        if not path.is_file():
-            raise UserError(f"{key}: {path} does not exist (paths are relative to the spec file)")
+        problem = data_file_problem(path)
+        if problem is not None:
+            raise UserError(f"{key}: {problem} (paths are relative to the spec file)")
     return files
 
 
@@ -191,76 +131,219 @@ def resolve_model_dir(model: ModelSpec) -> Path:
 # --- encoding -----------------------------------------------------------------------------------
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    """Source ids WITH the tokenizer's own special tokens (bos, ChatGLM's [gMASK]<sop>...)."""
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+def _format(template: str | ChatFormat, tokenizer: Any) -> ChatFormat:
+    return template if isinstance(template, ChatFormat) else chat_format(template, tokenizer)
 
 
-def _encode_source(ex: Example, tokenizer: Any, tpl: Template, budget: int) -> tuple[list[int], bool]:
+@dataclass
+class _Source:
+    ids: list[int]
+    history: list[tuple[str, str]]
+    """The turns kept (the newest ones)."""
+    query: str
+    """The query as rendered (its beginning cut when it alone did not fit)."""
+    truncated: bool
+    rendered: bool = True
+    """False when even the cut query did not fit and the ids are the rendering's tail."""
+
+
+def _encode_source(ex: Example, fmt: ChatFormat, budget: float) -> _Source:
     history = list(ex.history)
 
-    def keep_from(dropped: int) -> list[int]:  # the oldest `dropped` whole turns removed
-        return _ids(tokenizer, tpl.render(history[dropped:], ex.query))
+    def render(turns: list[tuple[str, str]], query: str) -> list[int]:
+        return fmt.ids(conversation(ex.system, turns, query), add_generation_prompt=True)
 
-    ids = keep_from(0)
+    ids = render(history, ex.query)
     if len(ids) <= budget:
-        return ids, False
-    if len(keep_from(len(history))) <= budget:
+        return _Source(ids, history, ex.query, False)
+    if len(render([], ex.query)) <= budget:
         # Dropping more turns never makes the source longer: binary search for the fewest to drop.
         lo, hi = 1, len(history)
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(keep_from(mid)) <= budget:
+            if len(render(history[mid:], ex.query)) <= budget:
                 hi = mid
             else:
                 lo = mid + 1
-        return keep_from(lo), True
+        return _Source(render(history[lo:], ex.query), history[lo:], ex.query, True)
     # Even the query alone is too long: cut its beginning (binary search on characters to drop).
-    head, query, tail = tpl.split([], ex.query)
+    query = ex.query
     lo, hi = 1, len(query)
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(_ids(tokenizer, head + query[mid:] + tail)) <= budget:
+        if len(render([], query[mid:])) <= budget:
             hi = mid
         else:
             lo = mid + 1
-    ids = _ids(tokenizer, head + query[lo:] + tail)
-    if len(ids) > budget:  # the template itself does not fit: keep the end, where the answer starts
-        ids = ids[len(ids) - budget :]
-    return ids, True
+    ids = render([], query[lo:])
+    if len(ids) <= budget:
+        return _Source(ids, [], query[lo:], True)
+    # the template itself does not fit: keep the end, where the answer starts
+    return _Source(ids[len(ids) - int(budget) :], [], query[lo:], True, rendered=False)
 
 
-def encode_prompt(ex: Example, tokenizer: Any, template: str, max_source_length: int) -> list[int]:
+def _answer(ex: Example, fmt: ChatFormat, source: _Source) -> tuple[list[int], int]:
+    """(answer ids, end-of-turn id) following the source's prompt."""
+    if not fmt.uses_chat_template:
+        return fmt.continuation_ids(ex.response), fmt.eos_id
+    prompt = conversation(ex.system, source.history, source.query)
+    full = [*prompt, {"role": "assistant", "content": ex.response}]
+    prompt_ids = source.ids if source.rendered else fmt.ids(prompt, add_generation_prompt=True)
+    full_ids = fmt.ids(full, add_generation_prompt=False)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        tail = full_ids[len(prompt_ids) :]
+    else:  # the answer's first token merged with the prompt's last: tokenize what the answer adds alone
+        prompt_text = fmt.render(prompt, add_generation_prompt=True)
+        full_text = fmt.render(full, add_generation_prompt=False)
+        if not full_text.startswith(prompt_text):
+            raise UserError(
+                f"example {ex.id}: the chat template renders the conversation with its answer differently "
+                "from the prompt it renders for generation, so the answer cannot be located; use a named "
+                "template (template: chatglm, ...)"
+            )
+        tail = fmt.continuation_ids(full_text[len(prompt_text) :])
+    answer, eot, _ = fmt.split_answer(tail)
+    return answer, eot
+
+
+def encode_prompt(
+    ex: Example, tokenizer: Any, template: str | ChatFormat, max_source_length: int
+) -> list[int]:
     """Source token ids for generation (same rendering and truncation as training)."""
-    return _encode_source(ex, tokenizer, get_template(template), max_source_length)[0]
+    return _encode_source(ex, _format(template, tokenizer), max_source_length).ids
+
+
+def _encode_last(
+    ex: Example, fmt: ChatFormat, max_source_length: int, max_target_length: int, max_length: int | None
+) -> tuple[Encoded, _Source]:
+    """The response learned after the (truncated) source; the source's budget is ``max_source_length``,
+    less what ``max_length`` leaves after the target."""
+    budget = max_source_length
+    if max_length is None:
+        source = _encode_source(ex, fmt, budget)
+        answer, eot = _answer(ex, fmt, source)
+    else:  # the target's length sets the source's budget: measure it on the whole conversation first
+        whole = _encode_source(ex, fmt, math.inf)
+        answer, eot = _answer(ex, fmt, whole)
+        target_len = min(len(answer), max_target_length, max_length - 2) + 1  # >= 1 source token
+        budget = max(1, min(budget, max_length - target_len))
+        source = whole if len(whole.ids) <= budget else _encode_source(ex, fmt, budget)
+        if source is not whole and fmt.uses_chat_template:  # the kept turns may render the answer anew
+            answer, eot = _answer(ex, fmt, source)
+        answer = answer[: max(0, max_length - len(source.ids) - 1)]
+    target = [*answer[:max_target_length], eot]
+    labels = [IGNORE_INDEX] * len(source.ids) + target
+    return Encoded(source.ids + target, labels, source.truncated, len(source.ids)), source
 
 
 def encode_for_training(
     ex: Example,
     tokenizer: Any,
-    template: str,
+    template: str | ChatFormat,
     max_source_length: int,
     max_target_length: int,
     *,
     max_length: int | None = None,
 ) -> Encoded:
-    """Source (truncated by the history rule) + response (cut to ``max_target_length``) + eos.
+    """Source (truncated by the history rule) + response (cut to ``max_target_length``) + its
+    end-of-turn token; only the response and that token are labelled.
 
     ``max_length`` caps source + target: the source budget shrinks first, so more history is dropped
     rather than the response being cut.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the tokenizer has no eos token: set one in its tokenizer_config.json")
-    response_ids = list(tokenizer(ex.response, add_special_tokens=False)["input_ids"])
-    target = [*response_ids[:max_target_length], eos]
-    budget = max_source_length
-    if max_length is not None:
-        if len(target) >= max_length:  # leave room for one source token; keep the eos
-            target = [*target[: max_length - 2], eos]
-        budget = max(1, min(budget, max_length - len(target)))
-    source, truncated = _encode_source(ex, tokenizer, get_template(template), budget)
-    return Encoded(source + target, [IGNORE_INDEX] * len(source) + target, truncated, len(source))
+    fmt = _format(template, tokenizer)
+    return _encode_last(ex, fmt, max_source_length, max_target_length, max_length)[0]
+
+
+def _history_spans(ex: Example, fmt: ChatFormat, source: _Source) -> list[tuple[int, int]] | None:
+    """[start, end) of every kept earlier assistant turn (its answer and end-of-turn token) inside the
+    source ids; None when the template renders some earlier turn differently inside the whole
+    conversation than as the last turn (the spans would not be what the model sees at generation)."""
+    ids = source.ids
+    spans = []
+    for j, (question, reply) in enumerate(source.history):
+        prompt = fmt.ids(conversation(ex.system, source.history[:j], question), add_generation_prompt=True)
+        full = fmt.ids(
+            conversation(ex.system, source.history[:j], question, reply), add_generation_prompt=False
+        )
+        start = len(prompt)
+        if ids[:start] != prompt or full[:start] != prompt:
+            return None
+        answer, _, eot_written = fmt.split_answer(full[start:])
+        if eot_written:
+            end = start + len(answer) + 1
+            if ids[start:end] != full[start:end]:
+                return None
+        else:  # no end-of-turn token of its own: the next turn's first special token ends it (GLM-4)
+            end = len(full)
+            if ids[:end] != full:
+                return None
+            if end < len(ids) and ids[end] in fmt.special_ids:
+                end += 1
+        spans.append((start, end))
+    return spans
+
+
+def encode_example(
+    ex: Example,
+    tokenizer: Any,
+    template: str | ChatFormat,
+    max_source_length: int,
+    max_target_length: int,
+    *,
+    max_length: int | None = None,
+    train_on: str = "last",
+) -> list[Encoded]:
+    """The training sequences of one example: ``last`` learns the response only (one sequence);
+    ``all`` also learns every earlier assistant turn that survives truncation."""
+    if train_on not in TRAIN_ON:
+        raise UserError(f"unknown data.train_on {train_on!r}: use one of {', '.join(TRAIN_ON)}")
+    fmt = _format(template, tokenizer)
+    enc, source = _encode_last(ex, fmt, max_source_length, max_target_length, max_length)
+    if train_on == "last" or not source.history:
+        return [enc]
+    spans = _history_spans(ex, fmt, source)
+    if spans is None:  # each assistant turn in its own sequence, in the context it has at generation
+        turns = source.history
+        earlier = [
+            _encode_last(
+                Example(ex.id, turns[:j], q, a, system=ex.system),
+                fmt,
+                max_source_length,
+                max_target_length,
+                max_length,
+            )[0]
+            for j, (q, a) in enumerate(turns)
+        ]
+        return [*earlier, enc]
+    for start, end in spans:
+        enc.labels[start:end] = enc.input_ids[start:end]
+    return [enc]
+
+
+def load_and_encode(
+    path: Path, cfg: RunConfig, tokenizer: Any, limit: int | None = None
+) -> tuple[list[Example], list[Encoded]]:
+    """A run's examples from one data file (the first ``limit``) and their training sequences."""
+    examples, fmt = load_data(path, cfg.data.format)
+    examples = examples[:limit]
+    train_on = train_on_for(cfg.data.train_on, fmt)
+    chat = chat_format(cfg.template, tokenizer)
+    t = cfg.training
+    features = [
+        enc
+        for ex in examples
+        for enc in encode_example(
+            ex,
+            tokenizer,
+            chat,
+            t.max_source_length,
+            t.max_target_length,
+            max_length=t.max_length,
+            train_on=train_on,
+        )
+    ]
+    return examples, features
 
 
 def truncated_fraction(encoded: Sequence[Encoded]) -> float:

@@ -140,16 +140,12 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
     return input_ids, attention
 
 
-def _eos_ids(tokenizer: Any, module: nn.Module) -> list[int]:
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
+def _eos_ids(tokenizer: Any, module: nn.Module, template_stops: Sequence[int] = ()) -> list[int]:
+    """Where an answer ends: the tokenizer's eos, the model's generation config, the template's stops."""
     gen_config = getattr(module, "generation_config", None)
     extra = getattr(gen_config, "eos_token_id", None)
-    for value in extra if isinstance(extra, list) else [extra]:
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    return ids
+    candidates = [tokenizer.eos_token_id, *(extra if isinstance(extra, list) else [extra]), *template_stops]
+    return list(dict.fromkeys(int(v) for v in candidates if v is not None))
 
 
 def _prompt_learning_type(module: nn.Module) -> str | None:
@@ -217,6 +213,7 @@ def generate_samples(
     """
     from transformers import GenerationConfig
 
+    from launcher.templates import chat_format
     from launcher.train.data import encode_prompt
 
     module = unwrap(model)
@@ -228,7 +225,8 @@ def generate_samples(
     mine, total = shard_batches([len(p) for p in prompts], cfg.eval.batch_size, rank, world_size)
     rounds = _rounds(len(mine), total, world_size, zero3)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(tokenizer, module)
+    # the template's end-of-turn token (<|im_end|>...) ends an answer too
+    eos_ids = _eos_ids(tokenizer, module, chat_format(cfg.template, tokenizer).stop_ids)
     prompt_type = _prompt_learning_type(module)
     prompt_model: Any = module if prompt_type == "P_TUNING" else None
     prefix_model: Any = module if prompt_type == "PREFIX_TUNING" else None

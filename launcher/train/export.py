@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from launcher.spec import LoraMethod, MethodSpec
+from launcher.templates import ChatFormat
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,20 @@ def _without_hf_zero3() -> Iterator[None]:
 
 
 def export_final(
-    model: Any, method: MethodSpec, tokenizer: Any, out_dir: Path, *, zero_stage: int, is_rank0: bool
+    model: Any,
+    method: MethodSpec,
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    zero_stage: int,
+    is_rank0: bool,
+    chat: ChatFormat | None = None,
 ) -> None:
-    """Save the trained model or adapter to ``out_dir`` (every rank calls this; rank 0 writes)."""
+    """Save the trained model or adapter to ``out_dir`` (every rank calls this; rank 0 writes).
+
+    ``chat``: the run's prompt format. The exported tokenizer then carries it as its chat template and
+    ``generation_config.json`` stops at its end-of-turn token, so ``apply_chat_template`` and
+    ``generate`` on the export work as in training."""
     module = unwrap(model)
     zero3 = zero_stage == 3 or is_zero3_partitioned(module)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -126,9 +138,9 @@ def export_final(
                 # state_dict= so save_pretrained never reads the (possibly partitioned) live parameters.
                 module.save_pretrained(str(tmp), state_dict=state)  # type: ignore[operator]
         if is_rank0:
-            tokenizer.save_pretrained(str(tmp))
+            _save_chat_files(module, tokenizer, chat, tmp)
             if isinstance(method, LoraMethod) and method.merge:
-                _save_merged(module, tmp, tmp / MERGED_DIRNAME, tokenizer)
+                _save_merged(module, tmp, tmp / MERGED_DIRNAME, tokenizer, chat)
             _publish(tmp, out_dir)
     except Exception as exc:  # keep ranks in step: every rank learns that the export failed
         error = exc
@@ -187,7 +199,35 @@ def _save_adapter(module: Any, tmp: Path, *, zero3: bool, is_rank0: bool) -> Non
         _check_not_empty(load_peft_weights(str(tmp), device="cpu"), "the adapter")
 
 
-def _save_merged(module: Any, adapter_dir: Path, merged_dir: Path, tokenizer: Any) -> None:
+def _save_chat_files(module: Any, tokenizer: Any, chat: ChatFormat | None, out: Path) -> None:
+    """The tokenizer with the run's chat template, and the generation config with its stop tokens."""
+    import copy
+
+    saved = tokenizer.chat_template
+    if chat is not None:
+        tokenizer.chat_template = chat.chat_template()
+    try:
+        tokenizer.save_pretrained(str(out))
+    finally:
+        tokenizer.chat_template = saved
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    generation = getattr(base, "generation_config", None)
+    if generation is None:
+        return
+    generation = copy.deepcopy(generation)
+    eos = generation.eos_token_id
+    stops = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    for token in chat.stop_ids if chat is not None else []:
+        if token not in stops:
+            stops.append(token)
+    generation.eos_token_id = stops or None
+    generation.use_cache = True  # training turned the cache off; generation wants it
+    generation.save_pretrained(str(out))
+
+
+def _save_merged(
+    module: Any, adapter_dir: Path, merged_dir: Path, tokenizer: Any, chat: ChatFormat | None
+) -> None:
     """LoRA merged into the base: reload base + saved adapter on CPU (what users do), merge, save."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -203,7 +243,7 @@ def _save_merged(module: Any, adapter_dir: Path, merged_dir: Path, tokenizer: An
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=remote)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(merged_dir))
-    tokenizer.save_pretrained(str(merged_dir))
+    _save_chat_files(module, tokenizer, chat, merged_dir)
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

@@ -47,6 +47,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class EvalFailed(RuntimeError):
+    """Generation or BLEU failed after training; what was computed before is on disk."""
+
+
 @dataclass
 class TrainData:
     train_features: list[Any]
@@ -115,29 +119,12 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> torch.nn.Module:
 
 
 def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
-    from launcher.train.data import (
-        BatchOrder,
-        encode_for_training,
-        load_examples,
-        resolve_data_files,
-        truncated_fraction,
-    )
+    from launcher.train.data import BatchOrder, load_and_encode, resolve_data_files, truncated_fraction
 
     train_path, eval_path = resolve_data_files(cfg.data)
-    train_examples = load_examples(train_path, cfg.data.format)[: cfg.data.max_train_examples]
-    eval_examples = load_examples(eval_path, cfg.data.format)[: cfg.data.max_eval_examples]
+    _, train_features = load_and_encode(train_path, cfg, tokenizer, cfg.data.max_train_examples)
+    eval_examples, eval_features = load_and_encode(eval_path, cfg, tokenizer, cfg.data.max_eval_examples)
     t = cfg.training
-
-    def encode(examples: list[Any]) -> list[Any]:
-        return [
-            encode_for_training(
-                ex, tokenizer, cfg.template, t.max_source_length, t.max_target_length, max_length=t.max_length
-            )
-            for ex in examples
-        ]
-
-    train_features = encode(train_examples)
-    eval_features = encode(eval_examples)
     order = BatchOrder(
         lengths=[len(f.input_ids) for f in train_features],
         batch_size=t.per_device_batch_size,
@@ -212,6 +199,7 @@ def run_training(
 ) -> str:
     import deepspeed
 
+    from launcher.templates import chat_format
     from launcher.train.adapters import apply_method
     from launcher.train.data import collate
     from launcher.train.evaluate import bleu_scores, eval_loss, generate_samples
@@ -376,36 +364,60 @@ def run_training(
             engine.destroy()
             return RunState.PREEMPTED.value
 
-    # --- the end: final checkpoint, eval, samples, export, result --------------------------------
+    # --- the end: final checkpoint, eval loss, export, result, then samples and BLEU ----------------
+    # What is computed first is kept first: a failure in generation or BLEU leaves the eval loss, the
+    # export and result.json (with the failure as the run's reason).
     save()
     # Training peak of the whole run (all attempts), before generation adds its KV cache.
     peak = combine_peaks(peak_memory_all_ranks(device), state.peak_memory)
     final_eval_loss = run_eval_loss()
-    samples = generate_samples(engine.module, tokenizer, data.eval_examples, cfg, env.rank, env.world_size)
-    scores: dict[str, float | None] = {}
-    if rank0:
-        from launcher.rundir import to_json
-
-        write_text_atomic(paths.samples_jsonl, "".join(to_json(s, indent=None) + "\n" for s in samples))
-        if samples:
-            scores = dict(bleu_scores(samples, cfg.eval.bleu_tokenize, chatglm_bleu4=cfg.eval.chatglm_bleu4))
+    chat = chat_format(cfg.template, tokenizer)
     export_final(
-        engine.module, cfg.method, tokenizer, paths.final, zero_stage=cfg.resources.zero_stage, is_rank0=rank0
+        engine.module,
+        cfg.method,
+        tokenizer,
+        paths.final,
+        zero_stage=cfg.resources.zero_stage,
+        is_rank0=rank0,
+        chat=chat,
+    )
+    outcome = TrainOutcome(
+        steps=state.global_step,
+        epochs=_epoch_progress(state, batches_per_epoch),
+        tokens=state.tokens,
+        train_time_s=state.train_time_s,
+        world_size=env.world_size,
+        nodes=_node_count(env),
+        gradient_checkpointing=grad_ckpt,
+        truncated_frac=data.truncated_frac,
+        peak=peak,
+        eval_loss=final_eval_loss,
+        scores={},
     )
     if rank0:
-        outcome = TrainOutcome(
-            steps=state.global_step,
-            epochs=_epoch_progress(state, batches_per_epoch),
-            tokens=state.tokens,
-            train_time_s=state.train_time_s,
-            world_size=env.world_size,
-            nodes=_node_count(env),
-            gradient_checkpointing=grad_ckpt,
-            truncated_frac=data.truncated_frac,
-            peak=peak,
-            eval_loss=final_eval_loss,
-            scores=scores,
+        write_result(paths, build_result(cfg, paths, outcome, RunState.RUNNING.value))
+    try:
+        samples = generate_samples(
+            engine.module, tokenizer, data.eval_examples, cfg, env.rank, env.world_size
         )
+        if rank0:
+            from launcher.rundir import to_json
+
+            write_text_atomic(paths.samples_jsonl, "".join(to_json(s, indent=None) + "\n" for s in samples))
+            if samples:
+                outcome.scores.update(
+                    bleu_scores(samples, cfg.eval.bleu_tokenize, chatglm_bleu4=cfg.eval.chatglm_bleu4)
+                )
+    except Exception as exc:
+        failure = EvalFailed(
+            f"eval generation/BLEU failed after training ({type(exc).__name__}: {exc}); the eval loss, "
+            "the export in final/ and result.json are kept"
+        )
+        if rank0:
+            write_result(paths, build_result(cfg, paths, outcome, RunState.FAILED.value, reason=str(failure)))
+            trackers.close(RunState.FAILED.value)
+        raise failure from exc
+    if rank0:
         write_result(paths, build_result(cfg, paths, outcome, RunState.COMPLETED.value))
         trackers.log_final(outcome)
         trackers.close(RunState.COMPLETED.value)

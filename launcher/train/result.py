@@ -48,7 +48,9 @@ def loss_summary(paths: RunPaths) -> tuple[float | None, float | None]:
     return losses[-1], min(losses)
 
 
-def build_result(cfg: RunConfig, paths: RunPaths, outcome: TrainOutcome, state: str) -> dict[str, Any]:
+def build_result(
+    cfg: RunConfig, paths: RunPaths, outcome: TrainOutcome, state: str, reason: str | None = None
+) -> dict[str, Any]:
     res = cfg.resources
     loss_final, loss_min = loss_summary(paths)
     result: dict[str, Any] = {
@@ -84,7 +86,7 @@ def build_result(cfg: RunConfig, paths: RunPaths, outcome: TrainOutcome, state: 
         "seed": cfg.training.seed,
         "swept": cfg.swept,
         "versions": package_versions(),
-        "reason": None,
+        "reason": reason,
     }
     assert set(result) == set(RESULT_KEYS)
     return result
