@@ -63,9 +63,11 @@ class Template:
         last = _fill(self.last, {"i": str(self.first_round + len(history)), "query": query})
         return head + self.render_history(history) + last
 
-    def to_jinja(self) -> str:
+    def to_jinja(self, prefix: str = "", suffix: str = "") -> str:
         """This template as a Jinja chat template: the same text as ``render`` for a conversation ending
-        with a user message, plus the answer when it ends with an assistant message."""
+        with a user message, plus the answer when it ends with an assistant message. ``prefix`` and
+        ``suffix`` go around the prompt (the special tokens a tokenizer adds to plain text: bos, or
+        ChatGLM-6B's [gMASK]<sop> after it)."""
 
         def expr(text: str, names: dict[str, str]) -> str:
             parts = []
@@ -85,6 +87,7 @@ class Template:
         else:
             last = expr(self.last, {"i": f"({self.first_round} + ns.n)", "query": "m['content']"})
         return (
+            "{{ " + json.dumps(prefix, ensure_ascii=False) + " }}"
             "{%- set ns = namespace(last=-1, n=0, history='') -%}"
             "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last = loop.index0 -%}"
             "{%- endif -%}{%- endfor -%}"
@@ -99,7 +102,11 @@ class Template:
                 else "{{ " + turn + " }}"
             )
             + "{%- set ns.n = ns.n + 1 -%}"
-            "{%- elif m['role'] == 'user' -%}{{ " + last + " }}"
+            "{%- elif m['role'] == 'user' -%}{{ "
+            + last
+            + " ~ "
+            + json.dumps(suffix, ensure_ascii=False)
+            + " }}"
             "{%- elif m['role'] == 'assistant' and loop.index0 > ns.last -%}{{ m['content'] }}"
             "{%- endif -%}"
             "{%- endfor -%}"
@@ -272,11 +279,18 @@ class ChatFormat:
         return stops
 
     def chat_template(self) -> str:
-        """The chat template an export carries: the tokenizer's, or this named template as Jinja."""
+        """The chat template an export carries: the tokenizer's, or this named template as Jinja that
+        also writes the special tokens the tokenizer adds to the prompt, so ``apply_chat_template`` on
+        the export gives the ids training saw."""
         if self.uses_chat_template:
             return str(self.tokenizer.chat_template)
         assert self.named is not None
-        return self.named.to_jinja()
+        probe = "1"
+        plain = self.continuation_ids(probe)
+        marked = list(self.tokenizer(probe, add_special_tokens=True)["input_ids"])
+        at = next((i for i in range(len(marked)) if marked[i : i + len(plain)] == plain), 0)
+        decode = self.tokenizer.decode
+        return self.named.to_jinja(decode(marked[:at]), decode(marked[at + len(plain) :]))
 
 
 def _split(messages: Sequence[Message]) -> tuple[str | None, list[tuple[str, str]], str, str | None]:

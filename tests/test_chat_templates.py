@@ -191,3 +191,13 @@ def test_named_templates_as_jinja_render_what_training_renders(name: str) -> Non
         assert fmt.render(CONVERSATIONS[2], add_generation_prompt=False) == (
             "[Round 0]\n问：Hi\n答：Hello\n[Round 1]\n问：Name?\n答：Bob"
         )
+
+
+def test_an_exported_named_template_gives_the_ids_training_saw() -> None:
+    tokenizer = char_tokenizer()  # adds <bos> in front of plain text, as the built-in model's does
+    exported = char_tokenizer(ChatFormat("chatglm", tokenizer).chat_template())
+    for ex in (EX, Example("q", [], "你好", "好")):
+        prompt = conversation(ex.system, ex.history, ex.query)
+        ids = exported.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+        assert ids == encode_prompt(ex, tokenizer, "chatglm", 512)
+        assert exported.convert_ids_to_tokens(ids[0]) == "<bos>"

@@ -68,6 +68,7 @@ def make_run_dir(
     data: dict[str, Any] | None = None,
     max_source_length: int = 48,
     max_target_length: int = 24,
+    eval_settings: dict[str, Any] | None = None,
     **training: Any,
 ) -> RunPaths:
     """A planned run dir (status PLANNED) for the built-in tiny model (or ``model_path``), by default on
@@ -102,7 +103,7 @@ def make_run_dir(
             eval_steps=eval_steps,
             **training,
         ),
-        eval=EvalSpec(max_new_tokens=8, num_samples=4, batch_size=4),
+        eval=EvalSpec(**{"max_new_tokens": 8, "num_samples": 4, "batch_size": 4, **(eval_settings or {})}),
         resources=ResolvedResources(
             nodes=1,
             gpus_per_node=world_size,

@@ -8,6 +8,7 @@ parameter / module names, before anything is trained.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from launcher.spec import FreezeMethod, FullMethod, LoraMethod, MethodSpec, Ptun
 # Freeze with neither layers nor patterns: train the last 2 blocks (LLaMA-Factory's default).
 DEFAULT_FREEZE_LAYERS = 2
 _NAMES_SHOWN = 12
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,10 @@ def _apply_lora(model: nn.Module, method: LoraMethod) -> nn.Module:
         lora_dropout=method.lora_dropout,
         target_modules=targets,
     )
-    return get_peft_model(model, config)  # type: ignore[arg-type]
+    wrapped = get_peft_model(model, config)  # type: ignore[arg-type]
+    names = {name.rsplit(".", 1)[-1] for name in wrapped.targeted_module_names}
+    log.info("lora wraps %d modules: %s", len(wrapped.targeted_module_names), ", ".join(sorted(names)))
+    return wrapped
 
 
 # --- P-Tuning ------------------------------------------------------------------------------------

@@ -203,13 +203,14 @@ def _save_chat_files(module: Any, tokenizer: Any, chat: ChatFormat | None, out: 
     """The tokenizer with the run's chat template, and the generation config with its stop tokens."""
     import copy
 
-    saved = tokenizer.chat_template
-    if chat is not None:
-        tokenizer.chat_template = chat.chat_template()
-    try:
+    if chat is None:
         tokenizer.save_pretrained(str(out))
-    finally:
-        tokenizer.chat_template = saved
+    else:
+        saved, tokenizer.chat_template = tokenizer.chat_template, chat.chat_template()
+        try:
+            tokenizer.save_pretrained(str(out))
+        finally:
+            tokenizer.chat_template = saved
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     generation = getattr(base, "generation_config", None)
     if generation is None:

@@ -409,9 +409,10 @@ def run_training(
                     bleu_scores(samples, cfg.eval.bleu_tokenize, chatglm_bleu4=cfg.eval.chatglm_bleu4)
                 )
     except Exception as exc:
+        what = " ".join(str(exc).split())  # one line: it becomes the run's reason
         failure = EvalFailed(
-            f"eval generation/BLEU failed after training ({type(exc).__name__}: {exc}); the eval loss, "
-            "the export in final/ and result.json are kept"
+            f"eval generation/BLEU failed after training ({type(exc).__name__}: {what}); "
+            "the eval loss, the export in final/ and result.json are kept"
         )
         if rank0:
             write_result(paths, build_result(cfg, paths, outcome, RunState.FAILED.value, reason=str(failure)))
