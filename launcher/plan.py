@@ -35,6 +35,7 @@ from launcher.dsconfig import batch_sizes, render_ds_config
 from launcher.errors import UserError
 from launcher.memory_model import LayoutError, param_layout
 from launcher.methods import describe
+from launcher.preflight import PreflightReport, run_preflight
 from launcher.resources import ResourceProblem, resolve_resources
 from launcher.run_identity import run_id_of
 from launcher.run_status import update_status
@@ -74,6 +75,8 @@ class Plan:
     """Run name -> the model architecture the planner resolved for it (sizes, layer names)."""
     warnings: list[str] = field(default_factory=list)
     """Problems that are not errors here (e.g. data files not on this machine, errors at submit)."""
+    preflight: PreflightReport | None = None
+    """What the pre-flight read (None when it did not run)."""
 
     @property
     def exp(self) -> ExperimentPaths:
@@ -84,12 +87,14 @@ class Plan:
         return [plan_row(run, self.archs[run.name]) for run in self.runs]
 
 
-def load_and_plan(spec_path: Path, *, check_paths: bool = False) -> Plan:
+def load_and_plan(spec_path: Path, *, check_paths: bool = False, preflight: bool | None = None) -> Plan:
     """Load, validate and plan a spec file once; every problem is raised together as a SpecError
     (file:line:col: key: message).
 
     ``check_paths``: model/data/hostfile paths that are not on this machine are errors (submit)
-    instead of warnings (validate, plan). Later stages that read the inputs themselves belong here
+    instead of warnings (validate, plan). ``preflight`` (default: ``check_paths``) reads what is on
+    this machine: the model's config and weight headers, the tokenizer, every data record rendered
+    (launcher.preflight). Later stages that read the inputs themselves belong here
     too, reporting into the same ``problems``.
     """
     spec_path = Path(spec_path)
@@ -98,10 +103,21 @@ def load_and_plan(spec_path: Path, *, check_paths: bool = False) -> Plan:
     spec = validate_spec(data, spec_path, problems, check_paths=check_paths)
     runs: list[RunConfig] = []
     archs: dict[str, ArchInfo] = {}
+    report = None
     if not problems.errors:  # planning a spec with known problems would only repeat them
         runs, archs = plan_runs(spec, spec_path, problems)
+    if (check_paths if preflight is None else preflight) and not problems.errors:
+        # the inputs themselves: weights against the config, the tokenizer, every data record rendered
+        report = run_preflight(runs, archs, problems)
     problems.raise_if_errors()
-    return Plan(spec=spec, spec_path=spec_path, runs=runs, archs=archs, warnings=list(problems.warnings))
+    return Plan(
+        spec=spec,
+        spec_path=spec_path,
+        runs=runs,
+        archs=archs,
+        warnings=list(problems.warnings),
+        preflight=report,
+    )
 
 
 def experiment_paths(spec: JobSpec) -> ExperimentPaths:

@@ -460,8 +460,8 @@ def resolve_path(value: str | None, base_dir: Path) -> str | None:
 def _check_paths(spec: JobSpec, base_dir: Path, problems: Problems, check_paths: bool) -> None:
     report = problems.error if check_paths else problems.warn
     checks: list[tuple[KeyPath, str | None, str]] = [
-        (("data", "train_file"), spec.data.train_file, "file"),
-        (("data", "eval_file"), spec.data.eval_file, "file"),
+        (("data", "train_file"), spec.data.train_file, "data"),
+        (("data", "eval_file"), spec.data.eval_file, "data"),
         (("model", "path"), spec.model.path, "model"),
         (("tokenizer", "path"), spec.tokenizer.path, "dir"),
         (("hostfile",), spec.hostfile, "file"),
@@ -471,7 +471,15 @@ def _check_paths(spec: JobSpec, base_dir: Path, problems: Problems, check_paths:
         if resolved is None:
             continue
         path = Path(resolved)
-        if kind == "file" and not path.is_file():
+        if kind == "data":
+            from launcher.train.records import data_file_problem
+
+            problem = data_file_problem(path)
+            if not path.exists():
+                report(where, f"{resolved} does not exist on this machine", prefer_value=True)
+            elif problem is not None:  # a directory, an unknown file type: wrong on any machine
+                problems.error(where, problem, prefer_value=True)
+        elif kind == "file" and not path.is_file():
             report(where, f"{resolved} does not exist on this machine", prefer_value=True)
         elif kind == "dir" and not path.is_dir():
             report(where, f"directory {resolved} does not exist on this machine", prefer_value=True)

@@ -83,7 +83,7 @@ def print_table(rows: list[dict[str, Any]], title: str, gpu_mem_gib: float, *, w
 def run(args: argparse.Namespace) -> int:
     from launcher.plan import load_and_plan, write_run_dirs
 
-    plan = load_and_plan(args.spec)
+    plan = load_and_plan(args.spec, preflight=True)
     spec = plan.spec
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)

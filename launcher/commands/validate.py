@@ -27,4 +27,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     methods = sorted({r.method.method for r in runs})
     print(f"{args.spec}: ok ({len(runs)} run{'s' if len(runs) != 1 else ''}: {', '.join(methods)})")
+    report = plan.preflight
+    if report is not None:
+        remembered = f", {report.cached} unchanged since their last check" if report.cached else ""
+        print(
+            f"pre-flight: {report.records:,} records read and rendered in {report.seconds:.1f} s{remembered}"
+        )
     return 0
