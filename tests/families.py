@@ -109,6 +109,15 @@ class Family:
     """The attention projections a user names for LoRA on this family."""
 
 
+# GLM-4-9B-chat-hf and GLM-4-0414 share the tokenizer and the chat format
+GLM4_CHAT: dict[str, Any] = {
+    "specials": GLM4_SPECIALS,
+    "eos": "<|endoftext|>",
+    "pad": "<|endoftext|>",
+    "chat_template": GLM4,
+    "generation_eos": ("<|user|>", "<|observation|>"),
+    "lora_attention": ("q_proj", "v_proj"),
+}
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -151,24 +160,9 @@ FAMILIES: dict[str, Family] = {
             "glm4",
             "GlmConfig",
             {"num_key_value_heads": 2, "head_dim": 24, "attention_bias": True},
-            GLM4_SPECIALS,
-            eos="<|endoftext|>",
-            pad="<|endoftext|>",
-            chat_template=GLM4,
-            generation_eos=("<|user|>", "<|observation|>"),
-            lora_attention=("q_proj", "v_proj"),
+            **GLM4_CHAT,
         ),
-        Family(
-            "glm4-0414",
-            "Glm4Config",
-            {"num_key_value_heads": 2, "head_dim": 16},
-            GLM4_SPECIALS,
-            eos="<|endoftext|>",
-            pad="<|endoftext|>",
-            chat_template=GLM4,
-            generation_eos=("<|user|>", "<|observation|>"),
-            lora_attention=("q_proj", "v_proj"),
-        ),
+        Family("glm4-0414", "Glm4Config", {"num_key_value_heads": 2, "head_dim": 16}, **GLM4_CHAT),
         Family(
             "phi3",
             "Phi3Config",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.run_status import update_status
+from launcher.run_status import failure_reason, record_failure, update_status
 from launcher.rundir import RunPaths, RunState, append_jsonl, iter_jsonl, write_text_atomic
 from launcher.spec import RunConfig
 from launcher.train import checkpoint as ckpt
@@ -414,8 +414,10 @@ def run_training(
             f"eval generation/BLEU failed after training ({type(exc).__name__}: {what}); "
             "the eval loss, the export in final/ and result.json are kept"
         )
-        if rank0:
-            write_result(paths, build_result(cfg, paths, outcome, RunState.FAILED.value, reason=str(failure)))
+        if rank0:  # the run's reason: the attempt's earliest failure (another rank's, when it came first)
+            first = record_failure(paths, env.rank, failure_reason(failure))
+            reason = first.reason if first is not None else str(failure)
+            write_result(paths, build_result(cfg, paths, outcome, RunState.FAILED.value, reason=reason))
             trackers.close(RunState.FAILED.value)
         raise failure from exc
     if rank0:
