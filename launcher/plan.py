@@ -35,6 +35,7 @@ from launcher.dsconfig import batch_sizes, render_ds_config
 from launcher.errors import UserError
 from launcher.memory_model import LayoutError, param_layout
 from launcher.methods import describe
+from launcher.overrides import apply_overrides
 from launcher.preflight import PreflightReport, run_preflight
 from launcher.resources import ResourceProblem, resolve_resources
 from launcher.run_identity import run_id_of
@@ -77,6 +78,10 @@ class Plan:
     """Problems that are not errors here (e.g. data files not on this machine, errors at submit)."""
     preflight: PreflightReport | None = None
     """What the pre-flight read (None when it did not run)."""
+    overrides: tuple[str, ...] = ()
+    """The command line's KEY=VALUE overrides applied to the file."""
+    effective: dict[str, Any] | None = None
+    """The spec data with the overrides applied (what <experiment>/spec.yaml records); None: the file."""
 
     @property
     def exp(self) -> ExperimentPaths:
@@ -87,7 +92,13 @@ class Plan:
         return [plan_row(run, self.archs[run.name]) for run in self.runs]
 
 
-def load_and_plan(spec_path: Path, *, check_paths: bool = False, preflight: bool | None = None) -> Plan:
+def load_and_plan(
+    spec_path: Path,
+    *,
+    check_paths: bool = False,
+    preflight: bool | None = None,
+    overrides: Sequence[str] = (),
+) -> Plan:
     """Load, validate and plan a spec file once; every problem is raised together as a SpecError
     (file:line:col: key: message).
 
@@ -96,10 +107,15 @@ def load_and_plan(spec_path: Path, *, check_paths: bool = False, preflight: bool
     this machine: the model's config and weight headers, the tokenizer, every data record rendered
     (launcher.preflight). Later stages that read the inputs themselves belong here
     too, reporting into the same ``problems``.
+
+    ``overrides``: ``KEY=VALUE`` from the command line (launcher.overrides), applied to the loaded data
+    before anything is checked; their problems point at them (``<override 2>: ...``).
     """
     spec_path = Path(spec_path)
     data, source = load_yaml_file(spec_path)
     problems = Problems(source, str(spec_path))
+    if overrides and isinstance(data, dict):
+        data = apply_overrides(data, source, overrides, problems)
     spec = validate_spec(data, spec_path, problems, check_paths=check_paths)
     runs: list[RunConfig] = []
     archs: dict[str, ArchInfo] = {}
@@ -117,6 +133,8 @@ def load_and_plan(spec_path: Path, *, check_paths: bool = False, preflight: bool
         archs=archs,
         warnings=list(problems.warnings),
         preflight=report,
+        overrides=tuple(overrides),
+        effective=data if overrides else None,
     )
 
 
@@ -386,6 +404,23 @@ def _existing_run_id(path: Path, planned_id: str) -> str:
         return stored
 
 
+def effective_spec_text(plan: Plan) -> str:
+    """What ``<experiment>/spec.yaml`` records: the spec file as written, or with overrides the
+    effective spec (the file's data with them applied) under a comment that lists them."""
+
+    def dump(data: Any) -> str:
+        return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+    if plan.effective is not None:
+        lines = [f"# {plan.spec_path} with {len(plan.overrides)} command-line override(s):"]
+        lines += [f"#   {text!r}" if not text.isprintable() else f"#   {text}" for text in plan.overrides]
+        return "\n".join(lines) + "\n" + dump(plan.effective)
+    try:
+        return plan.spec_path.read_text(encoding="utf-8")
+    except OSError:
+        return dump(plan.spec.model_dump(mode="json"))
+
+
 def write_run_dirs(
     plan: Plan, runs: Sequence[RunConfig] | None = None, *, force: bool = False
 ) -> ExperimentPaths:
@@ -418,10 +453,7 @@ def write_run_dirs(
         )
     # Render everything before writing anything: a failure must leave nothing half-written.
     rendered = [(run, render_ds_config(run, plan.archs[run.name].hidden_size)) for run in runs]
-    try:
-        spec_text = spec_path.read_text(encoding="utf-8")
-    except OSError:
-        spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    spec_text = effective_spec_text(plan)
     exp.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(exp.spec_yaml, spec_text)
     write_json_atomic(

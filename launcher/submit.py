@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -213,6 +213,7 @@ def _cancel_in_flight(exp: ExperimentPaths, names: set[str]) -> None:
 def submit_spec(
     spec_path: Path,
     *,
+    overrides: Sequence[str] = (),
     backend_name: str | None = None,
     dry_run: bool = False,
     only: list[str] | None = None,
@@ -231,7 +232,7 @@ def submit_spec(
         console = Console()
         if not console.is_terminal:  # piped / CI log: don't fold the tables into 80 columns
             console = Console(width=240)
-    plan = load_and_plan(spec_path, check_paths=True)
+    plan = load_and_plan(spec_path, check_paths=True, overrides=overrides)
     selected = select_runs(plan.runs, only)
     exp = plan.exp
     if backend is None:

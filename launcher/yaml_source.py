@@ -25,6 +25,9 @@ class Mark:
 
     line: int
     col: int
+    origin: str | None = None
+    """Set when the value came from elsewhere (a command-line override, launcher.overrides): errors name it
+    instead of a file position."""
 
 
 @dataclass
@@ -52,7 +55,7 @@ class SourceMap:
 
     def where(self, path: Sequence[str | int], *, prefer_value: bool = False) -> str:
         m = self.mark(path, prefer_value=prefer_value)
-        return f"{self.file}:{m.line}:{m.col}"
+        return m.origin or f"{self.file}:{m.line}:{m.col}"
 
 
 def format_path(path: Sequence[str | int]) -> str:

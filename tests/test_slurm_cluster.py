@@ -304,16 +304,23 @@ def test_preflight_refuses_what_the_cluster_cannot_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_demo_runs_on_the_test_cluster(tmp_path: Path, tiny_ready: None) -> None:
-    """`launcher submit jobs/demo.yaml --backend slurm`, shortened to a few steps: all four methods
-    (1-rank array and the 2-rank ZeRO-3 offload job, CPUs per rank from sinfo), then the collector."""
-    demo = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
-    demo["output_dir"] = str(tmp_path / "out")
-    demo["training"].update(max_steps=2, logging_steps=1, save_steps=1000, eval_steps=None)
-    demo["data"].update(max_train_examples=32, max_eval_examples=4)
-    demo["eval"].update(num_samples=4, max_new_tokens=8)
-    spec = tmp_path / "demo.yaml"
-    spec.write_text(yaml.safe_dump(demo, sort_keys=False, allow_unicode=True))
-    proc = launcher_cli("submit", str(spec), "--backend", "slurm", cwd=tmp_path)
+    """`launcher submit jobs/demo.yaml --backend slurm`, shortened by command-line overrides to a few
+    steps: all four methods (1-rank array and the 2-rank ZeRO-3 offload job, CPUs per rank from sinfo),
+    then the collector."""
+    shorter = [
+        f"output_dir={tmp_path / 'out'}",
+        "training.max_steps=2",
+        "training.logging_steps=1",
+        "training.save_steps=1000",
+        "training.eval_steps=null",
+        "data.max_train_examples=32",
+        "data.max_eval_examples=4",
+        "eval.num_samples=4",
+        "eval.max_new_tokens=8",
+    ]
+    proc = launcher_cli(
+        "submit", str(REPO / "jobs" / "demo.yaml"), *shorter, "--backend", "slurm", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     exp = ExperimentPaths(tmp_path / "out" / "demo")
     names = ["freeze", "ptuning", "lora", "full"]
@@ -327,6 +334,7 @@ def test_the_demo_runs_on_the_test_cluster(tmp_path: Path, tiny_ready: None) -> 
     wait_for(ended, 420, "the demo's runs to end")
     assert {n: state_of(exp, n) for n in names} == {n: "COMPLETED" for n in names}, diagnostics(exp)
     assert "STARTING" in seen  # written by the Slurm task while the ranks load
+    assert "#   training.max_steps=2\n" in exp.spec_yaml.read_text()  # the effective spec is recorded
     wait_for(exp.summary_json.is_file, 120, "the collector's table")
     assert read_json(exp.run("full").result_json)["world_size"] == 2
     scripts = [p.read_text() for p in (exp.logs / "slurm").glob("*_submission.sh")]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launcher.commands import add_overrides
 from launcher.fit_table import ALWAYS, Column, print_fitted
 
 HELP = "show the runs a spec expands to, their resources and estimated GPU memory (--write: run dirs)"
@@ -15,6 +16,7 @@ HELP = "show the runs a spec expands to, their resources and estimated GPU memor
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", type=Path, help="the job spec (jobs/*.yaml)")
+    add_overrides(parser)
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per run instead of the table"
     )
@@ -83,7 +85,7 @@ def print_table(rows: list[dict[str, Any]], title: str, gpu_mem_gib: float, *, w
 def run(args: argparse.Namespace) -> int:
     from launcher.plan import load_and_plan, write_run_dirs
 
-    plan = load_and_plan(args.spec, preflight=True)
+    plan = load_and_plan(args.spec, preflight=True, overrides=args.overrides)
     spec = plan.spec
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)

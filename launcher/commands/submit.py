@@ -6,12 +6,14 @@ import argparse
 from pathlib import Path
 
 from launcher.backends.registry import BACKEND_NAMES
+from launcher.commands import add_overrides
 
 HELP = "submit a spec's runs (Slurm arrays, local processes or DeepSpeed's hostfile launcher)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", type=Path, help="the job spec (jobs/*.yaml)")
+    add_overrides(parser)
     parser.add_argument(
         "--backend",
         choices=BACKEND_NAMES,
@@ -45,11 +47,15 @@ def run(args: argparse.Namespace) -> int:
     from launcher.rundir import RunState
     from launcher.submit import submit_spec
 
+    # `--only lora training.max_steps=4`: --only takes every word after it, but no run name has a '='.
+    only = [name for name in args.only or [] if "=" not in name] or None
+    overrides = [*args.overrides, *(word for word in args.only or [] if "=" in word)]
     outcome = submit_spec(
         args.spec,
+        overrides=overrides,
         backend_name=args.backend,
         dry_run=args.dry_run,
-        only=args.only,
+        only=only,
         retry_failed=args.retry_failed,
         force=args.force,
         hostfile=args.hostfile,

@@ -6,11 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from launcher.commands import add_overrides
+
 HELP = "check a job spec: every problem at once, with file:line, the key and the fix (exit 2 if any)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", type=Path, help="the job spec (jobs/*.yaml)")
+    add_overrides(parser)
     parser.add_argument(
         "--check-paths",
         action="store_true",
@@ -21,12 +24,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from launcher.plan import load_and_plan
 
-    plan = load_and_plan(args.spec, check_paths=args.check_paths)
+    plan = load_and_plan(args.spec, check_paths=args.check_paths, overrides=args.overrides)
     runs = plan.runs
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     methods = sorted({r.method.method for r in runs})
-    print(f"{args.spec}: ok ({len(runs)} run{'s' if len(runs) != 1 else ''}: {', '.join(methods)})")
+    given = f" with {len(args.overrides)} override(s)" if args.overrides else ""
+    print(f"{args.spec}{given}: ok ({len(runs)} run{'s' if len(runs) != 1 else ''}: {', '.join(methods)})")
     report = plan.preflight
     if report is not None:
         remembered = f", {report.cached} unchanged since their last check" if report.cached else ""
