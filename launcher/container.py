@@ -18,7 +18,6 @@ Every piece is one argv word (quoted by the caller); nothing here is raw shell.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launcher.cache import CACHE_ENV, cache_dir
-from launcher.errors import UserError
+from launcher.errors import CONTROL_CHARS, UserError, shown
 
 if TYPE_CHECKING:
     from launcher.spec import ClusterSpec, ContainerSpec, RunConfig
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
 APPTAINER = "apptainer"
 CONTAINER_PYTHON = "python3"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # srun options the launcher sets itself (logs, the container) or that would break one-rank-per-task.
 RESERVED_SRUN_OPTIONS = frozenset(
     {
@@ -51,10 +49,6 @@ RESERVED_SRUN_OPTIONS = frozenset(
         "container-env",
     }
 )
-
-
-def _describe(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
 
 
 def rank_python(cluster: ClusterSpec) -> str:
@@ -162,13 +156,13 @@ def env_exports(cluster: ClusterSpec, runs: Sequence[RunConfig]) -> list[str]:
 def container_problems(cluster: ClusterSpec) -> list[str]:
     """What in cluster.container / python / srun_args cannot become safe argv words (empty when fine)."""
     problems: list[str] = []
-    if cluster.python is not None and (not cluster.python.strip() or _CONTROL.search(cluster.python)):
-        problems.append(f"cluster.python: {_describe(cluster.python)} is not an interpreter name or path")
+    if cluster.python is not None and (not cluster.python.strip() or CONTROL_CHARS.search(cluster.python)):
+        problems.append(f"cluster.python: {shown(cluster.python)} is not an interpreter name or path")
     for i, arg in enumerate(cluster.srun_args):
         name = arg.lstrip("-").split("=", 1)[0]
-        if not arg.startswith("-") or _CONTROL.search(arg):
+        if not arg.startswith("-") or CONTROL_CHARS.search(arg):
             problems.append(
-                f"cluster.srun_args[{i}]: {_describe(arg)} is not an srun option; give one option per "
+                f"cluster.srun_args[{i}]: {shown(arg)} is not an srun option; give one option per "
                 "item, e.g. --mpi=pmix"
             )
         elif name in RESERVED_SRUN_OPTIONS:
@@ -177,19 +171,19 @@ def container_problems(cluster: ClusterSpec) -> list[str]:
     container = cluster.container
     if container is None:
         return problems
-    if not container.image.strip() or _CONTROL.search(container.image):
-        problems.append(f"cluster.container.image: {_describe(container.image)} is not an image")
+    if not container.image.strip() or CONTROL_CHARS.search(container.image):
+        problems.append(f"cluster.container.image: {shown(container.image)} is not an image")
     for i, mount in enumerate(container.mounts):
         src, dst, _ = _split_mount(mount)
-        if "," in mount or _CONTROL.search(mount) or not src.startswith("/") or not dst.startswith("/"):
+        if "," in mount or CONTROL_CHARS.search(mount) or not src.startswith("/") or not dst.startswith("/"):
             problems.append(
-                f"cluster.container.mounts[{i}]: {_describe(mount)} is not SRC[:DST[:FLAGS]] with absolute "
+                f"cluster.container.mounts[{i}]: {shown(mount)} is not SRC[:DST[:FLAGS]] with absolute "
                 "paths (no commas)"
             )
     for name, value in container.env.items():
         if not _ENV_NAME.match(name):
-            problems.append(f"cluster.container.env: {_describe(name)} is not an environment variable name")
-        elif _CONTROL.search(env_text(value)):
+            problems.append(f"cluster.container.env: {shown(name)} is not an environment variable name")
+        elif CONTROL_CHARS.search(env_text(value)):
             problems.append(
                 f"cluster.container.env.{name}: the value contains a newline or control character"
             )

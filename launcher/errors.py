@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import errno
+import json
+import re
 
 USAGE_EXIT_CODE = 2
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+"""Newlines and other control characters: never safe in a script line or an argv word we print."""
+
+
+def shown(value: str) -> str:
+    """A user's string as an error message shows it: quoted, with newlines and the like visible."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 class UserError(Exception):

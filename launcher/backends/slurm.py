@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import re
 import shlex
 import subprocess
@@ -32,7 +31,7 @@ from launcher.backends.base import SubmittedRun
 from launcher.backends.slurm_preflight import PreflightProblem, Request, check_request, query_partitions
 from launcher.backends.slurm_queries import Runner, run_query
 from launcher.container import container_problems, env_exports, interpreter_argv, srun_container_args
-from launcher.errors import UserError
+from launcher.errors import CONTROL_CHARS, UserError, shown
 from launcher.run_status import read_status, update_status
 from launcher.rundir import ExperimentPaths, RunState
 
@@ -77,7 +76,6 @@ _OPTION_NAME = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+(?:,[A-Za-z0-9_.+-]+)*$")
 # Node features: names combined with & | , * [ ] ( ) and counts.
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,&|*\[\]():!=+-]+$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The environment every rank gets: flush logs at once, NCCL errors surface instead of hanging.
 NCCL_ENV_SETUP: tuple[str, ...] = (
     "export PYTHONUNBUFFERED=1",
@@ -90,10 +88,6 @@ NCCL_ENV_SETUP: tuple[str, ...] = (
 # --- validation of spec strings ------------------------------------------------------------------
 
 
-def _describe(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
 def cluster_problems(cluster: ClusterSpec) -> list[str]:
     """Everything in ``cluster:`` that cannot safely become an sbatch option (empty when all is well)."""
     problems: list[str] = []
@@ -101,19 +95,19 @@ def cluster_problems(cluster: ClusterSpec) -> list[str]:
         value = getattr(cluster, key)
         if value is not None and not _SLURM_NAME.match(value):
             problems.append(
-                f"cluster.{key}: {_describe(value)} is not a Slurm name "
+                f"cluster.{key}: {shown(value)} is not a Slurm name "
                 "(letters, digits, _ . + - and commas between names)"
             )
     if cluster.constraint is not None and not _CONSTRAINT.match(cluster.constraint):
         problems.append(
-            f"cluster.constraint: {_describe(cluster.constraint)} is not a Slurm feature expression "
+            f"cluster.constraint: {shown(cluster.constraint)} is not a Slurm feature expression "
             "(feature names joined by & | , with [ ] ( ) * and no spaces)"
         )
     for key, value in cluster.extra_sbatch.items():
         name = key.replace("_", "-")
         if not _OPTION_NAME.match(key):
             problems.append(
-                f"cluster.extra_sbatch: {_describe(key)} is not an sbatch option name "
+                f"cluster.extra_sbatch: {shown(key)} is not an sbatch option name "
                 "(write it without dashes, e.g. reservation, mail-type)"
             )
         elif name in RESERVED_SBATCH_OPTIONS:
@@ -121,9 +115,9 @@ def cluster_problems(cluster: ClusterSpec) -> list[str]:
                 f"cluster.extra_sbatch.{key}: the launcher sets --{name} itself; "
                 "use the matching cluster/resources key instead"
             )
-        if isinstance(value, str) and _CONTROL.search(value):
+        if isinstance(value, str) and CONTROL_CHARS.search(value):
             problems.append(
-                f"cluster.extra_sbatch.{key}: {_describe(value)} contains a newline or control character"
+                f"cluster.extra_sbatch.{key}: {shown(value)} contains a newline or control character"
             )
     if cluster.signal_delay_s >= cluster.time_min * 60:
         problems.append(
@@ -133,9 +127,9 @@ def cluster_problems(cluster: ClusterSpec) -> list[str]:
         )
     problems += container_problems(cluster)
     for number, line in enumerate(cluster.setup, start=1):
-        if _CONTROL.search(line.replace("\t", " ")):
+        if CONTROL_CHARS.search(line.replace("\t", " ")):
             problems.append(
-                f"cluster.setup[{number}]: {_describe(line)} contains a newline or control character; "
+                f"cluster.setup[{number}]: {shown(line)} contains a newline or control character; "
                 "give one shell line per list item"
             )
     return problems
@@ -145,10 +139,10 @@ def path_problems(label: str, path: Path) -> list[str]:
     """A path used in #SBATCH lines and srun arguments: quoting handles spaces and quotes, not these."""
     text = str(path)
     problems = []
-    if _CONTROL.search(text):
-        problems.append(f"{label}: {_describe(text)} contains a newline or control character")
+    if CONTROL_CHARS.search(text):
+        problems.append(f"{label}: {shown(text)} contains a newline or control character")
     if "%" in text:
-        problems.append(f"{label}: {_describe(text)} contains '%', which sbatch expands in log file names")
+        problems.append(f"{label}: {shown(text)} contains '%', which sbatch expands in log file names")
     return problems
 
 
