@@ -145,11 +145,21 @@ def test_submit_takes_overrides_after_only(tmp_path: Path, monkeypatch: pytest.M
     assert run["training"]["max_steps"] == 2
 
 
-def test_yaml_typing_is_the_files() -> None:
-    """`1e-4` is a number on the command line as in the file (YAML 1.2's floats); so sweep values
-    name their runs lr1e-4, not lr1e4."""
-    plan = plan_with("training.learning_rate=1e-4", "sweep.grid.method.r=[4, 8]", "methods=[{method: lora}]")
-    assert {r.training.learning_rate for r in plan.runs} == {1e-4}
-    plan = plan_with("sweep.grid.training.learning_rate=[1e-4, 2e-4]", "methods=[{method: lora}]")
-    assert [r.name for r in plan.runs] == ["lora-lr1e-4", "lora-lr2e-4"]
-    assert [r.training.learning_rate for r in plan.runs] == [1e-4, 2e-4]
+def test_an_override_reads_values_as_the_file_does(tmp_path: Path) -> None:
+    """Values are YAML read by the spec file's own loader (one rule for number-looking values such as
+    1e-4): an override gives exactly the runs the same value in the file gives."""
+    from launcher.overrides import parse_value
+
+    base = yaml.safe_load(DEMO.read_text())
+    base["methods"] = [{"method": "lora"}]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(base))
+    swept = tmp_path / "swept.yaml"
+    swept.write_text(plain.read_text() + "sweep:\n  grid:\n    training.learning_rate: [1e-4, 2e-4]\n")
+    from_file = load_and_plan(swept).runs
+    from_override = load_and_plan(plain, overrides=["sweep.grid.training.learning_rate=[1e-4, 2e-4]"]).runs
+    assert [(r.name, r.run_id) for r in from_override] == [(r.name, r.run_id) for r in from_file]
+    assert [r.training.learning_rate for r in from_override] == [1e-4, 2e-4]
+    lr = load_and_plan(plain, overrides=["training.learning_rate=1e-4"]).runs[0].training.learning_rate
+    assert lr == 1e-4
+    assert parse_value("[0.5, 3, true, null, '7', a b]", 1) == [0.5, 3, True, None, "7", "a b"]
