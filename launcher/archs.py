@@ -74,12 +74,6 @@ class ArchInfo:
                 yield f"{self.layer_prefix}.{i}.{name}", numel
         yield from self.other_params[self.leading_params :]
 
-    def linear_modules(self) -> Iterator[tuple[str, Linear]]:
-        """(full module name, shape) of every linear layer inside the transformer layers."""
-        for i in range(self.num_layers):
-            for lin in self.layer_linears:
-                yield f"{self.layer_prefix}.{i}.{lin.name}", lin
-
     def lora_linears(self, targets: list[str] | str) -> tuple[Linear, ...]:
         """The linear layers of one transformer layer LoRA wraps for ``target_modules``: peft's match
         (the module name or its dotted suffix), or every one for ``all-linear`` (the LM head is outside

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from launcher import __version__
-from launcher.errors import UserError
+from launcher.errors import DiskFullError, UserError
 
 # A reader that goes away (`launcher status --json | head`) ends the command as SIGPIPE would.
 BROKEN_PIPE_EXIT_CODE = 128 + int(signal.SIGPIPE)
@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except DiskFullError as exc:  # e.g. writing run dirs: the file it could not write, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

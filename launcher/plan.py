@@ -58,7 +58,7 @@ from launcher.spec import (
     TokenizerSpec,
     TrainingSpec,
 )
-from launcher.spec_check import resolve_path, validate_spec
+from launcher.spec_check import name_too_long, resolve_path, validate_spec
 from launcher.sweep import RunPlan, expand
 from launcher.yaml_source import Problems, load_yaml_file
 
@@ -206,6 +206,27 @@ def _absolute_paths(config: dict[str, Any], base_dir: Path) -> None:
         config["data"][key] = resolve_path(config["data"].get(key), base_dir)
 
 
+def _duplicate_name(problems: Problems, plan: RunPlan, first: RunPlan) -> None:
+    """Two runs got one name: from two methods (they need distinct `name:`s), or from one method's
+    sweep values that are written the same way in a name (launcher.sweep.format_value)."""
+    where_method: tuple[str | int, ...] = ("methods", plan.method_index)
+    if first.method_index != plan.method_index:
+        problems.error(
+            problems.first_present((*where_method, "name"), where_method),
+            f"duplicate run name {plan.name!r} (also produced by methods[{first.method_index}]); "
+            "give the methods distinct `name:` values",
+        )
+        return
+    differ = {k: (first.swept.get(k), v) for k, v in plan.swept.items() if first.swept.get(k) != v}
+    shown = "; ".join(f"{k}: {a!r} and {b!r}" for k, (a, b) in differ.items())
+    key = next(iter(differ), "")
+    problems.error(
+        problems.first_present(("sweep", "grid", key), ("sweep", "zip", key), where_method),
+        f"duplicate run name {plan.name!r}: the sweep values {shown} are written the same way in a "
+        "run name; use values that differ there (e.g. 1e-4 and 2e-4)",
+    )
+
+
 def _resource_key_path(problems: Problems, plan: RunPlan, key: str) -> tuple[str | int, ...]:
     """Where the value a resource problem is about was written: the method, the top level, or training."""
     parts = tuple(key.split("."))
@@ -248,7 +269,7 @@ def plan_runs(
     runs: list[RunConfig] = []
     archs: dict[str, ArchInfo] = {}
     arch_cache: dict[str, tuple[ArchInfo | None, str | None, str | None]] = {}
-    seen: dict[str, int] = {}
+    seen: dict[str, RunPlan] = {}
     for plan in expand(spec):
         config = plan.config
         _absolute_paths(config, base_dir)
@@ -291,14 +312,14 @@ def plan_runs(
         except ResourceProblem as exc:
             per_run.add(_resource_key_path(problems, plan, exc.key), plan.name, str(exc))
             continue
-        if plan.name in seen:
-            problems.error(
-                problems.first_present((*where_method, "name"), where_method),
-                f"duplicate run name {plan.name!r} (also produced by methods[{seen[plan.name]}]); "
-                "give the methods distinct `name:` values",
-            )
+        if too_long := name_too_long(plan.name):
+            where_name = problems.first_present((*where_method, "name"), where_method)
+            problems.error(where_name, f"run {too_long}; shorten the method's name or sweep fewer keys")
             continue
-        seen[plan.name] = plan.method_index
+        if plan.name in seen:
+            _duplicate_name(problems, plan, seen[plan.name])
+            continue
+        seen[plan.name] = plan
         run = RunConfig(
             experiment=spec.experiment,
             name=plan.name,

@@ -312,6 +312,15 @@ def tail_lines(path: Path, max_bytes: int) -> list[str]:
     return lines[1:] if size > max_bytes else lines
 
 
+def file_fingerprint(path: Path) -> list[int] | None:
+    """[size, mtime in ns]: whether a file changed since a cache read it (None: no such file)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 # --- time ---------------------------------------------------------------------------------------
 
 

@@ -19,12 +19,15 @@ BuiltinData = Literal["dialogue", "spo"]
 DataFormat = Literal["auto", "chatglm", "alpaca", "sharegpt", "messages"]
 BackendName = Literal["slurm", "local", "hostfile"]
 METHOD_NAMES: tuple[str, ...] = ("freeze", "ptuning", "lora", "full")
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+"""What numpy and torch accept as a seed."""
 
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors (a typo must never be silently ignored)."""
+    """Unknown keys are errors (a typo must never be silently ignored); values are taken as written
+    (``max_steps: true`` is not 1 step, ``"1e-4"`` is not a number) and numbers are finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(StrictModel):
@@ -79,7 +82,7 @@ class TrainingSpec(StrictModel):
     max_length: int | None = Field(default=None, ge=2)
     """Cap on source+target tokens; defaults to their sum."""
     group_by_length: bool = False
-    seed: int = 42
+    seed: Seed = 42
     precision: Precision = "bf16"
     gradient_checkpointing: bool | None = None
     """None: the resource policy decides (on for full training)."""
@@ -165,7 +168,7 @@ class SweepSpec(StrictModel):
     """Cartesian product over dotted keys."""
     zip: dict[str, list[Any]] = Field(default_factory=dict)
     """Lists of equal length varied together (e.g. source length with target length and batch)."""
-    seeds: list[int] | None = None
+    seeds: list[Seed] | None = Field(default=None, min_length=1)
     """Repeat every configuration with each seed (the collector groups them: mean and std)."""
 
 

@@ -13,6 +13,7 @@ by launcher.plan, into the same problem list: ``launcher.plan.load_and_plan`` ru
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import types
 import typing
@@ -27,6 +28,9 @@ from launcher.sweep import SECTIONS, base_config, method_has_field, set_dotted, 
 from launcher.yaml_source import KeyPath, Problems
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# File systems allow 255 bytes per name; the launcher adds up to 23 (`replaced/<run>-<utc time>`, the
+# `.<name>.<random>.tmp` of an atomic write), and job names are cut at 100 anyway.
+MAX_NAME_CHARS = 200
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
@@ -230,6 +234,16 @@ def _report(
 # --- semantic checks --------------------------------------------------------------------------------
 
 
+def name_too_long(name: str) -> str | None:
+    """Why ``name`` cannot be a directory name here (None when it can)."""
+    if len(name.encode("utf-8")) > MAX_NAME_CHARS:
+        return (
+            f"{name[:40]}... is {len(name)} characters; names become directory names, at most "
+            f"{MAX_NAME_CHARS} here"
+        )
+    return None
+
+
 def _check_names(spec: JobSpec, problems: Problems) -> None:
     if not SAFE_NAME.match(spec.experiment):
         problems.error(
@@ -237,6 +251,8 @@ def _check_names(spec: JobSpec, problems: Problems) -> None:
             f"{spec.experiment!r} is used as a directory name: letters, digits, '.', '_' and '-' only",
             prefer_value=True,
         )
+    elif too_long := name_too_long(spec.experiment):
+        problems.error(("experiment",), too_long, prefer_value=True)
     seen: dict[str, int] = {}
     for i, method in enumerate(spec.methods):
         base = method.name or method.method
@@ -245,6 +261,8 @@ def _check_names(spec: JobSpec, problems: Problems) -> None:
             problems.error(
                 where, f"{method.name!r}: letters, digits, '.', '_' and '-' only", prefer_value=True
             )
+        elif method.name is not None and (too_long := name_too_long(method.name)):
+            problems.error(where, too_long, prefer_value=True)
         if base in seen:
             problems.error(
                 where,
@@ -500,9 +518,36 @@ def _check_logging(spec: JobSpec, problems: Problems) -> None:
         problems.error(("logging", tracker), hint)
 
 
+def _check_output_dir(spec: JobSpec, problems: Problems) -> None:
+    """The experiment directory must be creatable and writable here: found at validate, not as a
+    traceback at `plan --write` or submit. Relative output_dir: relative to the current directory."""
+    target = (Path(spec.output_dir).expanduser() / spec.experiment).absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    where = problems.first_present(("output_dir",), ("experiment",))
+    if not existing.is_dir():
+        problems.error(where, f"{existing} is a file, so {target} cannot be created; change output_dir")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only(existing) else "no write permission"
+        problems.error(
+            where,
+            f"cannot write in {existing} ({why}), where {target} would be created; "
+            "choose an output_dir you can write",
+        )
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def check_spec(spec: JobSpec, spec_path: Path, problems: Problems, *, check_paths: bool) -> None:
     """Semantic checks of a schema-valid spec (the plan's own checks come after, in launcher.plan)."""
     _check_names(spec, problems)
+    _check_output_dir(spec, problems)
     _check_model_data(spec, problems)
     _check_methods(spec, problems)
     _check_sweep(spec, problems)

@@ -7,6 +7,7 @@ exact line a user has to edit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,9 +113,21 @@ def _duplicate_keys(node: yaml.Node, path: KeyPath, file: str, problems: list[st
             _duplicate_keys(item, (*path, index), file, problems)
 
 
+class SpecLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` plus YAML 1.2's floats: PyYAML follows YAML 1.1, where a float needs a dot,
+    so ``1e-4`` (as everyone writes a learning rate) would be the string "1e-4"."""
+
+
+SpecLoader.add_implicit_resolver(  # copies SafeLoader's resolvers first: safe_load is unchanged
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_yaml_with_positions(text: str, file: str) -> tuple[Any, SourceMap]:
-    """Parse one YAML document with SafeLoader; returns (data, positions). Syntax errors -> SpecError."""
-    loader = yaml.SafeLoader(text)
+    """Parse one YAML document with SpecLoader; returns (data, positions). Syntax errors -> SpecError."""
+    loader = SpecLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:

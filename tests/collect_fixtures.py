@@ -1,4 +1,4 @@
-"""Hand-made run dirs per the run-dir contract (BRIEFING), for the collector and review tests.
+"""Hand-made run dirs per the run-dir contract (docs/run_directory.md), for the collector and review tests.
 
 ``make_run`` writes a real ``run.yaml`` (a validated ``RunConfig``), ``status.json`` and, as asked,
 ``result.json`` / ``metrics.jsonl`` / ``eval.jsonl`` / ``samples.jsonl`` / logs, so every corruption

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fs_helpers import needs_root, small_fs
 
 from launcher.cli import main
 from launcher.errors import SpecError
@@ -208,6 +209,45 @@ CASES[5] = (
 )
 
 
+def _training(line: str) -> str:
+    return BASE.replace("  precision: fp32", f"  precision: fp32\n  {line}")
+
+
+# Numbers are finite, in range and of their type; names fit in a directory name.
+CASES += [
+    ("infinite lr", _training("learning_rate: .inf"), 8, ["training.learning_rate", "finite number"]),
+    ("infinite weight decay", _training("weight_decay: .inf"), 8, ["training.weight_decay", "finite"]),
+    ("nan warmup", _training("warmup_ratio: .nan"), 8, ["training.warmup_ratio", "finite number"]),
+    ("negative seed", _training("seed: -1"), 8, ["training.seed", "greater than or equal to 0"]),
+    ("seed beyond numpy", _training("seed: 4294967296"), 8, ["training.seed", "less than or equal"]),
+    ("boolean max_steps", _training("max_steps: true"), 8, ["training.max_steps", "integer, got True"]),
+    ("fractional max_steps", _training("max_steps: 2.5"), 8, ["training.max_steps", "integer"]),
+    ("quoted number", _training("learning_rate: '1e-4'"), 8, ["training.learning_rate", "number"]),
+    ("empty seeds", BASE + "sweep: {seeds: []}\n", 14, ["sweep.seeds", "at least 1"]),
+    ("negative swept seed", BASE + "sweep: {seeds: [1, -2]}\n", 14, ["sweep.seeds[1]", "greater than"]),
+    ("infinite swept lr", BASE + "sweep: {grid: {training.learning_rate: [1e-4, .inf]}}\n", 14, ["finite"]),
+    (
+        "300-character experiment",
+        BASE.replace("experiment: t", "experiment: " + "e" * 300),
+        1,
+        ["experiment", "300 characters", "at most 200"],
+    ),
+    (
+        "300-character method name",
+        BASE.replace("    r: 8", "    r: 8\n    name: " + "m" * 300),
+        12,
+        ["methods[0].name", "300 characters"],
+    ),
+    (
+        "swept run name too long",
+        BASE.replace("    r: 8", "    r: 8\n    name: " + "m" * 195)
+        + "sweep: {grid: {training.learning_rate: [1e-4, 2e-4]}}\n",
+        12,
+        ["methods[0].name", "202 characters", "sweep fewer keys"],
+    ),
+]
+
+
 @pytest.mark.parametrize(("name", "text", "line", "needles"), CASES, ids=[c[0] for c in CASES])
 def test_malformed_spec_names_key_and_line(
     tmp_path: Path, name: str, text: str, line: int, needles: list[str]
@@ -257,3 +297,27 @@ def test_cli_validate_exits_2_and_writes_nothing(
     err = capsys.readouterr().err
     assert "did you mean lora?" in err and f"{spec}:10:" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_found_at_validate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a traceback at `plan --write` or submit: validate says which directory and why (exit 2)."""
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the experiments should go\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(BASE + f"output_dir: {blocker / 'deeper'}\n")
+    for command in (["validate"], ["plan", "--write"], ["submit", "--dry-run", "--backend", "local"]):
+        assert main([*command, str(spec)]) == 2, command
+        err = capsys.readouterr().err
+        assert f"{spec}:14:" in err and f"{blocker} is a file" in err, err
+    assert blocker.read_text().startswith("a file")
+
+
+@needs_root
+def test_a_read_only_output_dir_is_found_at_validate(tmp_path: Path) -> None:
+    with small_fs(tmp_path / "ro", "1m", read_only=True) as read_only:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(BASE + f"output_dir: {read_only}\n")
+        with pytest.raises(SpecError, match=rf"output_dir: cannot write in {read_only} \(a read-only file"):
+            load_and_plan(spec)

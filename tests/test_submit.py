@@ -266,6 +266,7 @@ methods:
     resources: {nodes: 1, gpus_per_node: 2, zero_stage: 2}
   - method: lora
     name: crashes
+    overrides: {training.save_steps: 100}  # dies before its first checkpoint
     resources: {nodes: 1, gpus_per_node: 2, zero_stage: 2}
 local:
   max_concurrent_runs: 1
@@ -278,8 +279,9 @@ def test_real_trainer_two_ranks_crash_and_idempotency(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
 ) -> None:
     """2-rank runs of the real trainer on the tiny model: one completes; in the other rank 1 dies at
-    step 5 (the trainer's test hook) and the run ends FAILED with that error instead of hanging; the
-    collector prints the table; a second submit submits nothing."""
+    step 5 (the trainer's test hook), before any checkpoint, and the run ends FAILED with that error
+    instead of hanging; the collector prints the table; a second submit submits nothing; with
+    --retry-failed the failed run trains again from the start, logging each step once."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
     monkeypatch.setenv("LAUNCHER_TEST_CRASH_AT_STEP", "1:5")  # "good" stops at step 4, before it
@@ -295,6 +297,9 @@ def test_real_trainer_two_ranks_crash_and_idempotency(
     assert result["world_size"] == 2 and result["steps"] == 4
     assert [m["step"] for m in iter_jsonl(good.metrics_jsonl)] == [1, 2, 3, 4]
     assert good.rank_log(1).exists() and "rank1" in good.rank_log(1).read_text()
+    # The trainer's log lines reach rank{N}.log once, though the rank's stderr is that file too.
+    logged = [line for line in good.rank_log(0).read_text().splitlines() if " [rank0] " in line]
+    assert logged and len(logged) == len(set(logged)), "rank log lines written twice"
     reason = read_status(exp.run("crashes"))["reason"]
     assert "simulated crash of rank 1 at step 5" in reason
     console.file.flush()
@@ -304,3 +309,9 @@ def test_real_trainer_two_ranks_crash_and_idempotency(
     again = submit_spec(spec, backend_name="local", console=console)
     assert again.submitted == []
     assert {d.run.name: d.action for d in again.decisions} == {"good": "skip", "crashes": "skip"}
+
+    monkeypatch.delenv("LAUNCHER_TEST_CRASH_AT_STEP")
+    retried = submit_spec(spec, backend_name="local", console=console, retry_failed=True)
+    assert retried.final_states == {"crashes": "COMPLETED"}
+    steps = [m["step"] for m in iter_jsonl(exp.run("crashes").metrics_jsonl)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the failed attempt's lines were dropped: each step once

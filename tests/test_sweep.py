@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from spec_helpers import SPEC, load_text_plan
 
-from launcher.errors import UserError
+from launcher.errors import SpecError, UserError
 from launcher.plan import load_and_plan, write_run_dirs
 from launcher.sweep import expand, format_value
 
@@ -66,3 +66,21 @@ def test_the_architecture_is_resolved_once(tmp_path: Path, monkeypatch: pytest.M
     exp = write_run_dirs(plan)
     assert len(calls) == 1 and len(plan.runs) == 24 and len(exp.run_dirs()) == 24
     assert {a.hidden_size for a in plan.archs.values()} == {128}
+
+
+def test_number_looking_sweep_values_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; specs read it as the number everyone means."""
+    text = SPEC.split("sweep:")[0].replace("  - method: freeze\n    trainable_layers: 1\n", "")
+    plan = load_text_plan(tmp_path, text + "sweep:\n  grid:\n    training.learning_rate: [1e-4, 2E-4]\n")
+    assert [r.name for r in plan.runs] == ["lora-lr1e-4", "lora-lr2e-4"]
+    assert [r.training.learning_rate for r in plan.runs] == [1e-4, 2e-4]
+
+
+def test_one_methods_colliding_names_are_blamed_on_the_sweep_values(tmp_path: Path) -> None:
+    text = SPEC.split("sweep:")[0].replace("  - method: freeze\n    trainable_layers: 1\n", "")
+    with pytest.raises(SpecError) as info:
+        load_text_plan(tmp_path, text + "sweep:\n  grid:\n    training.learning_rate: [1.0e-4, 1.00001e-4]\n")
+    [problem] = info.value.problems
+    assert "sweep.grid.training.learning_rate: duplicate run name 'lora-lr1e-4'" in problem
+    assert "methods[" not in problem and "`name:`" not in problem  # one method: nothing to rename
+    assert "training.learning_rate: 0.0001 and 0.000100001" in problem

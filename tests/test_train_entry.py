@@ -27,7 +27,7 @@ from launcher.train.result import RESULT_KEYS
 from launcher.train.schedule import fill_ds_config, total_optimizer_steps
 from launcher.train.signals import PreemptionFlag
 
-# The result.json keys of the BRIEFING contract, spelled out here so a rename breaks this test.
+# The result.json keys of the run-dir contract (docs/run_directory.md), spelled out so a rename breaks this.
 CONTRACT_KEYS = [
     "run_id",
     "name",

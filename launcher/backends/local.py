@@ -373,24 +373,25 @@ class LocalBackend:
                     preexec_fn=preexec,
                 )
                 procs.append(RankProcess(rank, popen, log_path, log))
-        except BaseException:  # Ctrl-C or a failed spawn half-way: no rank may outlive a half-started run
+            info = read_supervisor(paths)
+            info.update(
+                {
+                    "supervisor_pid": os.getpid(),
+                    "rank_pids": [p.popen.pid for p in procs],
+                    "master_port": port,
+                    "gpus": gpus,
+                    "started_at": utc_now(),
+                }
+            )
+            write_json_atomic(supervisor_file(paths), info)  # `launcher cancel` finds the ranks here
+        except BaseException:
+            # Ctrl-C, a failed spawn half-way or a full disk: no rank may outlive a half-started run.
             for proc in procs:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.popen.pid, signal.SIGKILL)
                 proc.popen.wait()
                 proc.log.close()
             raise
-        info = read_supervisor(paths)
-        info.update(
-            {
-                "supervisor_pid": os.getpid(),
-                "rank_pids": [p.popen.pid for p in procs],
-                "master_port": port,
-                "gpus": gpus,
-                "started_at": utc_now(),
-            }
-        )
-        write_json_atomic(supervisor_file(paths), info)
         return procs
 
     # --- supervision -------------------------------------------------------------------------------
@@ -442,7 +443,7 @@ class LocalBackend:
         head = queue[0]
         if cancel_requested(head.paths):
             queue.pop(0)
-            states[head.run.name] = self._write_final(
+            states[head.run.name] = self._record(
                 head.paths, RunState.CANCELLED, "cancelled before it started"
             )
             return False
@@ -453,13 +454,13 @@ class LocalBackend:
         del free_gpus[:need]
         queue.pop(0)
         # Before the ranks exist: rank 0 writes RUNNING once its engine is ready, and must not be undone.
-        update_status(head.paths, RunState.STARTING)
+        self._record(head.paths, RunState.STARTING, None)
         try:
             procs = self.launch(head, gpus)
         except OSError as exc:  # e.g. the train command is missing: this run fails, the others go on
             free_gpus.extend(gpus)
             reason = f"could not start its ranks: {exc}"
-            states[head.run.name] = self._write_final(head.paths, RunState.FAILED, reason)
+            states[head.run.name] = self._record(head.paths, RunState.FAILED, reason)
             return False
         return ActiveRun(head.run, head.paths, procs, gpus, time.monotonic())
 
@@ -514,9 +515,21 @@ class LocalBackend:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.popen.pid, sig)
 
-    def _write_final(self, paths: RunPaths, state: RunState, reason: str | None, **extra: Any) -> str:
-        """Record the run's end; returns the state status.json holds (a COMPLETED run stays so)."""
-        return str(update_status(paths, state, reason, **extra)["state"])
+    def _record(self, paths: RunPaths, state: RunState, reason: str | None, **extra: Any) -> str:
+        """Record a run's state; returns the state status.json holds (a COMPLETED run stays so). The
+        supervisor goes on with the other runs even when the record cannot be written (a full disk):
+        it says so where it prints."""
+        try:
+            return str(update_status(paths, state, reason, **extra)["state"])
+        except OSError as exc:
+            self._say(f"{paths.name}: {state.value} ({reason}), but status.json could not be written: {exc}")
+            return state.value
+
+    def _say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(text)
 
     def _finalize(self, item: ActiveRun, *, interrupted: bool) -> str:
         """Decide the run's final state from the ranks' exit codes and what the trainer recorded."""
@@ -524,7 +537,7 @@ class LocalBackend:
         recorded = status.get("state")
         codes = {"exit_codes": {str(r): c for r, c in sorted(item.exit_codes.items())}}
         if cancel_requested(item.paths):
-            return self._write_final(item.paths, RunState.CANCELLED, "cancelled by user", **codes)
+            return self._record(item.paths, RunState.CANCELLED, "cancelled by user", **codes)
         if item.failure is not None and not interrupted:
             reason = item.failure
             root = _root_failure(item.failed_ranks)
@@ -536,30 +549,24 @@ class LocalBackend:
                 trainer_said = recorded == RunState.FAILED.value and status.get("reason")
                 if trainer_said and status.get("failed_rank") == proc.rank:
                     reason = f"{status['reason']} ({proc.label} {_exit_text(code)})"
-            return self._write_final(item.paths, RunState.FAILED, reason, **codes)
+            return self._record(item.paths, RunState.FAILED, reason, **codes)
         if interrupted or PREEMPTED_EXIT_CODE in item.exit_codes.values():
             if recorded in (RunState.COMPLETED.value, RunState.FAILED.value, RunState.PREEMPTED.value):
                 return str(recorded)
             reason = "stopped; resumes from its last checkpoint"
-            return self._write_final(item.paths, RunState.PREEMPTED, reason, **codes)
+            return self._record(item.paths, RunState.PREEMPTED, reason, **codes)
         if recorded != RunState.COMPLETED.value:
             reason = (
                 f"all ranks exited 0 but the run recorded {recorded}, not COMPLETED "
                 f"(see {item.paths.rank_log(0)})"
             )
-            return self._write_final(item.paths, RunState.FAILED, reason, **codes)
+            return self._record(item.paths, RunState.FAILED, reason, **codes)
         return RunState.COMPLETED.value
 
     def _stop(self, active: list[ActiveRun], queue: list[QueuedRun], states: dict[str, str]) -> None:
         """Ctrl-C: SIGTERM every rank (the trainer checkpoints and exits), wait, then SIGKILL leftovers.
         A second Ctrl-C skips the wait."""
-
-        def out(text: str) -> None:
-            if self.console is not None:
-                self.console.print(text, markup=False, highlight=False)
-            else:
-                print(text)
-
+        out = self._say
         out(
             f"stopping {len(active)} running run(s): ranks save a checkpoint and exit "
             f"(up to {self.stop_grace_s:.0f}s; Ctrl-C again to kill now)"
@@ -583,7 +590,7 @@ class LocalBackend:
             states[item.run.name] = self._finalize(item, interrupted=True)
         for queued in queue:
             reason = "not started: submit was interrupted"
-            states[queued.run.name] = self._write_final(queued.paths, RunState.PLANNED, reason)
+            states[queued.run.name] = self._record(queued.paths, RunState.PLANNED, reason)
         out("stopped; run the same `launcher submit` again to resume from the checkpoints")
 
 

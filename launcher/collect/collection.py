@@ -19,7 +19,14 @@ from launcher.collect.hyperparams import differing_hyperparameters
 from launcher.collect.rows import SUMMARY_KEYS, RunRow, group_key, read_row, read_run_yaml
 from launcher.errors import UserError
 from launcher.review import ReviewCounts, load_reviews
-from launcher.rundir import ExperimentPaths, RunPaths, RunState, read_json, write_json_atomic
+from launcher.rundir import (
+    ExperimentPaths,
+    RunPaths,
+    RunState,
+    file_fingerprint,
+    read_json,
+    write_json_atomic,
+)
 
 DEFAULT_TOKENIZE = "zh"
 DEFAULT_GPU_MEM_GIB = 80.0  # ClusterSpec's default
@@ -148,14 +155,6 @@ def _pick_baseline(
     return names[0]
 
 
-def _fingerprint(path: Path) -> list[int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
 def _tokenize_of(paths: RunPaths, fallback: str) -> str:
     config = read_run_yaml(paths, [])
     value = _nested(config or {}, "eval", "bleu_tokenize")
@@ -175,7 +174,7 @@ def _apply_significance(
         return new_cache
     base_row = rows_by_name[base_name]
     base_paths = base_row.run_paths()
-    base_fp = _fingerprint(base_paths.samples_jsonl)
+    base_fp = file_fingerprint(base_paths.samples_jsonl)
     samples_name = base_paths.samples_jsonl.name
     candidates = [
         r
@@ -211,7 +210,7 @@ def _apply_significance(
         paths = row.run_paths()
         fp = {
             "base": base_fp,
-            "sys": _fingerprint(paths.samples_jsonl),
+            "sys": file_fingerprint(paths.samples_jsonl),
             "tok": tokenize,
             "params": test_params,
         }

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.collect.rows import RunRow
-from launcher.rundir import RunState, iter_jsonl, write_bytes_atomic
+from launcher.rundir import RunState, file_fingerprint, iter_jsonl, write_bytes_atomic
 
 if TYPE_CHECKING:
     from launcher.collect.collection import Collection
@@ -192,14 +192,6 @@ def plot_memory(collection: Collection, plt: Any) -> None:
     plt.close(fig)
 
 
-def _file_fingerprint(path: Path) -> list[int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
 def plot_signature(collection: Collection) -> str:
     """A hash of everything the two plots show: unchanged inputs -> the PNGs need not be redrawn.
 
@@ -208,8 +200,8 @@ def plot_signature(collection: Collection) -> str:
     """
     loss_part = [
         [r.name, r.get("state"), r.get("eval_loss"), r.get("steps"), r.get("baseline"),
-         _file_fingerprint(r.run_paths().metrics_jsonl),
-         _file_fingerprint(r.run_paths().eval_jsonl)]
+         file_fingerprint(r.run_paths().metrics_jsonl),
+         file_fingerprint(r.run_paths().eval_jsonl)]
         for r in _plotted_runs(collection, MAX_LOSS_CURVES, "eval_loss", reverse=False)
     ]  # fmt: skip
     memory_part = [

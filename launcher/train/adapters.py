@@ -20,7 +20,6 @@ from launcher.errors import UserError
 from launcher.spec import FreezeMethod, FullMethod, LoraMethod, MethodSpec, PtuningMethod
 
 # Freeze with neither layers nor patterns: train the last 2 blocks (LLaMA-Factory's default).
-DEFAULT_FREEZE_LAYERS = 2
 _NAMES_SHOWN = 12
 log = logging.getLogger(__name__)
 
@@ -133,9 +132,7 @@ def _sample_names(names: list[str]) -> str:
 def _apply_freeze(model: nn.Module, method: FreezeMethod) -> None:
     names = [name for name, _ in model.named_parameters()]
     selected: set[str] = set()
-    layers = method.trainable_layers
-    if layers is None and not method.trainable_patterns:
-        layers = DEFAULT_FREEZE_LAYERS
+    layers = method.trainable_layers  # validation requires it or trainable_patterns
     if layers is not None:
         path, blocks = find_layer_list(model)
         if layers > len(blocks):

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from launcher.errors import DiskFullError
 from launcher.rundir import write_json_atomic, write_text_atomic
 from launcher.train.distributed import barrier
 
@@ -36,6 +37,7 @@ TAG_PREFIX = "global_step"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".deleting-"
 CLIENT_STATE_KEY = "launcher_train_state"
+LOW_SPACE_BYTES = 64 * 2**20  # a checkpoint write that failed with less free than this ran out of space
 _TAG_RE = re.compile(rf"^{TAG_PREFIX}(\d+)$")
 
 
@@ -138,15 +140,23 @@ def save_checkpoint(
         return final_dir
     tmp_tag = TMP_PREFIX + tag
     tmp_dir = ckpt_dir / tmp_tag
-    engine.save_checkpoint(
-        str(ckpt_dir),
-        tag=tmp_tag,
-        client_state={CLIENT_STATE_KEY: asdict(state)},
-        save_latest=False,
-        exclude_frozen_parameters=exclude_frozen,
-    )
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), _rng_file(tmp_dir, rank))
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir),
+            tag=tmp_tag,
+            client_state={CLIENT_STATE_KEY: asdict(state)},
+            save_latest=False,
+            exclude_frozen_parameters=exclude_frozen,
+        )
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), _rng_file(tmp_dir, rank))
+    except Exception as exc:
+        if not _out_of_space(exc, ckpt_dir):
+            raise
+        # The half-written checkpoint goes (its space lets the failure be recorded); the published
+        # ones were never touched, so the run resumes from the newest of them.
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise DiskFullError(tmp_dir) from exc
     barrier()  # every rank's files are on disk
     if rank == 0:
         write_json_atomic(tmp_dir / "trainer_state.json", asdict(state))
@@ -156,6 +166,20 @@ def save_checkpoint(
         log.info("checkpoint published: %s", final_dir)
     barrier()  # nobody moves on (or exits) before the checkpoint is visible
     return final_dir
+
+
+def _out_of_space(exc: BaseException, ckpt_dir: Path) -> bool:
+    """torch.save reports a full disk as a RuntimeError without an errno ("unexpected pos", "file
+    write failed"): an errno in the exception chain, or a nearly full file system, says it was one."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DiskFullError.ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(ckpt_dir).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:

@@ -38,10 +38,6 @@ class DistEnv:
     def is_rank0(self) -> bool:
         return self.rank == 0
 
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def detect_dist_env() -> DistEnv:
     """Read the rank layout from the environment (no process group is created here)."""
@@ -128,19 +124,23 @@ def shutdown_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over ranks in one collective (a no-op for one process)."""
+def _all_reduce(
+    values: list[float], device: torch.device, op: torch.distributed.ReduceOp.RedOpType
+) -> list[float]:
+    """A few numbers reduced over ranks in one collective (a no-op for one process)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [float(v) for v in values]
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    torch.distributed.all_reduce(tensor, op=op)
     return [float(v) for v in tensor.tolist()]
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    return _all_reduce(values, device, torch.distributed.ReduceOp.SUM)
 
 
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return [float(v) for v in tensor.tolist()]
+    return _all_reduce(values, device, torch.distributed.ReduceOp.MAX)
 
 
 def barrier() -> None:

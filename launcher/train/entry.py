@@ -8,6 +8,7 @@ saved; the scheduler may requeue).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -39,7 +40,8 @@ def _setup_logging(paths: RunPaths, rank: int) -> list[logging.Handler]:
     file_handler = logging.FileHandler(paths.rank_log(rank), encoding="utf-8")
     handlers: list[logging.Handler] = [file_handler]
     root = logging.getLogger()
-    if not root.handlers:
+    # stderr is the scheduler's log, or (local backend) this very file: then one copy is enough.
+    if not root.handlers and not _same_file(sys.stderr, paths.rank_log(rank)):
         stream = logging.StreamHandler(sys.stderr)
         stream.addFilter(_without_tracebacks)  # the terminal gets `error: <reason>`, the log the traceback
         handlers.append(stream)
@@ -50,6 +52,14 @@ def _setup_logging(paths: RunPaths, rank: int) -> list[logging.Handler]:
         root.setLevel(logging.INFO)
     logging.getLogger("DeepSpeed").addHandler(file_handler)  # DeepSpeed's logger does not propagate
     return handlers
+
+
+def _same_file(stream: Any, path: Path) -> bool:
+    try:
+        mine, theirs = os.fstat(stream.fileno()), os.stat(path)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False  # closed, replaced (pytest's capture) or not a file
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def _without_tracebacks(record: logging.LogRecord) -> bool:

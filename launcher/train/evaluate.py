@@ -22,6 +22,7 @@ from torch import nn
 
 from launcher.spec import RunConfig
 from launcher.train.data import IGNORE_INDEX
+from launcher.train.distributed import all_reduce_sum
 from launcher.train.export import is_zero3_partitioned, unwrap
 from launcher.train.target_loss import TargetOnlyLoss
 
@@ -36,15 +37,6 @@ def _world() -> tuple[int, int]:
     if _dist_ready():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
-    if not _dist_ready() or torch.distributed.get_world_size() == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
-    torch.distributed.all_reduce(tensor, op=reduce_op)
-    return [float(v) for v in tensor.tolist()]
 
 
 def _device_of(model_or_engine: Any, module: nn.Module) -> torch.device:
@@ -121,7 +113,7 @@ def eval_loss(
                     tokens += count
     finally:
         target.train(was_training)
-    loss_sum, token_total = _all_reduce([loss_sum, float(tokens)], device)
+    loss_sum, token_total = all_reduce_sum([loss_sum, float(tokens)], device)
     return loss_sum / token_total if token_total > 0 else float("nan")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from launcher.run_status import failure_reason, record_failure, update_status
-from launcher.rundir import RunPaths, RunState, append_jsonl, iter_jsonl, write_text_atomic
+from launcher.rundir import RunPaths, RunState, append_jsonl, iter_jsonl, to_json, write_text_atomic
 from launcher.spec import RunConfig
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
@@ -160,13 +160,11 @@ def _maybe_test_crash(rank: int, step: int) -> None:
 
 
 def _truncate_logs_after(paths: RunPaths, step: int) -> None:
-    """After a resume, drop log lines of steps that are about to be recomputed (rank 0)."""
+    """At the start of an attempt, drop log lines of steps that are about to be recomputed (rank 0)."""
     for path in (paths.metrics_jsonl, paths.eval_jsonl):
         if not path.exists():
             continue
         kept = [line for line in iter_jsonl(path) if int(line.get("step", 0)) <= step]
-        from launcher.rundir import to_json
-
         write_text_atomic(path, "".join(to_json(obj, indent=None) + "\n" for obj in kept))
 
 
@@ -216,12 +214,7 @@ def run_training(
     # which needs the step count, which needs the data.
     tokenizer = load_tokenizer(cfg)
     data = build_data(cfg, tokenizer, env)
-    batches_per_epoch = int(data.order.num_batches)
-    if batches_per_epoch == 0:
-        raise RuntimeError(
-            f"no training batch per rank: {len(data.train_features)} examples, micro-batch "
-            f"{t.per_device_batch_size}, {env.world_size} ranks"
-        )
+    batches_per_epoch = int(data.order.num_batches)  # >= 1: BatchOrder refuses fewer examples
     # The accumulation DeepSpeed will use (the planner derives it from global_batch_size when that is set).
     accumulation = int(ds_config.get("gradient_accumulation_steps", t.gradient_accumulation_steps))
     total_steps = total_optimizer_steps(t, batches_per_epoch, accumulation)
@@ -256,8 +249,8 @@ def run_training(
         log.info(
             "resumed from step %d (epoch %d, batch %d)", state.global_step, state.epoch, state.batches_done
         )
-        if rank0:
-            _truncate_logs_after(paths, state.global_step)
+    if rank0:  # an earlier attempt's lines past the checkpoint (all of them, without one) are redone
+        _truncate_logs_after(paths, state.global_step)
     if rank0:  # the start of an attempt: the one write that may leave FAILED / CANCELLED (run_status)
         update_status(paths, RunState.RUNNING, step=state.global_step, total_steps=total_steps)
     trackers = open_metric_loggers(cfg, paths, start_step=state.global_step, rank0=rank0)
@@ -401,8 +394,6 @@ def run_training(
             engine.module, tokenizer, data.eval_examples, cfg, env.rank, env.world_size
         )
         if rank0:
-            from launcher.rundir import to_json
-
             write_text_atomic(paths.samples_jsonl, "".join(to_json(s, indent=None) + "\n" for s in samples))
             if samples:
                 outcome.scores.update(

@@ -1,4 +1,5 @@
-"""``result.json``: the one file per run the collector turns into a table row (keys: BRIEFING contract)."""
+"""``result.json``: the one file per run the collector turns into a table row (its keys:
+``launcher.rundir.RESULT_KEYS``, described in docs/run_directory.md)."""
 
 from __future__ import annotations
 
