@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from launcher.spec import RunConfig
 
-PLACEMENT_KEYS: tuple[str, ...] = ("run_id", "backend", "hostfile", "cluster", "local", "logging")
+# The id itself, where the run executes and where its metrics go.
+EXCLUDED_KEYS: tuple[str, ...] = ("run_id", "backend", "hostfile", "cluster", "local", "logging")
 ESTIMATE_KEYS: tuple[str, ...] = ("est_mem_gib", "fits")
 RUN_ID_CHARS = 12
 
 
 def identity_fields(run: RunConfig) -> dict[str, Any]:
     """The run's config as plain data, without placement and estimates."""
-    data = run.model_dump(mode="json", exclude=set(PLACEMENT_KEYS))
+    data = run.model_dump(mode="json", exclude=set(EXCLUDED_KEYS))
     for key in ESTIMATE_KEYS:
         data["resources"].pop(key, None)
     return data

@@ -93,8 +93,9 @@ def merge_status(
     old_state = RunState(current.get("state", RunState.PLANNED.value))
     new_state = old_state if state is None or not may_follow(old_state, state) else state
     changed = new_state != old_state
-    if state is not None and new_state != state:  # a refused transition changes nothing but the keys
+    if state is not None and new_state != state:  # refused: only its bookkeeping keys are merged
         reason = None
+        fields = {k: v for k, v in fields.items() if k not in OUTCOME_KEYS}
     kept = {k: v for k, v in current.items() if k not in HEADER_KEYS}
     if changed:
         kept = {k: v for k, v in kept.items() if k not in OUTCOME_KEYS}

@@ -54,7 +54,7 @@ def test_scheduler_keys_survive_trainer_updates(paths: RunPaths) -> None:
 def test_completed_stays_completed(paths: RunPaths) -> None:
     update_status(paths, RunState.COMPLETED, step=10, total_steps=10)
     written = update_status(paths, RunState.FAILED, "rank 1 died in teardown", failed_rank=1)
-    assert written["state"] == "COMPLETED" and written["reason"] is None
+    assert written["state"] == "COMPLETED" and written["reason"] is None and "failed_rank" not in written
     update_status(paths, RunState.PENDING, job_id="99")
     status = read_status(paths)
     assert status["state"] == "COMPLETED" and status["step"] == 10
