@@ -1,7 +1,9 @@
 """Training on a converted ChatGLM3 checkpoint through the real entrypoint (`python -m launcher.train
 RUN_DIR`, one process per rank): Freeze, P-Tuning v1 and v2 and LoRA on one rank (ZeRO-2), full
-fine-tuning under ZeRO-3 with offload on 2 gloo ranks, all with the original chat layout (template
-chatglm3). Each export is reloaded the way users load it and must reproduce the run's own eval loss."""
+fine-tuning under ZeRO-3 with offload on 2 gloo ranks. The runs render through the converted tokenizer's
+own chat template (template: auto), LoRA through the named chatglm3 layout. Each export is reloaded the
+way users load it and must reproduce the run's own eval loss; its chat template must give the prompt ids
+training saw."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from launcher.rundir import RunPaths, read_json
 
 torch.set_num_threads(1)
 ONE_RANK = ("freeze", "lora", "ptuning_v1", "ptuning_v2")
+NAMED_TEMPLATE = {"lora": "chatglm3"}
+"""The runs trained in a named template (the others: auto, the tokenizer's chat template)."""
 STEPS = 3
 
 
@@ -34,7 +38,6 @@ def runs(
     root = tmp_path_factory.mktemp("chatglm-train")
     common: dict[str, Any] = {
         "model_path": converted.dst,
-        "template": "chatglm3",
         "max_steps": STEPS,
         "save_steps": STEPS,
         "learning_rate": 1e-2,
@@ -43,8 +46,8 @@ def runs(
         "train_examples": 16,
         "eval_examples": 6,
     }
-    paths = {m: make_run_dir(root, m, **common) for m in ONE_RANK}
-    paths["full"] = make_run_dir(root, "full", world_size=2, zero_stage=3, offload=True, **common)
+    paths = {m: make_run_dir(root, m, template=NAMED_TEMPLATE.get(m, "auto"), **common) for m in ONE_RANK}
+    paths["full"] = make_run_dir(root, "full", template="auto", world_size=2, zero_stage=3, offload=True, **common)
     procs = {m: start_ranks(p, 2 if m == "full" else 1) for m, p in paths.items()}
     return {m: (paths[m], wait_all(procs[m], timeout_s=400)) for m in paths}
 
@@ -56,12 +59,14 @@ def _eval_loss_of_export(method: str | None, final: Path, base: Path, paths: Run
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from launcher.spec import RunConfig
-    from launcher.train.data import encode_for_training, load_examples, resolve_data_files
+    from launcher.templates import conversation
+    from launcher.train.data import encode_for_training, encode_prompt, load_examples, resolve_data_files
     from launcher.train.evaluate import eval_loss
 
     cfg = RunConfig.from_yaml_file(paths.run_yaml)
     tokenizer = AutoTokenizer.from_pretrained(final)  # the export carries the converted tokenizer
-    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(base).chat_template
+    if cfg.template == "auto":  # the export carries the converted tokenizer's own chat template
+        assert tokenizer.chat_template == AutoTokenizer.from_pretrained(base).chat_template
     if method is None:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     elif method in ("lora", "ptuning_v1", "ptuning_v2"):
@@ -72,6 +77,10 @@ def _eval_loss_of_export(method: str | None, final: Path, base: Path, paths: Run
         model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     t = cfg.training
     examples = load_examples(resolve_data_files(cfg.data)[1])[: cfg.data.max_eval_examples]
+    for ex in examples if method is not None else ():  # the export's chat template: training's prompt
+        prompt = conversation(ex.system, ex.history, ex.query)
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+        assert ids == encode_prompt(ex, tokenizer, cfg.template, 10**6)
     features = [
         encode_for_training(ex, tokenizer, cfg.template, t.max_source_length, t.max_target_length)
         for ex in examples
