@@ -47,7 +47,9 @@ def runs(
         "eval_examples": 6,
     }
     paths = {m: make_run_dir(root, m, template=NAMED_TEMPLATE.get(m, "auto"), **common) for m in ONE_RANK}
-    paths["full"] = make_run_dir(root, "full", template="auto", world_size=2, zero_stage=3, offload=True, **common)
+    paths["full"] = make_run_dir(
+        root, "full", template="auto", world_size=2, zero_stage=3, offload=True, **common
+    )
     procs = {m: start_ranks(p, 2 if m == "full" else 1) for m, p in paths.items()}
     return {m: (paths[m], wait_all(procs[m], timeout_s=400)) for m in paths}
 
