@@ -15,7 +15,10 @@ Trainer variants: ``pad-max`` is the ChatGLM P-Tuning recipe (every example padd
 max_source + max_target + 1, default collator) - the usual setup this tool replaces; ``dynamic`` pads
 per batch (DataCollatorForSeq2Seq); ``dynamic+group`` also groups by length
 (``train_sampling_strategy="group_by_length"``).
-Ours: dynamic padding + length-grouped batches (training.group_by_length: true).
+Ours: ``dynamic+group`` pads per batch of length-grouped examples (training.group_by_length: true);
+``packed`` packs whole examples into rows of up to max_source + max_target + 1 tokens, each example
+attending to itself only (training.packing: true, launcher/train/packing.py), micro-batch = rows. By
+default it trains one epoch of its own rows (fewer, fuller batches: the same examples as the others).
 
 Measured: real (non-pad) tokens per second over the steady-state steps (the first ``--warmup``
 optimizer steps are excluded) by wall clock and per second of process CPU time (the stable number
@@ -54,13 +57,16 @@ from launcher.launch_env import free_port, torchrun_env
 
 MAX_SOURCE, MAX_TARGET = 256, 64
 TRAINER_VARIANTS = ("pad-max", "dynamic", "dynamic+group")
+OUR_VARIANTS = ("dynamic+group", "packed")
 
 
 # --- set-up (parent process) ---------------------------------------------------------------------
 
 
-def _fixed_length_data(path: Path, count: int) -> None:
-    """Examples whose source is exactly MAX_SOURCE tokens and target exactly MAX_TARGET (+ eos)."""
+def fixed_length_data(
+    path: Path, count: int, max_source: int = MAX_SOURCE, max_target: int = MAX_TARGET
+) -> None:
+    """Examples whose source is exactly ``max_source`` tokens and target exactly ``max_target`` (+ eos)."""
     from transformers import AutoTokenizer
 
     from launcher.demo_data import pretraining_corpus
@@ -70,7 +76,7 @@ def _fixed_length_data(path: Path, count: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
     overhead = len(encode_prompt(Example("x", [], "", ""), tokenizer, "chatglm", 10_000))
     text = "".join(pretraining_corpus(400))
-    q_len, a_len = MAX_SOURCE - overhead, MAX_TARGET
+    q_len, a_len = max_source - overhead, max_target
     with open(path, "w", encoding="utf-8") as handle:
         for i in range(count):
             start = (i * 97) % (len(text) - q_len - a_len)
@@ -78,8 +84,10 @@ def _fixed_length_data(path: Path, count: int) -> None:
             handle.write(json.dumps({"prompt": query, "response": answer}, ensure_ascii=False) + "\n")
 
 
-def _spec(root: Path, name: str, data: dict[str, Any], args: argparse.Namespace, precision: str) -> Path:
-    spec = {
+def _spec(
+    root: Path, name: str, data: dict[str, Any], args: argparse.Namespace, precision: str, packing: bool
+) -> Path:
+    spec: dict[str, Any] = {
         "experiment": f"bench-{name}",
         "output_dir": str(root / "out"),
         "model": {"builtin": "tiny-glm"},
@@ -110,6 +118,11 @@ def _spec(root: Path, name: str, data: dict[str, Any], args: argparse.Namespace,
             "gradient_checkpointing": False,
         },
     }
+    if packing:
+        spec["training"]["packing"] = True
+        if args.epoch:  # one epoch of packed rows: the same examples as the other runners
+            spec["training"].pop("max_steps")
+            spec["training"]["num_epochs"] = 1
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
@@ -137,6 +150,7 @@ def _peak_gib(device: str) -> tuple[float, str]:
 def worker_ours(run_dir: Path, warmup: int) -> dict[str, Any]:
     import launcher.train.data as data
     import launcher.train.loop as loop
+    import launcher.train.packing as packing
     from launcher.rundir import RunPaths, iter_jsonl, read_json
     from launcher.train.entry import train_run
 
@@ -144,7 +158,7 @@ def worker_ours(run_dir: Path, warmup: int) -> dict[str, Any]:
     cpu_at_step: dict[int, float] = {}
     padded_at_step: dict[int, int] = {}
     padded = {"tokens": 0}
-    append, collate = loop.append_jsonl, data.collate
+    append, collate, collate_packed = loop.append_jsonl, data.collate, packing.collate_packed
 
     def append_and_clock(path: Path, obj: Any) -> None:  # the loop logs right after a step's update
         if path == paths.metrics_jsonl:
@@ -157,8 +171,14 @@ def worker_ours(run_dir: Path, warmup: int) -> dict[str, Any]:
         padded["tokens"] += int(batch["attention_mask"].numel())
         return batch
 
+    def collate_packed_and_count(*args: Any, **kwargs: Any) -> Any:
+        batch, real = collate_packed(*args, **kwargs)
+        padded["tokens"] += int(batch["input_ids"].numel())
+        return batch, real
+
     loop.append_jsonl = append_and_clock  # type: ignore[assignment]
     data.collate = collate_and_count  # type: ignore[assignment]
+    packing.collate_packed = collate_packed_and_count  # type: ignore[assignment]
     state = train_run(run_dir)
     rows = list(iter_jsonl(paths.metrics_jsonl))
     first, last = rows[0], rows[-1]  # logged every `warmup` steps: the first row is the end of warmup
@@ -316,6 +336,39 @@ def _run_worker(kind: str, run_dir: Path, variant: str, warmup: int, log_dir: Pa
     return dict(json.loads(lines[-1][len("RESULT ") :]))
 
 
+def print_report(results: list[dict[str, Any]], datasets: list[str]) -> None:
+    """The medians table: each of our runners against each Trainer variant, and the noise gauge."""
+    print(
+        "speed = ours / Trainer real-token throughput, by wall clock and by process CPU time (on a shared\n"
+        "CPU the CPU-time ratio is the stable one); mem = peak memory ratio (<= 1.0 is better);\n"
+        "pad = share of the trained tokens that were padding; bound = (1 - pad ours) / (1 - pad HF):\n"
+        "the speed-up that the padding difference alone gives when the cost per token is the same\n"
+    )
+    print(f"{'data':<9} {'ours':<14} {'vs Trainer':<14} {'ours tok/s':>10} {'HF tok/s':>9}", end="")
+    print(f" {'speed':>6} {'cpu':>6} {'mem':>6} {'pad HF':>7} {'pad ours':>8} {'bound':>6}")
+    for data_name in datasets:
+        for our_variant in OUR_VARIANTS:
+            ours = _medians(results, data_name, "ours", our_variant)
+            for variant in TRAINER_VARIANTS:
+                hf = _medians(results, data_name, "trainer", variant)
+                speed = ours["tokens_per_s"] / hf["tokens_per_s"]
+                cpu_speed = ours["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
+                mem = ours["peak_mem_gib"] / hf["peak_mem_gib"]
+                bound = (1 - ours["pad_frac"]) / (1 - hf["pad_frac"])
+                print(
+                    f"{data_name:<9} {our_variant:<14} {variant:<14} {ours['tokens_per_s']:>10.0f} "
+                    f"{hf['tokens_per_s']:>9.0f} {speed:>5.2f}x {cpu_speed:>5.2f}x {mem:>5.2f}x "
+                    f"{hf['pad_frac']:>7.1%} {ours['pad_frac']:>8.1%} {bound:>5.2f}x"
+                )
+    same_work = [r["tokens_per_s"] for r in results if r["data"] == "fixed" and r["runner"] == "trainer"]
+    if same_work:
+        print(
+            f"\nnoise gauge: on fixed data the {len(same_work)} Trainer runs do identical work; their spread "
+            f"({min(same_work):.0f}-{max(same_work):.0f} tok/s, "
+            f"{max(same_work) / min(same_work) - 1:.0%}) is this machine's run-to-run noise"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -328,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=1, help="run every configuration N times, interleaved; report medians"
     )
     parser.add_argument("--data", choices=("fixed", "dialogue", "both"), default="both")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="print the table from earlier --json files (repeats run as separate invocations) and exit",
+    )
     parser.add_argument("--worker", choices=("ours", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
@@ -344,10 +403,18 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(out), flush=True)
         return 0
 
+    if args.merge:
+        loaded = [json.loads(path.read_text()) for path in args.merge]
+        results = [dict(r, repeat=(i, r["repeat"])) for i, one in enumerate(loaded) for r in one["results"]]
+        print(f"merged {len(args.merge)} file(s): {len(results)} runs")
+        print_report(results, sorted({r["data"] for r in results}))
+        return 0
+
     import torch
 
     from launcher.demo_data import SIZES
 
+    args.epoch = args.steps is None
     if args.steps is None:  # one epoch, rounded down to whole logging windows
         epoch_steps = SIZES["dialogue"][0] // args.micro_batch
         args.steps = epoch_steps - epoch_steps % args.warmup
@@ -367,14 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
         fixed = root / "fixed.jsonl"
-        _fixed_length_data(fixed, args.steps * args.micro_batch + 64)
+        fixed_length_data(fixed, args.steps * args.micro_batch + 64)
         datasets = {
             "fixed": {"train_file": str(fixed), "eval_file": str(fixed)},
             "dialogue": {"builtin": "dialogue"},
         }
         if args.data != "both":
             datasets = {args.data: datasets[args.data]}
-        configs = [("ours", "dynamic+group")] + [("trainer", v) for v in TRAINER_VARIANTS]
+        configs = [("ours", v) for v in OUR_VARIANTS] + [("trainer", v) for v in TRAINER_VARIANTS]
         # Interleaved (A B C D A B C D ...) so a slow phase of the machine hits every configuration.
         for data_name, data, repeat, (kind, variant) in (
             (d, data, r, c) for d, data in datasets.items() for r in range(args.repeats) for c in configs
@@ -382,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             repeat_root = root / f"repeat{repeat}"
             repeat_root.mkdir(exist_ok=True)
             name = f"{data_name}-{kind}-{variant.replace('+', '-')}"
-            run_dir = _plan_run_dir(_spec(repeat_root, name, data, args, precision))
+            spec = _spec(repeat_root, name, data, args, precision, packing=variant == "packed")
+            run_dir = _plan_run_dir(spec)
             out = _run_worker(kind, run_dir, variant, args.warmup, log_dir)
             out.update(data=data_name, runner=kind, variant=variant, repeat=repeat)
             out["tokens_per_s"] = out["tokens"] / out["time_s"]
@@ -402,34 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({args.warmup} warm-up excluded), ZeRO-2, full fine-tuning of the tiny GLM; "
         f"total {time.perf_counter() - started:.0f} s"
     )
-    print(
-        "speed = ours / Trainer real-token throughput, by wall clock and by process CPU time (on a shared\n"
-        "CPU the CPU-time ratio is the stable one); mem = peak memory ratio (<= 1.0 is better);\n"
-        "pad = share of the trained tokens that were padding; bound = (1 - pad ours) / (1 - pad HF):\n"
-        "the speed-up that the padding difference alone gives when the cost per token is the same\n"
-    )
-    print(f"{'data':<9} {'vs Trainer':<14} {'ours tok/s':>10} {'HF tok/s':>9}", end="")
-    print(f" {'speed':>6} {'cpu':>6} {'mem':>6} {'pad HF':>7} {'pad ours':>8} {'bound':>6}")
-    for data_name in datasets:
-        ours = _medians(results, data_name, "ours", "dynamic+group")
-        for variant in TRAINER_VARIANTS:
-            hf = _medians(results, data_name, "trainer", variant)
-            speed = ours["tokens_per_s"] / hf["tokens_per_s"]
-            cpu_speed = ours["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
-            mem = ours["peak_mem_gib"] / hf["peak_mem_gib"]
-            bound = (1 - ours["pad_frac"]) / (1 - hf["pad_frac"])
-            print(
-                f"{data_name:<9} {variant:<14} {ours['tokens_per_s']:>10.0f} {hf['tokens_per_s']:>9.0f} "
-                f"{speed:>5.2f}x {cpu_speed:>5.2f}x {mem:>5.2f}x "
-                f"{hf['pad_frac']:>7.1%} {ours['pad_frac']:>8.1%} {bound:>5.2f}x"
-            )
-    same_work = [r["tokens_per_s"] for r in results if r["data"] == "fixed" and r["runner"] == "trainer"]
-    if same_work:
-        print(
-            f"\nnoise gauge: on fixed data the {len(same_work)} Trainer runs do identical work; their spread "
-            f"({min(same_work):.0f}-{max(same_work):.0f} tok/s, "
-            f"{max(same_work) / min(same_work) - 1:.0%}) is this machine's run-to-run noise"
-        )
+    print_report(results, list(datasets))
     if args.json:
         args.json.write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")
     return 0

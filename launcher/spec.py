@@ -82,6 +82,9 @@ class TrainingSpec(StrictModel):
     max_length: int | None = Field(default=None, ge=2)
     """Cap on source+target tokens; defaults to their sum."""
     group_by_length: bool = False
+    packing: bool = False
+    """Padding-free batches: whole examples packed into rows, each attending to itself only
+    (launcher/train/packing.py); a micro-batch is per_device_batch_size rows."""
     seed: Seed = 42
     precision: Precision = "bf16"
     gradient_checkpointing: bool | None = None
@@ -281,7 +284,12 @@ class ResolvedResources(StrictModel):
     offload_param: bool
     gradient_checkpointing: bool
     est_mem_gib: float
+    """Estimated peak of allocated tensors per GPU (what ``torch.cuda.max_memory_allocated`` and the
+    result's ``peak_mem_gib`` measure)."""
     fits: bool
+    est_reserved_gib: float | None = None
+    """Estimated GPU memory as ``nvidia-smi`` shows it: the caching allocator's reserved pool plus the
+    CUDA context; ``fits`` compares this with cluster.gpu_mem_gib."""
 
     @property
     def world_size(self) -> int:

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,8 @@ class TrainData:
     """``BatchOrder`` over the training features for this rank."""
     pad_token_id: int
     truncated_frac: float
+    make_batch: Callable[[Any], tuple[dict[str, torch.Tensor], int]]
+    """One batch of ``order`` as tensors, and its number of real (non-pad) tokens."""
 
 
 def seed_everything(seed: int) -> None:
@@ -119,7 +121,13 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> torch.nn.Module:
 
 
 def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
-    from launcher.train.data import BatchOrder, load_and_encode, resolve_data_files, truncated_fraction
+    from launcher.train.data import (
+        BatchOrder,
+        collate,
+        load_and_encode,
+        resolve_data_files,
+        truncated_fraction,
+    )
 
     train_path, eval_path = resolve_data_files(cfg.data)
     _, train_features = load_and_encode(train_path, cfg, tokenizer, cfg.data.max_train_examples)
@@ -135,6 +143,23 @@ def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
         drop_last=True,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def make_batch(indices: list[int]) -> tuple[dict[str, torch.Tensor], int]:
+        batch = collate([train_features[i] for i in indices], int(pad_id))
+        return batch, int(batch["attention_mask"].sum())  # counted on the host: no device sync
+
+    if t.packing:
+        from launcher.train import packing
+
+        order, make_batch = packing.batching(  # type: ignore[assignment]
+            train_features,
+            cfg.method,
+            batch_size=t.per_device_batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=t.seed,
+            pad_token_id=int(pad_id),
+        )
     return TrainData(
         train_features=train_features,
         eval_features=eval_features,
@@ -142,6 +167,7 @@ def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
         order=order,
         pad_token_id=int(pad_id),
         truncated_frac=truncated_fraction(train_features),
+        make_batch=make_batch,
     )
 
 
@@ -199,7 +225,6 @@ def run_training(
 
     from launcher.templates import chat_format
     from launcher.train.adapters import apply_method
-    from launcher.train.data import collate
     from launcher.train.evaluate import bleu_scores, eval_loss, generate_samples
     from launcher.train.export import export_final
 
@@ -229,6 +254,10 @@ def run_training(
     model = load_model(cfg, ds)
     grad_ckpt = cfg.resources.gradient_checkpointing
     model, counts = apply_method(model, cfg.method, gradient_checkpointing=grad_ckpt)
+    if t.packing:
+        from launcher.train.packing import prepare_model
+
+        prepare_model(model, cfg.method)  # P-Tuning lays packed batches out per example
     log.info("%s: %s", cfg.method.method, counts.describe())
     loss_fn = TargetOnlyLoss(model)  # hooks the LM head; must see the model before DeepSpeed wraps it
 
@@ -286,8 +315,8 @@ def run_training(
             continue
         step_started = time.perf_counter()
         indices = batches[state.batches_done]
-        cpu_batch = collate([data.train_features[i] for i in indices], data.pad_token_id)
-        window_tokens += int(cpu_batch["attention_mask"].sum())  # counted on the host: no device sync
+        cpu_batch, real_tokens = data.make_batch(indices)
+        window_tokens += real_tokens
         batch = _to_device(cpu_batch, device)
         loss = loss_fn.loss(engine, batch)
         engine.backward(loss)
