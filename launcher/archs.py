@@ -53,6 +53,8 @@ class ArchInfo:
     leading_params: int = 1
     """How many of ``other_params`` come before the layers in the model's order (the embeddings):
     ZeRO-2 partitions the flat gradient buffer in this order."""
+    attention: str = "sdpa"
+    """"sdpa" (no attention scores kept) or "eager" (ChatGLM-6B's own code keeps seq x seq scores)."""
 
     @property
     def params_per_layer(self) -> int:
@@ -208,6 +210,7 @@ def arch_from_description(desc: dict[str, Any]) -> ArchInfo:
         other_params=tuple(other),
         output_module=None if tied else head,
         source=str(desc.get("source", "")),
+        attention=str(desc.get("attention", "eager" if family == "chatglm" else "sdpa")),
     )
 
 
@@ -375,6 +378,10 @@ def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
         output_module=output_module,
         source=source,
         leading_params=leading,
+        # ChatGLM-6B's remote code (v1; v2/3 add multi_query_attention) computes attention eagerly
+        attention="eager"
+        if getattr(cfg, "model_type", "") == "chatglm" and not hasattr(cfg, "multi_query_attention")
+        else "sdpa",
     )
 
 

@@ -32,12 +32,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from launcher.archs import ArchInfo
+from launcher.archs import ArchInfo, Linear
 from launcher.spec import FreezeMethod, FullMethod, LoraMethod, MethodSpec, Precision, PtuningMethod
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
-"""CUDA context, cuBLAS workspaces and allocator fragmentation: roughly constant per GPU process."""
+"""The CUDA context, NCCL's and cuBLAS's state: GPU memory of every GPU process that is not a tensor,
+so ``nvidia-smi`` shows it and ``max_memory_reserved`` does not."""
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MASTER_BYTES = 4  # fp32 master copy of the trainable partition
 
@@ -64,9 +65,13 @@ class ParamLayout:
     """Transformer layers whose activations are kept for backward (from the first trainable layer on)."""
     weight_layers: int = 0
     """Layers whose own linear weights train: they also keep each linear's input for the weight gradient."""
-    lora_extra_per_token: int = 0
-    """Extra activation elements per token and layer that LoRA keeps (dropout output and mask, r-wide
-    intermediate)."""
+    lora_targets: tuple[Linear, ...] = ()
+    """The linear layers LoRA wraps in every transformer layer."""
+    lora_r: int = 0
+    lora_dropout: float = 0.0
+    top_trains: bool = False
+    """A weight near the output trains (the last layer, the head, LoRA everywhere): its gradients arrive at
+    the start of backward, so ZeRO-2's reduce buckets exist during the activation peak."""
     prefix_tokens: int = 0
     """P-Tuning v2 prefix length added to every layer's keys and values."""
     input_tokens: int = 0
@@ -88,6 +93,7 @@ def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
     if isinstance(method, FullMethod):
         layout.trainable = [n for _, n in base]
         layout.trained_layers = layout.weight_layers = arch.num_layers
+        layout.top_trains = True
         return layout
     if isinstance(method, FreezeMethod):
         if method.trainable_patterns:
@@ -124,6 +130,10 @@ def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
         first_trained = 0 if embed_trains else min(trained_ids, default=arch.num_layers)
         layout.trained_layers = arch.num_layers - first_trained
         layout.weight_layers = len(set(trained_ids))
+        head_trains = any(
+            name.startswith(f"{arch.output_module}.") for name in trainable if arch.output_module
+        )
+        layout.top_trains = arch.num_layers - 1 in trained_ids or head_trains
         return layout
     layout.frozen = [n for _, n in base]
     layout.trained_layers = arch.num_layers
@@ -138,12 +148,9 @@ def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
         for _ in range(arch.num_layers):
             for lin in per_layer:
                 layout.trainable += [method.r * lin.in_features, lin.out_features * method.r]
-        # Each target keeps its dropout output (plus a 1-byte mask, a quarter element) and the r-wide
-        # intermediate; with dropout 0 peft passes the input itself, which the layer keeps anyway.
-        dropout_factor = 1.25 if method.lora_dropout > 0 else 0.0
-        layout.lora_extra_per_token = round(
-            sum(lin.in_features * dropout_factor + method.r for lin in per_layer)
-        )
+        layout.lora_targets = tuple(per_layer)
+        layout.lora_r, layout.lora_dropout = method.r, method.lora_dropout
+        layout.top_trains = True
         return layout
     assert isinstance(method, PtuningMethod)
     nv = method.pre_seq_len
@@ -166,7 +173,13 @@ def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per rank. ``*_device`` live on the GPU, ``*_host`` in CPU memory (offload)."""
+    """Bytes per rank. ``*_device`` live on the GPU, ``*_host`` in CPU memory (offload).
+
+    The peak allocation is the model states plus the larger of two phases: forward/backward (ZeRO buffers,
+    the activations kept for backward, plus the larger of the loss's logits and the first layer's
+    backward temporaries) and the optimizer step (its buffers and temporaries). The trainer's own check
+    of the target-only loss (one forward of the model's own loss, no grad) is a third candidate.
+    """
 
     params_device: int
     params_host: int
@@ -175,11 +188,26 @@ class MemoryEstimate:
     optim_device: int
     optim_host: int
     activations: int
+    """Saved for backward at the end of the forward pass."""
     logits: int
+    """The loss's logits and their fp32 copies and gradient, at the turn from forward to backward."""
+    backward_temp: int
+    """Gradients in flight in the top layer's backward, net of what that layer already freed."""
     buffers: int
+    """ZeRO buffers live during forward/backward: reduce buckets, ZeRO-3's gathered parameters."""
+    step_temp: int
+    """Temporaries of the optimizer step (the fp32 copy of the gradient partition) plus its buffers."""
+    check_temp: int
+    """The target-only loss check before training: the model's own loss over every position, no grad."""
+    load_temp: int
+    """ZeRO-3 with a model built outside ``zero.Init``: DeepSpeed moves the whole model to each GPU before
+    it partitions it (launcher's trainer builds it partitioned: 0)."""
     overhead: int
+    """CUDA context, NCCL and cuBLAS state: GPU memory that is not a tensor (0 for a CPU estimate)."""
     trainable_params: int
     total_params: int
+    reserved_factor: float = 1.0
+    """How much more the caching allocator reserves than it allocates at the peak."""
 
     @property
     def params(self) -> int:
@@ -198,12 +226,32 @@ class MemoryEstimate:
         return self.params_device + self.grads_device + self.optim_device
 
     @property
+    def train_phase(self) -> int:
+        return self.buffers + self.activations + max(self.logits, self.backward_temp)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The peak of live tensors (``torch.cuda.max_memory_allocated``)."""
+        phases = (self.train_phase, self.step_temp, self.check_temp, self.load_temp)
+        return self.model_states_device + max(phases)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """The caching allocator's pool at the peak (``torch.cuda.max_memory_reserved``)."""
+        return math.ceil(self.allocated_bytes * self.reserved_factor)
+
+    @property
     def device_bytes(self) -> int:
-        return self.model_states_device + self.activations + self.logits + self.buffers + self.overhead
+        """What the GPU must hold, as ``nvidia-smi`` shows it: the reserved pool plus the CUDA context."""
+        return self.reserved_bytes + self.overhead
 
     @property
     def host_bytes(self) -> int:
         return self.params_host + self.grads_host + self.optim_host
+
+    @property
+    def allocated_gib(self) -> float:
+        return self.allocated_bytes / GIB
 
     @property
     def device_gib(self) -> float:
@@ -211,6 +259,8 @@ class MemoryEstimate:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = asdict(self)
+        out["allocated_gib"] = round(self.allocated_gib, 3)
+        out["reserved_gib"] = round(self.reserved_bytes / GIB, 3)
         out["device_gib"] = round(self.device_gib, 3)
         out["host_gib"] = round(self.host_bytes / GIB, 3)
         return out
@@ -296,6 +346,115 @@ def model_state_bytes(
     return out
 
 
+RESERVED_FACTOR = 1.10
+"""PyTorch's caching allocator reserves more than the peak it hands out: block rounding (2 MiB segments
+for large tensors) and free blocks it keeps for reuse. An assumption until measured on a GPU
+(``bench/gpu_check.sh`` reports max_memory_reserved / max_memory_allocated)."""
+DS_DEFAULT_BUCKET = 500_000_000
+DS_DEFAULT_PREFETCH = 50_000_000
+DS_DEFAULT_REUSE_DISTANCE = 1_000_000_000
+LOGSUMEXP_BYTES = 4  # SDPA's memory-efficient/flash kernels save one fp32 log-sum-exp per query and head
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The ZeRO settings that size its GPU buffers."""
+
+    reduce_bucket: int
+    prefetch_bucket: int
+    max_reuse_distance: int = DS_DEFAULT_REUSE_DISTANCE
+    overlap_comm: bool = True
+
+    @classmethod
+    def rendered(cls, arch: ArchInfo) -> ZeroSettings:
+        """What launcher.dsconfig writes into ds_config.json for this architecture."""
+        bucket = bucket_size(arch)
+        return cls(reduce_bucket=bucket, prefetch_bucket=int(0.9 * bucket))
+
+    @classmethod
+    def deepspeed_defaults(cls, zero_stage: int) -> ZeroSettings:
+        """DeepSpeed's own defaults (a ds_config.json that sets no bucket sizes)."""
+        return cls(DS_DEFAULT_BUCKET, DS_DEFAULT_PREFETCH, overlap_comm=zero_stage == 3)
+
+
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "dense", "dense_4h_to_h", "c_proj", "out_proj")
+
+
+def _is_output_projection(lin: Linear) -> bool:
+    """The linear that closes a block (attention output, MLP down projection): its input is its own."""
+    return lin.name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS
+
+
+def lora_extra_per_token(layout: ParamLayout, d: int, on_cpu: bool, inputs_kept: bool = False) -> float:
+    """Elements per token and layer that LoRA adds: each target's r-wide intermediate; with dropout, the
+    dropout output plus its mask (CUDA's fused kernel keeps a 1-byte mask; CPU's keeps a float noise
+    tensor and the input); without dropout (or on CPU) lora_A keeps the target's input, shared by the
+    targets that read the same tensor (q, k, v read one norm output), unless ``inputs_kept`` (ZeRO-3's
+    linear keeps them anyway)."""
+    targets = layout.lora_targets
+    if not targets:
+        return 0.0
+    extra = float(len(targets) * layout.lora_r)
+    dropout = layout.lora_dropout > 0
+    if dropout:
+        extra += sum(lin.in_features for lin in targets) * (1.0 if on_cpu else 1.0 + 1.0 / d)
+    if (not dropout or on_cpu) and not inputs_kept:
+        shared = {lin.in_features for lin in targets if not _is_output_projection(lin)}
+        extra += sum(shared) + sum(lin.in_features for lin in targets if _is_output_projection(lin))
+    return extra
+
+
+def per_token_layer_elems(
+    arch: ArchInfo, layout: ParamLayout, d: int, on_cpu: bool = False, zero3: bool = False
+) -> tuple[float, float]:
+    """Elements one token keeps per transformer layer for backward: (frozen weights, trained weights).
+
+    Always: both norms' inputs, the rotated q and k, v, the attention output and its log-sum-exp (SDPA),
+    the MLP's up/gate output and, for a gated MLP, the activation output. A layer whose own weights train
+    also keeps what the weight gradients need: each linear's input (the norms' outputs, the attention
+    output, the down projection's input) and RMSNorm's normalised value. Under ZeRO-3 every linear keeps
+    its input, frozen or not: DeepSpeed's memory-efficient linear (``LinearFunctionForZeroStage3``, on by
+    default) saves input and weight for backward whatever needs a gradient. Counted on transformers'
+    decoder layers with autograd's saved-tensor hooks (tests/test_memory_model.py).
+    """
+    h = arch.hidden_size
+    q_dim = arch.num_attention_heads * arch.head_dim
+    ffn = arch.intermediate_size
+    layer_norm = any(name.endswith("norm.bias") for name, _ in arch.layer_params)
+    mlp_up = sum(
+        lin.out_features for lin in arch.layer_linears if lin.in_features == h and lin.out_features >= ffn
+    )
+    gated = mlp_up >= 2 * ffn
+    lse = arch.num_attention_heads * LOGSUMEXP_BYTES / d if arch.attention == "sdpa" else 0.0
+    linear_inputs = 2 * h + q_dim + ffn
+    # RMSNorm (transformers) computes in fp32: in bf16/fp16 it keeps an fp32 copy of its input
+    norm_inputs = 2 * h * (1 if layer_norm else 4 / d)
+    frozen = norm_inputs + 2 * q_dim + 2 * arch.kv_dim + lse + mlp_up + (ffn if gated else 0)
+    frozen += lora_extra_per_token(layout, d, on_cpu, inputs_kept=zero3)
+    trained = frozen + (0 if layer_norm else 2 * h) + linear_inputs
+    return frozen + (linear_inputs if zero3 else 0), trained
+
+
+def _attention_bytes_per_sequence(
+    arch: ArchInfo, layout: ParamLayout, seq: int, d: int, packed: bool = False
+) -> int:
+    """What attention keeps per layer beyond the per-token tensors.
+
+    Eager attention (ChatGLM-6B's own code) keeps the softmax output in fp32 and the probabilities in the
+    compute dtype: heads x seq x kv_len x (4 + d) bytes. SDPA keeps no scores, but a P-Tuning v2 prefix
+    or packing (a block-diagonal mask) makes the mask explicit: transformers then repeats k and v for every
+    query head (no GQA kernel with a mask) and SDPA keeps the additive mask, seq x kv_len.
+    """
+    kv_len = seq + layout.prefix_tokens
+    out = layout.prefix_tokens * 2 * arch.kv_dim * d  # the prefix keys and values themselves
+    if arch.attention == "eager":
+        return out + arch.num_attention_heads * seq * kv_len * (4 + d)
+    if layout.prefix_tokens or packed:
+        q_dim = arch.num_attention_heads * arch.head_dim
+        out += seq * kv_len * d + 2 * (q_dim - arch.kv_dim) * kv_len * d
+    return out
+
+
 def activation_bytes(
     arch: ArchInfo,
     layout: ParamLayout,
@@ -304,62 +463,164 @@ def activation_bytes(
     seq_len: int,
     gradient_checkpointing: bool,
     precision: Precision,
+    on_cpu: bool = False,
+    zero_stage: int = 2,
+    packed: bool = False,
 ) -> int:
-    """Activations kept for backward on one rank (memory-efficient attention: no s x s scores stored)."""
+    """Activations kept for backward on one rank at the end of the forward pass.
+
+    Only layers from the first trainable one upwards keep anything (nothing below needs a gradient). With
+    gradient checkpointing each of them keeps its input, and backward recomputes one layer in full.
+    """
     d = dtype_bytes(precision)
-    tokens = micro_batch * (seq_len + layout.input_tokens)
-    per_layer_frozen, per_layer_trained = per_token_layer_elems(arch, layout)
-    prefix_kv = micro_batch * layout.prefix_tokens * 2 * arch.kv_dim * arch.num_layers * d
+    seq = seq_len + layout.input_tokens
     layers, weight_layers = layout.trained_layers, min(layout.weight_layers, layout.trained_layers)
     if layers == 0:
         return 0
+    frozen, trained = per_token_layer_elems(arch, layout, d, on_cpu, zero3=zero_stage == 3)
+    attention = _attention_bytes_per_sequence(arch, layout, seq, d, packed)
+
+    def layer(elems: float) -> float:
+        return seq * elems * d + attention
+
     if gradient_checkpointing:
-        # Each layer's input only, plus one layer recomputed in full during backward.
-        recompute = per_layer_trained if weight_layers else per_layer_frozen
-        return tokens * d * (arch.hidden_size * layers + recompute) + prefix_kv
-    elems = weight_layers * per_layer_trained + (layers - weight_layers) * per_layer_frozen
-    return tokens * d * elems + prefix_kv
+        recomputed = layer(trained if weight_layers else frozen)
+        per_sequence = layers * seq * arch.hidden_size * d + recomputed
+    else:
+        per_sequence = weight_layers * layer(trained) + (layers - weight_layers) * layer(frozen)
+    return math.ceil(micro_batch * per_sequence)
 
 
-def per_token_layer_elems(arch: ArchInfo, layout: ParamLayout) -> tuple[int, int]:
-    """Elements one token keeps per transformer layer: (frozen weights, trained weights).
+def backward_temp_bytes(
+    arch: ArchInfo, layout: ParamLayout, *, micro_batch: int, seq_len: int, precision: Precision
+) -> int:
+    """Gradients in flight at the backward peak, in the top layer, net of what that layer already freed.
 
-    Always kept: the norms' inputs (RMSNorm also keeps its normalised value), q and k before and after
-    rotary embedding plus the rotated halves, v, and the MLP's up/gate outputs and activation output.
-    A layer whose weights train also keeps every linear layer's input (attention input, attention
-    output, MLP input, down-projection input); a frozen linear needs only its weight for backward.
+    MLP: the gradient of the up/gate output, of the activation output and of the hidden state; a layer
+    whose down projection trains has freed that projection's saved input by then. Eager attention: the
+    gradient of the probabilities plus the fp32 softmax gradient, heads x seq x kv_len x (d + 8).
     """
-    h = arch.hidden_size
-    q_dim = arch.num_attention_heads * arch.head_dim
-    ffn = arch.intermediate_size
-    layer_norm = any(name.endswith("norm.bias") for name, _ in arch.layer_params)
-    norms = 2 * (h if layer_norm else 2 * h)
+    if layout.trained_layers == 0:
+        return 0
+    d = dtype_bytes(precision)
+    seq = seq_len + layout.input_tokens
+    h, ffn = arch.hidden_size, arch.intermediate_size
     mlp_up = sum(
         lin.out_features for lin in arch.layer_linears if lin.in_features == h and lin.out_features >= ffn
     )
-    gated = mlp_up >= 2 * ffn
-    core = 3 * q_dim + 4 * arch.kv_dim + mlp_up + (ffn if gated else 0)
-    linear_inputs = h + q_dim + h + ffn
-    frozen = norms + core + layout.lora_extra_per_token
-    return frozen, norms + core + linear_inputs
+    freed = ffn if layout.weight_layers else 0
+    mlp = seq * (mlp_up + ffn + h - freed) * d
+    attention = 0
+    if arch.attention == "eager":
+        attention = arch.num_attention_heads * seq * (seq + layout.prefix_tokens) * (d + 8)
+    return micro_batch * max(mlp, attention)
 
 
-def logits_bytes(arch: ArchInfo, *, micro_batch: int, positions: int, precision: Precision) -> int:
-    """The logits in the compute dtype, their fp32 copy for the loss and the fp32 gradient of it, for
-    ``positions`` positions per example (every one for a model's own loss; the target ones for ours)."""
-    return micro_batch * positions * arch.vocab_size * (dtype_bytes(precision) + 4 + 4)
+TARGET_LOSS_BYTES = 12
+"""Per logit element of the target-only loss at its peak: the logits (d) or their fp32 copy, the saved
+log-softmax (fp32) and, in backward, its fp32 gradient."""
 
 
-def buffer_bytes(arch: ArchInfo, *, zero_stage: int, world_size: int, precision: Precision) -> int:
-    """ZeRO communication buckets and ZeRO-3's gathered working set (rendered from the same sizes)."""
+def logits_bytes(
+    arch: ArchInfo, *, micro_batch: int, positions: int, precision: Precision, own_loss: bool = False
+) -> int:
+    """The loss's logits at the turn from forward to backward, for ``positions`` positions per example.
+
+    A model's own loss (every position) also keeps the model's output logits in the compute dtype next
+    to the fp32 copy, the log-softmax and the gradient: d + 12 bytes per element; the target-only loss
+    (launcher.train.target_loss) 12 bytes, over the target positions only.
+    """
+    per_elem = TARGET_LOSS_BYTES + (dtype_bytes(precision) if own_loss else 0)
+    return micro_batch * positions * arch.vocab_size * per_elem
+
+
+def zero3_gathered_elems(arch: ArchInfo, settings: ZeroSettings) -> int:
+    """Peak of gathered (whole) parameters under ZeRO-3, simulated over the forward + backward trace.
+
+    After a module runs, ZeRO-3 frees its gathered parameters unless the module runs again within
+    ``stage3_max_reuse_distance`` parameters of upcoming fetches (then it keeps them), and it prefetches
+    up to ``stage3_prefetch_bucket_size`` parameters of the next modules. With DeepSpeed's 1e9 reuse
+    distance the top layers and the LM head stay gathered from their forward use to their backward use.
+    """
+    embed = arch.other_params[0][1] if arch.other_params else 0
+    rest = sum(n for _, n in arch.other_params[1:])
+    sizes = [embed] + [arch.params_per_layer] * arch.num_layers + [rest]
+    order = list(range(len(sizes)))
+    trace = order + order[::-1]
+    live: set[int] = set()
+    peak = 0
+    for t, module in enumerate(trace):
+        live.add(module)
+        prefetched, fetched = set(), 0
+        for nxt in trace[t + 1 :]:
+            if fetched >= settings.prefetch_bucket:
+                break
+            if nxt not in live and nxt not in prefetched:
+                prefetched.add(nxt)
+                fetched += sizes[nxt]
+        peak = max(peak, sum(sizes[m] for m in live | prefetched))
+        traversed, reused = 0, False
+        for nxt in trace[t + 1 :]:
+            if traversed >= settings.max_reuse_distance:
+                break
+            if nxt == module:
+                reused = True
+                break
+            traversed += sizes[nxt]
+        if not reused:
+            live.discard(module)
+        live |= prefetched
+    return peak
+
+
+def buffer_bytes(
+    arch: ArchInfo,
+    layout: ParamLayout,
+    *,
+    zero_stage: int,
+    world_size: int,
+    precision: Precision,
+    settings: ZeroSettings,
+) -> int:
+    """ZeRO buffers live during forward and backward.
+
+    ZeRO-1/2 (contiguous gradients) allocate the reduce bucket when the first gradient arrives, two of
+    them with ``overlap_comm``. They exist during the activation peak only when a weight near the output
+    trains (P-Tuning's gradients arrive at the very end). Now and then the previous step's bucket outlives
+    its step on real engines (one bucket more; not counted). ZeRO-3 allocates its reduce bucket at
+    start-up and, with more than one rank, gathers whole parameters (``zero3_gathered_elems``).
+    """
     d = dtype_bytes(precision)
-    bucket = bucket_size(arch)
     if zero_stage == 3:
-        # Reduce bucket + prefetch bucket + two gathered layers (current and prefetched).
-        return (2 * bucket + 2 * arch.params_per_layer) * d
-    if zero_stage == 2 and world_size > 1:
-        return 3 * bucket * d  # two overlapping reduce buckets + the allgather bucket
-    return bucket * d
+        gathered = zero3_gathered_elems(arch, settings) if world_size > 1 else 0
+        return (settings.reduce_bucket + gathered) * d
+    if zero_stage == 0 or not layout.top_trains:
+        return 0
+    buckets = 2 if settings.overlap_comm else 1
+    return buckets * settings.reduce_bucket * d
+
+
+def step_temp_bytes(
+    layout: ParamLayout,
+    *,
+    zero_stage: int,
+    world_size: int,
+    offload_optimizer: bool,
+    precision: Precision,
+    settings: ZeroSettings,
+) -> int:
+    """The optimizer step: its reduce buckets plus, on the GPU, the fp32 copy of the gradient partition
+    that DeepSpeed builds before Adam runs (in bf16/fp16 also the flattened low-precision copy)."""
+    d = dtype_bytes(precision)
+    buckets = 0
+    if zero_stage in (1, 2):
+        buckets = (2 if settings.overlap_comm else 1) * settings.reduce_bucket * d
+    elif zero_stage == 3:
+        buckets = settings.reduce_bucket * d
+    if offload_optimizer or zero_stage == 0:
+        return buckets
+    shard = math.ceil(layout.trainable_params / world_size)
+    return buckets + shard * (4 + (d if d != 4 else 0))
 
 
 def bucket_size(arch: ArchInfo) -> int:
@@ -383,10 +644,20 @@ def estimate(
     seq_len: int,
     loss_positions: int | None = None,
     layout: ParamLayout | None = None,
+    zero_settings: ZeroSettings | None = None,
+    on_cpu: bool = False,
+    zero_init: bool = True,
+    packed: bool = False,
 ) -> MemoryEstimate:
     """``loss_positions``: positions per example that get logits (launcher.train.target_loss computes
-    them for the target tokens only); None: all ``seq_len``, as a model's own loss does."""
+    them for the target tokens only, after checking them once against the model's own loss); None: the
+    model's own loss over all ``seq_len`` positions, as other training scripts compute it.
+    ``zero_settings``: the ZeRO buffer sizes (default: what launcher.dsconfig renders).
+    ``on_cpu``: the estimate for CPU ranks (no CUDA context, no allocator cache, CPU dropout kernels).
+    ``zero_init``: under ZeRO-3 the model is built already partitioned, as launcher's trainer does.
+    ``packed``: packed rows of ``seq_len`` tokens (training.packing), attention under an explicit mask."""
     layout = layout or param_layout(arch, method)
+    settings = zero_settings or ZeroSettings.rendered(arch)
     states = model_state_bytes(
         layout,
         world_size=world_size,
@@ -395,6 +666,13 @@ def estimate(
         offload_param=offload_param,
         precision=precision,
     )
+    own_loss = loss_positions is None
+    positions = seq_len if own_loss else min(seq_len, loss_positions or seq_len)
+    d = dtype_bytes(precision)
+    check = 0
+    if not own_loss:  # the model's own loss once, without grad, over every position
+        persistent = settings.reduce_bucket * d if zero_stage == 3 else 0
+        check = persistent + micro_batch * seq_len * arch.vocab_size * (d + 8)
     return MemoryEstimate(
         **states,
         activations=activation_bytes(
@@ -404,15 +682,31 @@ def estimate(
             seq_len=seq_len,
             gradient_checkpointing=gradient_checkpointing,
             precision=precision,
+            on_cpu=on_cpu,
+            zero_stage=zero_stage,
+            packed=packed,
         ),
         logits=logits_bytes(
-            arch,
-            micro_batch=micro_batch,
-            positions=min(seq_len, loss_positions or seq_len),
-            precision=precision,
+            arch, micro_batch=micro_batch, positions=positions, precision=precision, own_loss=own_loss
         ),
-        buffers=buffer_bytes(arch, zero_stage=zero_stage, world_size=world_size, precision=precision),
-        overhead=CUDA_CONTEXT_BYTES,
+        backward_temp=backward_temp_bytes(
+            arch, layout, micro_batch=micro_batch, seq_len=seq_len, precision=precision
+        ),
+        buffers=buffer_bytes(
+            arch, layout, zero_stage=zero_stage, world_size=world_size, precision=precision, settings=settings
+        ),
+        step_temp=step_temp_bytes(
+            layout,
+            zero_stage=zero_stage,
+            world_size=world_size,
+            offload_optimizer=offload_optimizer,
+            precision=precision,
+            settings=settings,
+        ),
+        check_temp=check,
+        load_temp=0 if zero_init or zero_stage != 3 else layout.total_params * d,
+        overhead=0 if on_cpu else CUDA_CONTEXT_BYTES,
         trainable_params=layout.trainable_params,
         total_params=layout.total_params,
+        reserved_factor=1.0 if on_cpu else RESERVED_FACTOR,
     )

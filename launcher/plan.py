@@ -405,6 +405,7 @@ def plan_row(run: RunConfig, arch: ArchInfo) -> dict[str, Any]:
         "micro_batch_size": micro,
         "gradient_accumulation_steps": accum,
         "est_mem_gib": r.est_mem_gib,
+        "est_reserved_gib": r.est_reserved_gib,
         "fits": r.fits,
     }
 

@@ -45,7 +45,10 @@ def run_estimate(
     training: TrainingSpec,
     c: ResourceChoice,
     layout: ParamLayout | None = None,
+    *,
+    on_cpu: bool = False,
 ) -> MemoryEstimate:
+    """The run's estimate with the trainer's target-only loss; ``on_cpu``: for CPU ranks (no CUDA)."""
     return estimate(
         arch,
         method,
@@ -59,6 +62,8 @@ def run_estimate(
         seq_len=seq_len(training),
         loss_positions=training.max_target_length + 1,  # the response and its eos: our loss's logits
         layout=layout,
+        on_cpu=on_cpu,
+        packed=training.packing,
     )
 
 
@@ -142,9 +147,17 @@ def resolve_resources(
     gc_default = defaults.gradient_checkpointing and supports_gradient_checkpointing(method)
     mem_gib = cluster.gpu_mem_gib
 
-    def fits(c: ResourceChoice) -> tuple[bool, float]:
-        gib = run_estimate(arch, method, training, c, layout).device_gib
-        return gib <= mem_gib, gib
+    def fits(c: ResourceChoice) -> tuple[bool, MemoryEstimate]:
+        est = run_estimate(arch, method, training, c, layout)
+        return est.device_gib <= mem_gib, est
+
+    def resolved(c: ResourceChoice, est: MemoryEstimate) -> ResolvedResources:
+        return ResolvedResources(
+            **c.__dict__,
+            est_mem_gib=round(est.allocated_gib, 2),
+            est_reserved_gib=round(est.device_gib, 2),
+            fits=True,
+        )
 
     if not auto:
         zero = explicit.get("zero_stage", defaults.zero_stage)
@@ -156,15 +169,16 @@ def resolve_resources(
             offload_param=explicit.get("offload_param", defaults.offload_param and zero == 3),
             gradient_checkpointing=gc_default if gc_explicit is None else bool(gc_explicit),
         )
-        ok, gib = fits(c)
+        ok, est = fits(c)
         if not ok:
             raise ResourceProblem(
                 "resources",
-                f"needs ~{gib:.1f} GiB per GPU with {c.nodes}x{c.gpus_per_node} GPUs, ZeRO-{c.zero_stage}"
+                f"needs ~{est.device_gib:.1f} GiB per GPU (nvidia-smi) with {c.nodes}x{c.gpus_per_node} GPUs,"
+                f" ZeRO-{c.zero_stage}"
                 f"{', offload' if c.offload_optimizer else ''} but cluster.gpu_mem_gib is {mem_gib:g}"
                 + _advice(c, method),
             )
-        return ResolvedResources(**c.__dict__, est_mem_gib=round(gib, 2), fits=True)
+        return resolved(c, est)
 
     gc_options = (
         [gc_explicit] if gc_explicit is not None else ([gc_default, True] if not gc_default else [True])
@@ -187,10 +201,10 @@ def resolve_resources(
                 continue
             for gc in dict.fromkeys(gc_options):
                 c = ResourceChoice(nodes, gpus, zero, off_opt, off_param, bool(gc))
-                ok, gib = fits(c)
-                last = (c, gib)
+                ok, est = fits(c)
+                last = (c, est.device_gib)
                 if ok:
-                    return ResolvedResources(**c.__dict__, est_mem_gib=round(gib, 2), fits=True)
+                    return resolved(c, est)
     if last is None:
         raise ResourceProblem("resources", "no configuration satisfies the explicit resource values")
     c, gib = last

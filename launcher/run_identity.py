@@ -3,10 +3,10 @@
 The plan stamps it on every run (``run_id`` in run.yaml), the manifest keys its entries by it, and
 ``launcher submit`` compares it to tell a changed config from a resubmission. Placement is left out:
 where a run executes (``backend``, ``hostfile``, the ``cluster`` and ``local`` settings), where its
-metrics are reported (``logging``) and what the planner estimated about it (``resources.est_mem_gib`` /
-``fits``: a better memory model is not a new run). So moving an experiment from ``backend: local``
-to ``backend: slurm``, or to another partition, resubmits the same runs instead of reporting them as
-changed.
+metrics are reported (``logging``) and what the planner estimated about it (``resources.est_mem_gib``,
+``est_reserved_gib``, ``fits``: a better memory model is not a new run). So moving an experiment from
+``backend: local`` to ``backend: slurm``, or to another partition, resubmits the same runs instead of
+reporting them as changed.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # The id itself, where the run executes and where its metrics go.
 EXCLUDED_KEYS: tuple[str, ...] = ("run_id", "backend", "hostfile", "cluster", "local", "logging")
-ESTIMATE_KEYS: tuple[str, ...] = ("est_mem_gib", "fits")
+ESTIMATE_KEYS: tuple[str, ...] = ("est_mem_gib", "est_reserved_gib", "fits")
 RUN_ID_CHARS = 12
 
 

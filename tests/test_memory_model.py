@@ -18,7 +18,9 @@ from launcher.memory_model import estimate, model_state_bytes, param_layout
 from launcher.spec import MethodSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 import ds_memory_worker as worker
+import published_memory
 
 WORKER = Path(__file__).parent / "ds_memory_worker.py"
 METHOD = TypeAdapter(MethodSpec)
@@ -111,53 +113,38 @@ def test_model_states_match_real_deepspeed_engines_per_rank(tmp_path: Path) -> N
     print("\n".join(lines))
 
 
-PUBLISHED_GIB = {"lora": 20.0, "freeze": 36.0, "ptuning": 43.0, "full": 33.0}
+# Rows the mechanisms modelled here do not explain (docs/memory_model.md says what is left).
+UNEXPLAINED = {("ptuning", 4, True, 1560), ("full", 4, True, 1560)}
 
 
-def chatglm6b_predictions() -> dict[str, dict[str, Any]]:
-    """Predicted GiB/GPU for ChatGLM-6B (bundled architecture) next to the published numbers.
-
-    Assumptions: fp16 weights, micro-batch 4, sequence length 768 (the published P-Tuning setting), no
-    gradient checkpointing; adapters on 1 GPU with ZeRO-2 and no offload, full on 4 GPUs ZeRO-3 with
-    optimizer + parameter offload. LoRA r8 on query_key_value, Freeze last 2 layers, P-Tuning v2 with
-    pre_seq_len 128 (ChatGLM-6B's official P-Tuning script).
-    """
-    arch = bundled_arch("chatglm-6b")
-    methods = {
-        "lora": ({"method": "lora", "r": 8, "target_modules": ["query_key_value"]}, 1, 2, False, False),
-        "freeze": ({"method": "freeze", "trainable_layers": 2}, 1, 2, False, False),
-        "ptuning": ({"method": "ptuning", "version": "v2", "pre_seq_len": 128}, 1, 2, False, False),
-        "full": ({"method": "full"}, 4, 3, True, True),
-    }
-    out = {}
-    for name, (method, gpus, zero, off_opt, off_param) in methods.items():
-        est = estimate(
-            arch,
-            METHOD.validate_python(method),
-            world_size=gpus,
-            zero_stage=zero,
-            offload_optimizer=off_opt,
-            offload_param=off_param,
-            gradient_checkpointing=False,
-            precision="fp16",
-            micro_batch=4,
-            seq_len=768,
-        )
-        out[name] = {"predicted_gib": round(est.device_gib, 1), "published_gib": PUBLISHED_GIB[name]}
-        out[name]["ratio"] = round(est.device_gib / PUBLISHED_GIB[name], 2)
-    return out
-
-
-def test_chatglm6b_predictions_are_in_the_published_range(capsys: pytest.CaptureFixture[str]) -> None:
-    table = chatglm6b_predictions()
+def test_chatglm6b_at_the_published_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every row of the published ChatGLM-6B table at its own settings: the nvidia-smi estimate (reserved
+    pool + CUDA context) within 0.8-1.1 of the published figure, never above it by more than 10 %."""
+    rows = published_memory.table()
     with capsys.disabled():
-        for name, row in table.items():
+        for item in rows:
+            r = item["row"]
             print(
-                f"\n{name:8s} predicted {row['predicted_gib']:5.1f} GiB  "
-                f"published {row['published_gib']:4.0f}G  ratio {row['ratio']:.2f}"
+                f"\n{r.method:8s} {r.gpus} GPU ckpt={r.checkpointing!s:5} {r.seq_len:5d}: allocated "
+                f"{item['allocated_gib']:5.1f} GiB, nvidia-smi {item['smi_gib']:5.1f} GiB, published "
+                f"{r.published_gib:g}G, ratio {item['ratio']:.2f}"
             )
-    for row in table.values():
-        assert 0.4 <= row["ratio"] <= 2.0, table
+    for item in rows:
+        r = item["row"]
+        assert item["ratio"] <= 1.1, item
+        if (r.method, r.gpus, r.checkpointing, r.seq_len) not in UNEXPLAINED:
+            assert item["ratio"] >= 0.8, item
+    by_key = {(i["row"].method, i["row"].gpus, i["row"].checkpointing): i for i in rows}
+    # The mechanisms the rows turn on: eager attention keeps seq x seq scores without checkpointing
+    # (LoRA 45G vs 20G), and the model is moved whole to each GPU before ZeRO-3 partitions it.
+    assert (
+        by_key[("lora", 1, False)]["estimate"].activations
+        > 10 * by_key[("lora", 1, True)]["estimate"].activations
+    )
+    assert (
+        by_key[("full", 4, True)]["estimate"].load_temp
+        == by_key[("full", 4, True)]["estimate"].total_params * 2
+    )
 
 
 def test_bundled_descriptions_match_transformers_meta_models() -> None:
@@ -299,6 +286,7 @@ def _saved_activation_bytes(
         seq_len=seq,
         gradient_checkpointing=checkpointing,
         precision="fp32",
+        on_cpu=True,  # CPU dropout keeps a float noise tensor and its input, not a 1-byte mask
     )
     return sum(saved.values()), predicted
 
@@ -317,7 +305,7 @@ def _saved_activation_bytes(
 def test_activation_estimate_against_autograd_saved_tensors(method: dict[str, Any]) -> None:
     """What autograd keeps for backward (counted with saved_tensors_hooks) vs the activation model."""
     measured, predicted = _saved_activation_bytes(method, checkpointing=False, batch=2, seq=96)
-    assert 0.75 <= measured / predicted <= 1.25, (measured, predicted)
+    assert 0.9 <= measured / predicted <= 1.1, (measured, predicted)
     if method.get("version") != "v2":  # peft refuses prefix tuning with checkpointing
         saved, predicted_peak = _saved_activation_bytes(method, checkpointing=True, batch=2, seq=96)
         layer_inputs = 2 * 96 * ACT_GLM["hidden_size"] * 4 * ACT_GLM["num_hidden_layers"]
@@ -349,6 +337,9 @@ def test_a_runs_estimate_counts_logits_for_target_positions_only() -> None:
         micro_batch=2,
         seq_len=640,
     )
-    assert ours.logits == 2 * 129 * arch.vocab_size * (2 + 4 + 4)  # response + eos, bf16 + 2 fp32 copies
-    assert every_position.logits == ours.logits * 640 // 129
-    assert every_position.device_bytes - ours.device_bytes == every_position.logits - ours.logits
+    # response + eos; the logits (or their fp32 copy), the fp32 log-softmax and its fp32 gradient
+    assert ours.logits == 2 * 129 * arch.vocab_size * 12
+    # the model's own loss: every position, and the model's bf16 output logits stay alive too
+    assert every_position.logits == 2 * 640 * arch.vocab_size * (2 + 12)
+    # ours checks its loss once against the model's own (no grad, every position) before training
+    assert ours.check_temp == 2 * 640 * arch.vocab_size * (2 + 8)

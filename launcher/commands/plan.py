@@ -65,6 +65,7 @@ PLAN_COLUMNS: tuple[Column[dict[str, Any]], ...] = (
     Column("ckpt", lambda r: "on" if r["gradient_checkpointing"] else "-", priority=3),
     Column("batch", _batch, right=True, priority=2),
     Column("est GiB/GPU", lambda r: f"{r['est_mem_gib']:.1f}", right=True, priority=1),
+    Column("smi GiB", lambda r: f"{r['est_reserved_gib'] or 0:.1f}", right=True, priority=4),
     Column("fits", lambda r: "yes" if r["fits"] else "NO", priority=ALWAYS),
 )
 
@@ -78,7 +79,8 @@ def print_table(rows: list[dict[str, Any]], title: str, gpu_mem_gib: float, *, w
         rows,
         wide=wide,
         title=title,
-        caption=f"est. GiB/GPU vs cluster.gpu_mem_gib = {gpu_mem_gib:g}",
+        caption=f"est GiB/GPU: allocated tensors; smi GiB: reserved + CUDA context (nvidia-smi), "
+        f"checked against cluster.gpu_mem_gib = {gpu_mem_gib:g}",
     )
 
 
