@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         runners = [("ours", train_ours)] + ([("hf-trainer", train_trainer)] if run.trainer else [])
         for runner, train in runners:
             row = {"run": run.name, "runner": runner, "packing": run.packing, "zero_stage": run.zero_stage}
-            if runner == "hf-trainer":
+            if runner == "hf-trainer":  # a fresh run directory of the same plan
+                (work / "trainer").mkdir(exist_ok=True)
                 run_dir, plan_row = plan_run(write_spec(settings, run, work / "trainer"))
             row.update(train(run_dir, settings.warmup, args.out / f"{run.name}-{runner}.log"))
             add_ratios(row, plan_row, arch.total_params, on_gpu)
