@@ -151,7 +151,8 @@ def test_rows_hold_whole_examples_up_to_the_capacity_and_every_rank_the_same_bat
     assert len(rows) == 5  # 50 tokens in rows of 10: best-fit leaves no room unused here
     with pytest.raises(ValueError, match="more than a packed row holds"):
         pack_rows([11], 10)
-    ranks = [PackedOrder(rows, batch_size=1, rank=r, world_size=2, seed=1) for r in range(2)]
+    tokens = [sum(lengths[i] for i in row) for row in rows]
+    ranks = [PackedOrder(rows, tokens, batch_size=1, rank=r, world_size=2, seed=1) for r in range(2)]
     assert ranks[0].num_batches == ranks[1].num_batches == 2
     seen = [row for order in ranks for batch in order.batches(0) for row in batch]
     assert len({tuple(r) for r in seen}) == 4  # disjoint slices of the same shuffled rows
