@@ -85,8 +85,6 @@ SMOKE_RUNS = (
 
 @dataclass
 class Settings:
-    smoke: bool
-    out: Path
     steps: int
     warmup: int
     micro_batch: int
@@ -277,11 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(exist_ok=True)
     started = time.perf_counter()
     if args.smoke:
-        settings = Settings(True, args.out, 2, 1, 2, 64, 16, {"builtin": "tiny-glm"}, "fp32")
+        settings = Settings(2, 1, 2, 64, 16, {"builtin": "tiny-glm"}, "fp32")
         runs = SMOKE_RUNS
     else:
         model_dir = build_model_dir(work / "model", args.tokenizer)
-        settings = Settings(False, args.out, args.steps, args.warmup, 4, 1024, 256, {"path": str(model_dir)})
+        settings = Settings(args.steps, args.warmup, 4, 1024, 256, {"path": str(model_dir)})
         runs = RUNS
     runs = tuple(r for r in runs if not args.only or any(s in r.name for s in args.only))
     from launcher.plan import resolve_arch

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU run in one command, for a GPU machine without network (bench/gpu_check.py says what it runs).
-# Prepare here first: bench/gpu_wheels.sh (fills .whl/ with the wheels the image lacks and the tokenizer),
-# then run this there with .whl carried:   run(command="bench/gpu_check.sh", carry=[".whl"])
-# Results go to $OUT (the run tool's folder that comes back) or ./gpu-check-out: gpu_check.json, .md, logs.
+# Prepare where PyPI is reachable: bench/gpu_wheels.sh (fills .whl/ with the wheels the image lacks and the
+# tokenizer); copy the checkout with .whl/ to the GPU machine and run bench/gpu_check.sh there.
+# Results go to $OUT if set, else ./gpu-check-out: gpu_check.json, gpu_check.md and one log per run.
 #   bench/gpu_check.sh --smoke     # CPU, tiny model, 2 steps, with this checkout's own Python (tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."

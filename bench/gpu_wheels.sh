@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Prepare, on this machine (PyPI reachable), what bench/gpu_check.sh needs on a GPU machine that has no
 # network: the Python packages its image lacks, as wheels for CPython 3.12 on x86-64 Linux, and the
-# built-in model's tokenizer. Everything goes to .whl/ (git-ignored; name it in the run's `carry`).
+# built-in model's tokenizer. Everything goes to .whl/ (git-ignored: copy it along by hand).
 #
-#   bench/gpu_wheels.sh            # then: run(command="bench/gpu_check.sh", carry=[".whl"])
+#   bench/gpu_wheels.sh            # then, on the GPU machine with .whl/ copied along: bench/gpu_check.sh
 #
 # The image has torch, transformers, peft, accelerate, sacrebleu, rich, tensorboard, msgpack, ninja,
 # psutil, py-cpuinfo, einops, regex, joblib, click, tqdm, cloudpickle, pyyaml. Missing: deepspeed (built
