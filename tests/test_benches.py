@@ -20,13 +20,14 @@ def test_memory_check_measures_within_bounds_of_the_plan(tmp_path: Path, tiny_mo
     import memory_check
 
     out = tmp_path / "rows.json"
-    # ZeRO-3 with 2 ranks (gathered parameters) and ZeRO-2 with checkpointing (buckets, recompute)
+    # ZeRO-2's reduce buckets, and ZeRO-3's gathered parameters with checkpointing; bf16, 2 ranks each.
+    # The LoRA case also holds the trainer to bf16 adapters under ZeRO-3 (fp32 ones measured 1.70x).
     code = memory_check.main(
-        ["--only", "full-z3-r2-fp32", "lora-z2-gc-r1", "--steps", "2", "--json", str(out)]
+        ["--only", "full-z2-r2-bf16", "lora-z3-gc-r2-bf16", "--steps", "2", "--json", str(out)]
     )
     rows = json.loads(out.read_text())
-    assert [r["case"] for r in rows] == ["lora-z2-gc-r1-fp32", "full-z3-r2-fp32"]
-    assert len(rows[1]["ranks"]) == 2 and all(m["state"] == "COMPLETED" for r in rows for m in r["ranks"])
+    assert [r["case"] for r in rows] == ["full-z2-r2-bf16", "lora-z3-gc-r2-bf16"]
+    assert all(len(r["ranks"]) == 2 and all(m["state"] == "COMPLETED" for m in r["ranks"]) for r in rows)
     assert code == 0, [(r["case"], r["ratios"]) for r in rows]
 
 
