@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -170,21 +171,73 @@ def test_prefix_mask_opens_the_prefix_and_each_example_to_itself() -> None:
     assert (additive == 0).equal(mask)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("method", "zero_stage"), [("ptuning_v1", 3), ("ptuning_v2", 2)])
-def test_packed_prompt_tuning_trains_through_the_entrypoint(
-    tmp_path: Path, tiny_model_dir: Path, method: str, zero_stage: int
-) -> None:
-    """The per-example prompt layouts run inside a real DeepSpeed engine (ZeRO-3 gathers the prompt
-    encoder's weights inside the packed forward), and the loop counts real tokens, not row padding."""
-    from train_helpers import make_run_dir, metrics, rank_output, run_ranks
+def _varied_lengths(path: Path, count: int = 64) -> dict[str, str]:
+    """Examples of 24 to 126 tokens, none truncated: a row as long as the longest holds several short ones."""
+    from launcher.demo_data import pretraining_corpus
 
+    text = "".join(pretraining_corpus(40))
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(count):
+            prompt_chars, response_chars = 4 + (i * 37) % 90, 3 + (i * 11) % 20
+            start = (i * 131) % (len(text) - prompt_chars - response_chars)
+            prompt = text[start : start + prompt_chars]
+            response = text[start + prompt_chars : start + prompt_chars + response_chars]
+            handle.write(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False) + "\n")
+    return {"train_file": str(path), "eval_file": str(path)}
+
+
+def _expected_tokens(paths: Any, world_size: int, steps: int) -> list[int]:
+    """Real tokens after each optimizer step, from the packed order every rank builds (accumulation 1)."""
+    from launcher.spec import RunConfig
+    from launcher.train.distributed import DistEnv
+    from launcher.train.loop import build_data, load_tokenizer
+
+    cfg = RunConfig.from_yaml_file(paths.run_yaml)
+    tokenizer = load_tokenizer(cfg)
+    per_step = [0] * steps
+    for rank in range(world_size):
+        data = build_data(cfg, tokenizer, DistEnv(rank, rank, world_size, "localhost", 0, "single"))
+        assert data.order.num_batches >= steps
+        assert len(data.order.rows) < len(data.train_features)  # rows really hold several examples
+        for step, rows in enumerate(data.order.batches(0)[:steps]):
+            batch, real = data.make_batch(rows)
+            assert real == int((batch["input_ids"] != data.pad_token_id).sum())  # pads are not counted
+            per_step[step] += real
+    return [sum(per_step[: s + 1]) for s in range(steps)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "zero_stage", "world_size"), [("ptuning_v1", 3, 1), ("ptuning_v2", 2, 1), ("lora", 3, 2)]
+)
+def test_packed_training_through_the_entrypoint(
+    tmp_path: Path, tiny_model_dir: Path, method: str, zero_stage: int, world_size: int
+) -> None:
+    """``training.packing: true`` through ``python -m launcher.train``: the per-example prompt layouts run
+    inside a real DeepSpeed engine (ZeRO-3 gathers the prompt encoder's weights inside the packed
+    forward), two ranks train disjoint slices of the same packed rows, and the loop counts the real
+    tokens of exactly those rows, not their padding."""
+    from train_helpers import make_run_dir, metrics, rank_output, run_ranks, status
+
+    steps = 3
     paths = make_run_dir(
-        tmp_path, method, zero_stage=zero_stage, max_steps=3, accumulation=1, save_steps=100, packing=True
+        tmp_path,
+        method,
+        world_size=world_size,
+        zero_stage=zero_stage,
+        max_steps=steps,
+        accumulation=1,
+        save_steps=100,
+        data=_varied_lengths(tmp_path / "varied.jsonl"),
+        max_source_length=128,
+        max_target_length=32,
+        packing=True,
     )
-    assert run_ranks(paths, 1, timeout_s=240) == [0], rank_output(paths)
+    assert run_ranks(paths, world_size, timeout_s=240) == [0] * world_size, rank_output(paths)
+    assert status(paths)["state"] == "COMPLETED"
     rows = metrics(paths)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows)
+    assert [r["tokens"] for r in rows] == _expected_tokens(paths, world_size, steps)
     log = paths.rank_log(0).read_text()
     assert "packing:" in log, log[-2000:]
