@@ -11,7 +11,7 @@
 # slurmdbd on a local MariaDB so `sacct` works as on real clusters; LAUNCHER_SLURM_ACCOUNTING=0 gives
 # the no-accounting cluster (sacct fails: the launcher must fall back to squeue and the run dir).
 # Everything lives under $STATE_DIR; /etc/slurm/slurm.conf is a symlink so clients need no SLURM_CONF.
-# Facts and traps: ../../../shared/reference/slurm-two-node.conf (Slurm 22.05).
+# Facts and traps (Slurm 22.05): docs/slurm_test_cluster.md.
 set -euo pipefail
 
 STATE_DIR=${LAUNCHER_SLURM_STATE:-/var/lib/launcher-slurm-test}
