@@ -61,7 +61,7 @@ def make_experiment(root: Path, n_runs: int) -> None:
     plan = []
     for index in range(n_runs):
         name = f"lora_lr{index:05d}"
-        # plan.json as launcher.plan.write_run_dirs writes it (launcher.plan.plan_row's keys).
+        # plan.json as launcher.plan.planner.write_run_dirs writes it (launcher.plan.planner.plan_row's keys).
         plan.append(
             {"name": name, "run_id": f"id{index}", "method": "lora", "method_label": "lora r8/a32",
              "swept": {"training.learning_rate": 0.001 * index}, "nodes": 1, "gpus_per_node": 2,

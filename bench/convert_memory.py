@@ -137,7 +137,7 @@ def main() -> None:
     root = args.keep or Path(tempfile.mkdtemp(prefix="convert-memory-"))
     try:
         tokenizer = root / "sentencepiece.model"
-        from launcher.demo_data import pretraining_corpus
+        from launcher.builtins.demo_data import pretraining_corpus
 
         ref.train_sentencepiece(pretraining_corpus(400), tokenizer, vocab_size=1200)
         shard = ["--max-shard-gib", str(args.max_shard_gib)]

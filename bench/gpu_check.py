@@ -101,7 +101,7 @@ def build_model_dir(dest: Path, tokenizer_dir: Path) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from launcher.tiny import BOS_ID, EOS_ID, PAD_ID
+    from launcher.builtins.tiny import BOS_ID, EOS_ID, PAD_ID
 
     if (dest / "config.json").is_file():
         return dest
@@ -154,7 +154,7 @@ def write_spec(settings: Settings, run: Run, root: Path) -> Path:
 
 
 def plan_run(spec_path: Path) -> tuple[Path, dict[str, Any]]:
-    from launcher.plan import load_and_plan, write_run_dirs
+    from launcher.plan.planner import load_and_plan, write_run_dirs
 
     plan = load_and_plan(spec_path)
     exp = write_run_dirs(plan, force=True)
@@ -162,7 +162,7 @@ def plan_run(spec_path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def rank_env() -> dict[str, str]:
-    from launcher.launch_env import free_port, torchrun_env
+    from launcher.backends.launch_env import free_port, torchrun_env
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUBMITIT_", "SLURM_"))}
     return env | torchrun_env(0, 1, free_port()) | {"TOKENIZERS_PARALLELISM": "false"}
@@ -170,7 +170,7 @@ def rank_env() -> dict[str, str]:
 
 def train_ours(run_dir: Path, warmup: int, log: Path) -> dict[str, Any]:
     """Our entrypoint, one rank; tokens/s from metrics.jsonl after ``warmup`` steps."""
-    from launcher.rundir import RunPaths, iter_jsonl, read_json
+    from launcher.rundir.paths import RunPaths, iter_jsonl, read_json
 
     started = time.perf_counter()
     with open(log, "w") as handle:
@@ -219,7 +219,7 @@ def train_trainer(run_dir: Path, warmup: int, log: Path) -> dict[str, Any]:
 
 
 def add_ratios(row: dict[str, Any], plan_row: dict[str, Any], params: int, on_gpu: bool) -> None:
-    from launcher.memory_model import CUDA_CONTEXT_BYTES, GIB
+    from launcher.plan.memory_model import CUDA_CONTEXT_BYTES, GIB
 
     row["est_allocated_gib"] = plan_row["est_mem_gib"]
     row["est_reserved_gib"] = round(plan_row["est_reserved_gib"] - CUDA_CONTEXT_BYTES / GIB, 2)
@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(args.steps, args.warmup, 4, 1024, 256, {"path": str(model_dir)})
         runs = RUNS
     runs = tuple(r for r in runs if not args.only or any(s in r.name for s in args.only))
-    from launcher.plan import resolve_arch
-    from launcher.spec import ModelSpec
+    from launcher.plan.planner import resolve_arch
+    from launcher.spec.schema import ModelSpec
 
     arch, error, _ = resolve_arch(ModelSpec.model_validate(settings.model), REPO)
     if arch is None:

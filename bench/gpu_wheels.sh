@@ -41,7 +41,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from launcher.tiny import ensure_tiny_model
+from launcher.builtins.tiny import ensure_tiny_model
 
 src, dest = ensure_tiny_model(), Path(sys.argv[1])
 dest.mkdir(parents=True)

@@ -16,7 +16,7 @@ Measured per rank, from the check of the target-only loss to the end of the last
   keeps after a free;
 - on CUDA, ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` over the same window.
 
-Compared with ``launcher.resources.run_estimate`` for the same run: on CPU its allocated estimate without
+Compared with ``launcher.plan.resources.run_estimate`` for the same run: on CPU its allocated estimate without
 CUDA-only terms (no context, no allocator cache, CPU dropout kernels) plus the offloaded (host) states,
 since there the "device" and the host are one memory; on CUDA the allocated and the reserved estimate.
 One line per case (the largest rank), then a summary; exit 1 if a ratio leaves [0.85, 1.15].
@@ -88,7 +88,7 @@ def all_cases() -> list[Case]:
 
 
 def run_config(case: Case, data_file: Path, steps: int, micro_batch: int) -> Any:
-    from launcher.spec import (
+    from launcher.spec.schema import (
         ClusterSpec,
         DataSpec,
         EvalSpec,
@@ -135,10 +135,10 @@ def run_config(case: Case, data_file: Path, steps: int, micro_batch: int) -> Any
 
 
 def write_run_dir(root: Path, cfg: Any) -> Path:
-    from launcher.archs import tiny_glm_arch
-    from launcher.dsconfig import render_ds_config
-    from launcher.run_status import update_status
-    from launcher.rundir import RunPaths, RunState, write_json_atomic, write_text_atomic
+    from launcher.plan.archs import tiny_glm_arch
+    from launcher.plan.dsconfig import render_ds_config
+    from launcher.rundir.paths import RunPaths, RunState, write_json_atomic, write_text_atomic
+    from launcher.rundir.status import update_status
 
     paths = RunPaths(root / cfg.name)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -149,9 +149,9 @@ def write_run_dir(root: Path, cfg: Any) -> Path:
 
 
 def planner_estimate(cfg: Any, on_cpu: bool) -> Any:
-    from launcher.archs import tiny_glm_arch
-    from launcher.methods import ResourceChoice
-    from launcher.resources import run_estimate
+    from launcher.plan.archs import tiny_glm_arch
+    from launcher.plan.methods import ResourceChoice
+    from launcher.plan.resources import run_estimate
 
     r = cfg.resources
     choice = ResourceChoice(
@@ -293,7 +293,7 @@ def worker(run_dir: Path, out: Path) -> None:
 
 
 def run_case(case: Case, root: Path, cfg: Any) -> list[dict[str, Any]]:
-    from launcher.launch_env import free_port, torchrun_env
+    from launcher.backends.launch_env import free_port, torchrun_env
 
     run_dir = write_run_dir(root, cfg)
     port = free_port()
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_throughput import fixed_length_data
 
-    from launcher.tiny import ensure_tiny_model
+    from launcher.builtins.tiny import ensure_tiny_model
 
     ensure_tiny_model()
     started = time.perf_counter()

@@ -34,7 +34,7 @@ def main() -> int:
         os.environ["LAUNCHER_CACHE_DIR"] = str(root / "cache")
         from families import ensure_family_model
 
-        from launcher.plan import load_and_plan
+        from launcher.plan.planner import load_and_plan
 
         model = ensure_family_model("qwen2")
         train = root / "train.jsonl"

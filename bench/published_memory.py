@@ -67,9 +67,9 @@ ROWS = (
 def estimate_row(row: Row) -> Any:
     from pydantic import TypeAdapter
 
-    from launcher.archs import bundled_arch
-    from launcher.memory_model import ZeroSettings, estimate
-    from launcher.spec import MethodSpec
+    from launcher.plan.archs import bundled_arch
+    from launcher.plan.memory_model import ZeroSettings, estimate
+    from launcher.spec.schema import MethodSpec
 
     full = row.method == "full"
     return estimate(
@@ -89,7 +89,7 @@ def estimate_row(row: Row) -> Any:
 
 
 def table() -> list[dict[str, Any]]:
-    from launcher.memory_model import GIB
+    from launcher.plan.memory_model import GIB
 
     out = []
     for row in ROWS:
@@ -107,7 +107,7 @@ def table() -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    from launcher.memory_model import GIB
+    from launcher.plan.memory_model import GIB
 
     def gib(n: int) -> str:
         return f"{n / GIB:.1f}"

@@ -43,7 +43,7 @@ def write_spec(directory: Path, experiment: str, runs: int) -> Path:
 
 
 def plan(spec_path: Path) -> tuple[object, list, object]:
-    from launcher.plan import load_and_plan, write_run_dirs
+    from launcher.plan.planner import load_and_plan, write_run_dirs
 
     loaded = load_and_plan(spec_path)
     exp = write_run_dirs(loaded)

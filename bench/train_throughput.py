@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from launcher.launch_env import free_port, torchrun_env
+from launcher.backends.launch_env import free_port, torchrun_env
 
 MAX_SOURCE, MAX_TARGET = 256, 64
 TRAINER_VARIANTS = ("pad-max", "dynamic", "dynamic+group")
@@ -69,8 +69,8 @@ def fixed_length_data(
     """Examples whose source is exactly ``max_source`` tokens and target exactly ``max_target`` (+ eos)."""
     from transformers import AutoTokenizer
 
-    from launcher.demo_data import pretraining_corpus
-    from launcher.tiny import ensure_tiny_model
+    from launcher.builtins.demo_data import pretraining_corpus
+    from launcher.builtins.tiny import ensure_tiny_model
     from launcher.train.data import Example, encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
@@ -129,7 +129,7 @@ def _spec(
 
 
 def _plan_run_dir(spec_path: Path) -> Path:
-    from launcher.plan import load_and_plan, write_run_dirs
+    from launcher.plan.planner import load_and_plan, write_run_dirs
 
     plan = load_and_plan(spec_path)
     exp = write_run_dirs(plan, force=True)
@@ -151,7 +151,7 @@ def worker_ours(run_dir: Path, warmup: int) -> dict[str, Any]:
     import launcher.train.data as data
     import launcher.train.loop as loop
     import launcher.train.packing as packing
-    from launcher.rundir import RunPaths, iter_jsonl, read_json
+    from launcher.rundir.paths import RunPaths, iter_jsonl, read_json
     from launcher.train.entry import train_run
 
     paths = RunPaths(run_dir)
@@ -207,8 +207,8 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
         TrainingArguments,
     )
 
-    from launcher.rundir import RunPaths, read_json
-    from launcher.spec import RunConfig
+    from launcher.rundir.paths import RunPaths, read_json
+    from launcher.spec.schema import RunConfig
     from launcher.train.data import encode_for_training, load_examples, resolve_data_files, resolve_model_dir
 
     paths = RunPaths(run_dir)
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from launcher.demo_data import SIZES
+    from launcher.builtins.demo_data import SIZES
 
     args.epoch = args.steps is None
     if args.steps is None:  # one epoch, rounded down to whole logging windows
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps % args.warmup:
         parser.error("--steps must be a multiple of --warmup (ours logs every --warmup steps)")
 
-    from launcher.tiny import ensure_tiny_model
+    from launcher.builtins.tiny import ensure_tiny_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = "bf16" if device == "cuda" else "fp32"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from launcher.run_status import update_status
-from launcher.rundir import ExperimentPaths, RunState, write_text_atomic
-from launcher.spec import (
+from launcher.rundir.paths import ExperimentPaths, RunState, write_text_atomic
+from launcher.rundir.status import update_status
+from launcher.spec.schema import (
     ClusterSpec,
     DataSpec,
     EvalSpec,
@@ -61,7 +61,7 @@ def make_run(
 
 
 def write_runs(root: Path, runs: list[RunConfig]) -> ExperimentPaths:
-    """What `launcher.plan.write_run_dirs` does, minimally: run.yaml + PLANNED status."""
+    """What `launcher.plan.planner.write_run_dirs` does, minimally: run.yaml + PLANNED status."""
     exp = ExperimentPaths(root)
     for run in runs:
         paths = exp.run(run.name)

@@ -20,7 +20,7 @@ def char_tokenizer(chat_template: str | None = None, specials: Sequence[str] = (
     text) with ``specials`` as special tokens, ``eos`` and a chat template."""
     from tokenizers import AddedToken
 
-    from launcher.tiny import SPECIAL_TOKENS, build_tokenizer
+    from launcher.builtins.tiny import SPECIAL_TOKENS, build_tokenizer
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in sorted(set(string.printable) - {"\r", "\x0b", "\x0c"} | set(EXTRA_CHARS)):

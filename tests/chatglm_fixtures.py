@@ -48,7 +48,7 @@ class Case:
 
 
 def corpus() -> list[str]:
-    from launcher.demo_data import pretraining_corpus
+    from launcher.builtins.demo_data import pretraining_corpus
 
     return pretraining_corpus(400) + ENGLISH * 30
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from launcher.run_status import update_status
-from launcher.rundir import ExperimentPaths, RunPaths, RunState
-from launcher.spec import (
+from launcher.rundir.paths import ExperimentPaths, RunPaths, RunState
+from launcher.rundir.status import update_status
+from launcher.spec.schema import (
     ClusterSpec,
     DataSpec,
     EvalSpec,

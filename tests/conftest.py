@@ -1,6 +1,6 @@
 """Shared session fixtures: the built-in tiny model and the bundled dialogue data.
 
-Both live in the default cache (``launcher.cache.cache_dir()``, i.e. ``<repo>/.cache/launcher`` or
+Both live in the default cache (``launcher.builtins.cache.cache_dir()``, i.e. ``<repo>/.cache/launcher`` or
 ``$LAUNCHER_CACHE_DIR``), so the model is built once (~1 min) and reused by later test runs.
 """
 
@@ -22,7 +22,7 @@ def tiny_model_dir() -> Path:
     """The built-in tiny GLM model directory (config.json, weights, tokenizer), built once and cached."""
     import torch
 
-    from launcher.tiny import ensure_tiny_model
+    from launcher.builtins.tiny import ensure_tiny_model
 
     torch.set_num_threads(1)
     return ensure_tiny_model()
@@ -31,7 +31,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def dialogue_files() -> tuple[Path, Path]:
     """(train.jsonl, eval.jsonl) of the bundled Chinese multi-turn dialogue data."""
-    from launcher.demo_data import ensure_builtin_data
+    from launcher.builtins.demo_data import ensure_builtin_data
 
     return ensure_builtin_data("dialogue")
 
@@ -39,7 +39,7 @@ def dialogue_files() -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def spo_files() -> tuple[Path, Path]:
     """(train.jsonl, eval.jsonl) of the bundled SPO triple-extraction data."""
-    from launcher.demo_data import ensure_builtin_data
+    from launcher.builtins.demo_data import ensure_builtin_data
 
     return ensure_builtin_data("spo")
 

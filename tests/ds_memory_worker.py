@@ -4,7 +4,7 @@ usage: ds_memory_worker.py CASES_JSON OUT_DIR   (spawned on 2 ranks by test_memo
 
 For every case (method x ZeRO stage x optimizer offload) it builds a tiny GLM model, applies the method
 with launcher.train.adapters.apply_method (peft for LoRA / P-Tuning), initialises a DeepSpeed engine
-with the ds_config launcher.dsconfig renders, and measures the unique tensor storages this rank holds:
+with the ds_config launcher.plan.dsconfig renders, and measures the unique tensor storages this rank holds:
 parameters after initialize, gradient partitions after one backward, optimizer states (fp32 master +
 Adam moments) after one step. Each rank writes its numbers to OUT_DIR/rank{N}.json.
 """
@@ -50,7 +50,7 @@ def glm_config() -> Any:
 def run_config(
     method: dict[str, Any], zero_stage: int, offload_optimizer: bool, world_size: int, precision: str = "fp32"
 ) -> Any:
-    from launcher.spec import (
+    from launcher.spec.schema import (
         ClusterSpec,
         DataSpec,
         EvalSpec,
@@ -163,7 +163,7 @@ def measure(case: dict[str, Any], world_size: int) -> dict[str, Any]:
     import deepspeed
     from transformers import GlmForCausalLM
 
-    from launcher.dsconfig import fill_scheduler_auto, render_ds_config
+    from launcher.plan.dsconfig import fill_scheduler_auto, render_ds_config
     from launcher.train.adapters import apply_method
 
     torch.manual_seed(0)

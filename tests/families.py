@@ -188,7 +188,7 @@ FAMILIES: dict[str, Family] = {
 
 
 def _corpus() -> list[str]:
-    from launcher import demo_data
+    from launcher.builtins import demo_data
 
     return demo_data.pretraining_corpus(600)
 
@@ -276,8 +276,8 @@ def build_family_model(name: str, out_dir: Path) -> None:
 
 def ensure_family_model(name: str, cache_dir: Path | None = None) -> Path:
     """The family's model directory (config, safetensors weights, tokenizer), built once and cached."""
-    from launcher.cache import build_once
-    from launcher.cache import cache_dir as default_cache_dir
+    from launcher.builtins.cache import build_once
+    from launcher.builtins.cache import cache_dir as default_cache_dir
 
     root = cache_dir or default_cache_dir()
     target = root / f"test-family-{name}-{build_hash(FAMILIES[name])}"

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from launcher.launch_env import free_port, torchrun_env
-from launcher.spec import RunConfig
+from launcher.backends.launch_env import free_port, torchrun_env
+from launcher.spec.schema import RunConfig
 
 WORKER = Path(__file__).with_name("methods_dist_worker.py")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.plan import Plan, load_and_plan
+from launcher.plan.planner import Plan, load_and_plan
 
 SPEC = """\
 experiment: sw

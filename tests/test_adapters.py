@@ -7,7 +7,7 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from launcher.errors import UserError
-from launcher.spec import FreezeMethod, FullMethod, LoraMethod, PtuningMethod
+from launcher.spec.schema import FreezeMethod, FullMethod, LoraMethod, PtuningMethod
 from launcher.train.adapters import ParamCounts, apply_method, count_params, find_layer_list
 
 torch.set_num_threads(1)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from families import FAMILIES
 
-from launcher.archs import arch_from_model_dir, short_module_names
-from launcher.memory_model import param_layout
-from launcher.spec import LoraMethod, PtuningMethod
+from launcher.plan.archs import arch_from_model_dir, short_module_names
+from launcher.plan.memory_model import param_layout
+from launcher.spec.schema import LoraMethod, PtuningMethod
 from launcher.train.adapters import apply_method, find_layer_list
 
 torch.set_num_threads(1)
@@ -64,7 +64,7 @@ def test_gpt2_conv1d_is_a_lora_target(family_dirs: dict[str, Path]) -> None:
 
 
 def test_plan_shows_lora_targets_resolved_on_the_model(tmp_path: Path, family_dirs: dict[str, Path]) -> None:
-    from launcher.plan import load_and_plan
+    from launcher.plan.planner import load_and_plan
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(

@@ -11,10 +11,10 @@ import pytest
 from chat_helpers import char_tokenizer, masked
 from families import CHATML, GLM4, LLAMA2, LLAMA3, PHI3
 
+from launcher.data.formats import Example
+from launcher.data.templates import TEMPLATES, ChatFormat, Template, conversation, get_template
 from launcher.errors import UserError
-from launcher.templates import TEMPLATES, ChatFormat, Template, conversation, get_template
 from launcher.train.data import encode_example, encode_for_training, encode_prompt
-from launcher.train.formats import Example
 
 EX = Example("x", [("Hi", "Hello")], "Name?", "Bob", system="Be brief.")
 GLM_SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>"]

@@ -11,8 +11,8 @@ from backend_helpers import make_run, write_runs
 
 from launcher import __version__
 from launcher.cli import BROKEN_PIPE_EXIT_CODE, main
-from launcher.run_status import update_status
-from launcher.rundir import RunState
+from launcher.rundir.paths import RunState
+from launcher.rundir.status import update_status
 
 REPO = Path(__file__).resolve().parents[1]
 

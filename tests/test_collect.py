@@ -25,7 +25,7 @@ from launcher.cli import main
 from launcher.collect import SUMMARY_KEYS, collect_experiment, sort_rows
 from launcher.collect.table import COLUMNS, fmt_note, render_csv, render_markdown
 from launcher.errors import UserError
-from launcher.rundir import RunState, write_json_atomic
+from launcher.rundir.paths import RunState, write_json_atomic
 
 CONTRACT_KEYS = {
     *("run_id", "name", "method", "state", "steps", "epochs", "train_loss_final", "train_loss_min"),
@@ -382,7 +382,7 @@ def test_collects_a_real_tiny_training_run(
     import sacrebleu
     from train_helpers import make_run_dir, rank_output, run_ranks
 
-    from launcher.rundir import iter_jsonl, read_json
+    from launcher.rundir.paths import iter_jsonl, read_json
 
     exp = tmp_path / "real"
     paths = make_run_dir(

@@ -18,15 +18,15 @@ import yaml
 from backend_helpers import STAND_IN, make_run, write_runs
 from rich.console import Console
 
+from launcher.backends.container import interpreter_argv, mounts
 from launcher.backends.hostfile import HostfileBackend
 from launcher.backends.local import LocalBackend
-from launcher.cache import cache_dir
+from launcher.builtins.cache import cache_dir
 from launcher.cli import main
-from launcher.container import interpreter_argv, mounts
 from launcher.errors import UserError
-from launcher.run_status import read_status
-from launcher.rundir import ExperimentPaths, read_json
-from launcher.spec import ClusterSpec, ContainerSpec, RunConfig
+from launcher.rundir.paths import ExperimentPaths, read_json
+from launcher.rundir.status import read_status
+from launcher.spec.schema import ClusterSpec, ContainerSpec, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONTAINER = {"image": "/images/launcher.sif", "env": {"NOTE": "a,b c", "HF_HUB_OFFLINE": 1}}

@@ -427,8 +427,8 @@ def test_validate_sentence_names_the_model_the_cause_and_the_way_out(
 def test_bundled_description_is_the_converted_model(name: str) -> None:
     """model.arch chatglm2-6b / chatglm3-6b plan exactly what `launcher convert chatglm` makes of the
     published config (6B dims), instantiated on the meta device."""
-    from launcher.archs import arch_from_config, bundled_arch
     from launcher.convert.chatglm_config import glm_config, parse_config
+    from launcher.plan.archs import arch_from_config, bundled_arch
 
     published = ref.OriginalConfig(
         num_layers=28,

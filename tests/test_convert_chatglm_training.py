@@ -16,7 +16,7 @@ import torch
 from chatglm_fixtures import Case, chatglm_cases
 from train_helpers import make_run_dir, rank_output, start_ranks, wait_all
 
-from launcher.rundir import RunPaths, read_json
+from launcher.rundir.paths import RunPaths, read_json
 
 torch.set_num_threads(1)
 ONE_RANK = ("freeze", "lora", "ptuning_v1", "ptuning_v2")
@@ -60,8 +60,8 @@ def _eval_loss_of_export(method: str | None, final: Path, base: Path, paths: Run
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.spec import RunConfig
-    from launcher.templates import conversation
+    from launcher.data.templates import conversation
+    from launcher.spec.schema import RunConfig
     from launcher.train.data import encode_for_training, encode_prompt, load_examples, resolve_data_files
     from launcher.train.evaluate import eval_loss
 

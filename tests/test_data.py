@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from launcher.demo_data import ensure_builtin_data, generate
+from launcher.builtins.demo_data import ensure_builtin_data, generate
+from launcher.data.templates import TEMPLATE_NAMES, get_template, render_prompt
 from launcher.errors import UserError
-from launcher.spec import DataSpec, ModelSpec
-from launcher.templates import TEMPLATE_NAMES, get_template, render_prompt
+from launcher.spec.schema import DataSpec, ModelSpec
 from launcher.train.data import (
     IGNORE_INDEX,
     BatchOrder,

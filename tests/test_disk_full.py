@@ -17,8 +17,8 @@ from rich.console import Console
 
 from launcher.backends.local import LocalBackend, pid_alive, read_supervisor
 from launcher.errors import DiskFullError
-from launcher.run_status import failure_reason, read_status, record_failure, update_status
-from launcher.rundir import RunPaths, RunState, append_jsonl, iter_jsonl, read_json, write_json_atomic
+from launcher.rundir.paths import RunPaths, RunState, append_jsonl, iter_jsonl, read_json, write_json_atomic
+from launcher.rundir.status import failure_reason, read_status, record_failure, update_status
 
 
 def _fill(directory: Path) -> None:
@@ -143,7 +143,7 @@ def test_checkpoint_on_a_full_disk_fails_the_run_and_keeps_the_older_one(
     """Full fine-tuning of the tiny model into a 14 MiB file system: the step-2 checkpoint (9 MiB)
     fits, the step-4 one does not. The run ends FAILED with "disk full" and the checkpoint's path
     (no traceback, nothing left RUNNING); with room again, --retry-failed resumes from step 2."""
-    from launcher.submit import submit_spec
+    from launcher.submit.submission import submit_spec
     from launcher.train import checkpoint as ckpt
 
     monkeypatch.chdir(tmp_path)

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 from spec_helpers import SPEC, load_text_plan
 
-from launcher.dsconfig import TEMPLATES, fill_scheduler_auto, load_template, render_ds_config, template_name
+from launcher.plan.dsconfig import (
+    TEMPLATES,
+    fill_scheduler_auto,
+    load_template,
+    render_ds_config,
+    template_name,
+)
 
 
 def test_render_and_fill(tmp_path: Path) -> None:

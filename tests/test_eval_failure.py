@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from train_helpers import make_run_dir, rank_output, run_ranks, status
 
-from launcher.rundir import read_json
+from launcher.rundir.paths import read_json
 
 pytestmark = pytest.mark.slow
 

@@ -185,7 +185,7 @@ def test_generation_equals_greedy_through_the_training_forward(
     """peft's generate drops P-Tuning v2's prefix under transformers 5.2x (its past_key_values lose to
     generate's own cache): the tuned model then answered like the base. Padded batches must give what
     the model's forward gives, one token at a time, and a prefix must change the answers."""
-    from launcher.templates import chat_format
+    from launcher.data.templates import chat_format
     from launcher.train.evaluate import _eos_ids
 
     model_dir = tiny_model_dir if model == "tiny" else family_dirs[model]

@@ -68,7 +68,7 @@ _FEATURES: dict[str, list[Any]] = {}
 def features_for(model_dir: Path, tokenizer: Any) -> list[Any]:
     from methods_helpers import run_config
 
-    from launcher.demo_data import ensure_builtin_data
+    from launcher.builtins.demo_data import ensure_builtin_data
 
     key = str(model_dir)
     if key not in _FEATURES:

@@ -21,8 +21,8 @@ from families import FAMILIES
 from test_formats import write
 from train_helpers import REPO, make_run_dir, metrics, rank_env, rank_output
 
-from launcher.launch_env import free_port
-from launcher.rundir import RunPaths, read_json
+from launcher.backends.launch_env import free_port
+from launcher.rundir.paths import RunPaths, read_json
 
 pytestmark = pytest.mark.slow
 
@@ -165,7 +165,7 @@ def test_every_method_completes_on_the_family(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from launcher.spec import RunConfig
+    from launcher.spec.schema import RunConfig
     from launcher.train.data import Example, encode_prompt, load_examples, resolve_data_files
 
     for (fam, method), paths in family_runs.items():

@@ -12,9 +12,9 @@ import pytest
 from chat_helpers import char_tokenizer, masked
 from families import CHATML
 
+from launcher.data.formats import Example
 from launcher.errors import UserError
 from launcher.train.data import encode_example, load_data, train_on_for
-from launcher.train.formats import Example
 
 SYSTEM, HISTORY, QUERY, RESPONSE = "Be brief.", [("Hi", "Hello")], "Name?", "Bob"
 RECORDS: dict[str, dict[str, Any]] = {
@@ -193,7 +193,7 @@ def test_auto_needs_recognisable_keys(tmp_path: Path) -> None:
 def test_a_directory_is_called_a_directory(tmp_path: Path) -> None:
     from datasets import Dataset, DatasetDict
 
-    from launcher.train.records import data_file_problem
+    from launcher.data.records import data_file_problem
 
     (tmp_path / "plain").mkdir()
     assert data_file_problem(tmp_path / "plain") == (

@@ -21,8 +21,8 @@ from launcher.backends.hostfile import (
 )
 from launcher.cli import main
 from launcher.errors import UserError
-from launcher.run_status import read_status
-from launcher.rundir import iter_jsonl, read_json
+from launcher.rundir.paths import iter_jsonl, read_json
+from launcher.rundir.status import read_status
 
 REPO = Path(__file__).resolve().parents[1]
 

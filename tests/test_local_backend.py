@@ -15,8 +15,8 @@ from rich.console import Console
 
 from launcher.backends.local import PREEMPTED_EXIT_CODE, LocalBackend, job_alive, supervisor_job_id
 from launcher.errors import UserError
-from launcher.run_status import read_status
-from launcher.rundir import ExperimentPaths, iter_jsonl, read_json
+from launcher.rundir.paths import ExperimentPaths, iter_jsonl, read_json
+from launcher.rundir.status import read_status
 
 
 def _backend(**kw: object) -> LocalBackend:
@@ -244,7 +244,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from backend_helpers import STAND_IN_COMMAND, make_run, write_runs
 from launcher.backends.local import LocalBackend
-from launcher.manifest import locked_manifest
+from launcher.submit.manifest import locked_manifest
 runs = [make_run("orphan", world_size=2, max_steps=200)]
 exp = write_runs(__import__("pathlib").Path({root!r}), runs)
 backend = LocalBackend(None, train_command=STAND_IN_COMMAND, show_progress=False, poll_interval_s=0.1)
@@ -261,8 +261,8 @@ def test_killed_supervisor_leaves_no_orphan_ranks(tmp_path: Path, monkeypatch: p
     import subprocess
     import sys
 
-    from launcher.manifest import load_manifest
-    from launcher.status import collect_rows
+    from launcher.submit.manifest import load_manifest
+    from launcher.submit.status_view import collect_rows
 
     monkeypatch.setenv("STAND_IN_STEP_S", "0.1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

@@ -11,9 +11,9 @@ from backend_helpers import make_run
 
 from launcher.backends.base import SubmittedRun
 from launcher.errors import UserError
-from launcher.manifest import load_manifest, locked_manifest
-from launcher.run_identity import run_id_of
-from launcher.rundir import ExperimentPaths
+from launcher.rundir.identity import run_id_of
+from launcher.rundir.paths import ExperimentPaths
+from launcher.submit.manifest import load_manifest, locked_manifest
 
 
 def test_run_id_is_stable_and_ignores_placement() -> None:
@@ -79,7 +79,7 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
 
 
 def test_submission_lock_excludes_a_second_submit(tmp_path: Path) -> None:
-    from launcher.manifest import submission_lock
+    from launcher.submit.manifest import submission_lock
 
     exp = ExperimentPaths(tmp_path / "exp")
     ctx = multiprocessing.get_context("fork")

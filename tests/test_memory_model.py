@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
-from launcher.archs import arch_from_model, bundled_arch
-from launcher.launch_env import free_port, torchrun_env
-from launcher.memory_model import estimate, model_state_bytes, param_layout
-from launcher.spec import MethodSpec
+from launcher.backends.launch_env import free_port, torchrun_env
+from launcher.plan.archs import arch_from_model, bundled_arch
+from launcher.plan.memory_model import estimate, model_state_bytes, param_layout
+from launcher.spec.schema import MethodSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
@@ -255,7 +255,7 @@ def _saved_activation_bytes(
     import torch
     from transformers import GlmConfig, GlmForCausalLM
 
-    from launcher.memory_model import activation_bytes
+    from launcher.plan.memory_model import activation_bytes
     from launcher.train.adapters import apply_method
 
     torch.manual_seed(0)
@@ -315,9 +315,9 @@ def test_activation_estimate_against_autograd_saved_tensors(method: dict[str, An
 
 
 def test_a_runs_estimate_counts_logits_for_target_positions_only() -> None:
-    from launcher.methods import ResourceChoice
-    from launcher.resources import run_estimate
-    from launcher.spec import TrainingSpec
+    from launcher.plan.methods import ResourceChoice
+    from launcher.plan.resources import run_estimate
+    from launcher.spec.schema import TrainingSpec
 
     arch = bundled_arch("chatglm-6b")
     training = TrainingSpec.model_validate(

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from launcher.dsconfig import render_ds_config
-from launcher.run_status import update_status
-from launcher.rundir import RunPaths, RunState, read_json, write_json_atomic, write_text_atomic
-from launcher.spec import RunConfig
+from launcher.plan.dsconfig import render_ds_config
+from launcher.rundir.paths import RunPaths, RunState, read_json, write_json_atomic, write_text_atomic
+from launcher.rundir.status import update_status
+from launcher.spec.schema import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 # A small budget per method: enough steps for each to learn the answer format; the prompt methods
@@ -139,7 +139,7 @@ MIN_BLEU_GAIN = 5.0
 
 @pytest.mark.slow
 def test_every_method_beats_the_untuned_base(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from launcher.launch_env import free_port
+    from launcher.backends.launch_env import free_port
 
     torch.set_num_threads(1)
     hidden_size = int(json.loads((tiny_model_dir / "config.json").read_text())["hidden_size"])

@@ -14,8 +14,8 @@ import pytest
 from train_helpers import REPO, make_run_dir, metrics, rank_output, run_ranks
 
 from launcher.cli import main
-from launcher.rundir import ExperimentPaths, read_json, write_text_atomic
-from launcher.spec import LoggingSpec, MlflowSpec, RunConfig, WandbSpec
+from launcher.rundir.paths import ExperimentPaths, read_json, write_text_atomic
+from launcher.spec.schema import LoggingSpec, MlflowSpec, RunConfig, WandbSpec
 from launcher.train.loggers import TensorBoardLogger
 
 STEPS = 6
@@ -207,8 +207,8 @@ def test_a_resumed_run_shows_each_step_once_with_the_new_values(tmp_path: Path) 
 def test_trackers_are_imported_only_when_configured(tmp_path: Path) -> None:
     paths = make_run_dir(tmp_path, "lora", name="run")
     code = (
-        "import sys; from pathlib import Path; from launcher.spec import RunConfig; "
-        "from launcher.rundir import RunPaths; from launcher.train.loggers import open_metric_loggers; "
+        "import sys; from pathlib import Path; from launcher.spec.schema import RunConfig; "
+        "from launcher.rundir.paths import RunPaths; from launcher.train.loggers import open_metric_loggers; "
         f"paths = RunPaths(Path({str(paths.root)!r})); cfg = RunConfig.from_yaml_file(paths.run_yaml); "
         "open_metric_loggers(cfg, paths, start_step=0, rank0=True).close('COMPLETED'); "
         "print(sorted(m for m in ('wandb', 'mlflow') if m in sys.modules))"
@@ -235,7 +235,7 @@ def test_validate_refuses_a_configured_tracker_that_is_not_installed(
 
 
 def test_relative_mlflow_store_is_made_absolute_and_logging_keeps_run_ids(tmp_path: Path) -> None:
-    from launcher.plan import load_and_plan
+    from launcher.plan.planner import load_and_plan
 
     plain = write_spec(tmp_path, None, name="plain.yaml")
     tracked = write_spec(tmp_path, {"mlflow": {"tracking_uri": "file:mlruns"}}, name="tracked.yaml")

@@ -11,8 +11,8 @@ import yaml
 
 from launcher.cli import main
 from launcher.errors import SpecError
-from launcher.plan import load_and_plan
-from launcher.spec import LoraMethod
+from launcher.plan.planner import load_and_plan
+from launcher.spec.schema import LoraMethod
 
 DEMO = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 
@@ -148,7 +148,7 @@ def test_submit_takes_overrides_after_only(tmp_path: Path, monkeypatch: pytest.M
 def test_an_override_reads_values_as_the_file_does(tmp_path: Path) -> None:
     """Values are YAML read by the spec file's own loader (one rule for number-looking values such as
     1e-4): an override gives exactly the runs the same value in the file gives."""
-    from launcher.overrides import parse_value
+    from launcher.spec.overrides import parse_value
 
     base = yaml.safe_load(DEMO.read_text())
     base["methods"] = [{"method": "lora"}]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-from launcher.spec import MethodSpec
+from launcher.spec.schema import MethodSpec
 from launcher.train.data import IGNORE_INDEX, Encoded
 from launcher.train.packing import PackedOrder, collate_packed, pack_rows, prefix_packed_mask, virtual_tokens
 
@@ -173,7 +173,7 @@ def test_prefix_mask_opens_the_prefix_and_each_example_to_itself() -> None:
 
 def _varied_lengths(path: Path, count: int = 64) -> dict[str, str]:
     """Examples of 24 to 126 tokens, none truncated: a row as long as the longest holds several short ones."""
-    from launcher.demo_data import pretraining_corpus
+    from launcher.builtins.demo_data import pretraining_corpus
 
     text = "".join(pretraining_corpus(40))
     with open(path, "w", encoding="utf-8") as handle:
@@ -188,7 +188,7 @@ def _varied_lengths(path: Path, count: int = 64) -> dict[str, str]:
 
 def _expected_tokens(paths: Any, world_size: int, steps: int) -> list[int]:
     """Real tokens after each optimizer step, from the packed order every rank builds (accumulation 1)."""
-    from launcher.spec import RunConfig
+    from launcher.spec.schema import RunConfig
     from launcher.train.distributed import DistEnv
     from launcher.train.loop import build_data, load_tokenizer
 

@@ -16,8 +16,8 @@ import pytest
 from train_helpers import REPO
 
 from launcher.errors import SpecError
-from launcher.plan import load_and_plan
-from launcher.preflight import check_model
+from launcher.plan.planner import load_and_plan
+from launcher.plan.preflight import check_model
 
 LINES = 10_000
 BROKEN_LINE = 7321
@@ -52,7 +52,7 @@ def write_spec(root: Path, model: Path, train: str = "train.jsonl", **extra: str
 @pytest.fixture()
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache of its own for what the pre-flight remembers (the family models stay in the shared one)."""
-    from launcher import cache as cache_module
+    from launcher.builtins import cache as cache_module
 
     own = tmp_path / "preflight-cache"
     monkeypatch.setattr(cache_module, "cache_dir", lambda: own)

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from launcher.archs import bundled_arch
-from launcher.resources import ResourceProblem, resolve_resources
-from launcher.spec import ClusterSpec, TrainingSpec
+from launcher.plan.archs import bundled_arch
+from launcher.plan.resources import ResourceProblem, resolve_resources
+from launcher.spec.schema import ClusterSpec, TrainingSpec
 
 
 def _resolve(
@@ -16,7 +16,7 @@ def _resolve(
 ) -> Any:
     from pydantic import TypeAdapter
 
-    from launcher.spec import MethodSpec
+    from launcher.spec.schema import MethodSpec
 
     m = TypeAdapter(MethodSpec).validate_python(method)
     return resolve_resources(

@@ -12,8 +12,8 @@ from collect_fixtures import default_result, make_run, perturb, references, samp
 
 from launcher.cli import main
 from launcher.collect import collect_experiment
+from launcher.collect.review import export_review, import_review
 from launcher.errors import UserError
-from launcher.review import export_review, import_review
 
 N_ITEMS = 12
 

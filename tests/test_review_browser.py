@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from collect_fixtures import default_result, make_run, perturb, references, samples
 
-from launcher.review import export_review, import_review
+from launcher.collect.review import export_review, import_review
 
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 REQUIRE_ENV = "LAUNCHER_REQUIRE_CHROMIUM"  # CI sets it: a missing browser then fails instead of skipping

@@ -1,4 +1,4 @@
-"""status.json and the failure records have one owner (launcher.run_status): its merge policy, the
+"""status.json and the failure records have one owner (launcher.rundir.status): its merge policy, the
 failure-record schema, the earliest-failure rule, and writes on a full disk."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import run_status
 from launcher.errors import DiskFullError
-from launcher.run_status import (
+from launcher.rundir import status as run_status
+from launcher.rundir.paths import RunPaths, RunState, read_json
+from launcher.rundir.status import (
     ATTEMPT_ID_ENV,
     FailureRecord,
     failure_reason,
@@ -20,7 +21,6 @@ from launcher.run_status import (
     record_failure,
     update_status,
 )
-from launcher.rundir import RunPaths, RunState, read_json
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "launcher"
 
@@ -31,14 +31,14 @@ def paths(tmp_path: Path) -> RunPaths:
 
 
 def test_status_json_has_one_writer() -> None:
-    """Only launcher/run_status.py writes status.json; every other module calls update_status."""
+    """Only launcher/rundir/status.py writes status.json; every other module calls update_status."""
     writers = []
     for source in LAUNCHER.rglob("*.py"):
         text = source.read_text(encoding="utf-8")
         for line in text.splitlines():
             if re.search(r"(write_\w+|open)\([^)]*status_json", line):
                 writers.append(f"{source.relative_to(LAUNCHER)}: {line.strip()}")
-    assert writers and all(w.startswith("run_status.py") for w in writers), writers
+    assert writers and all(w.startswith("rundir/status.py") for w in writers), writers
 
 
 def test_scheduler_keys_survive_trainer_updates(paths: RunPaths) -> None:

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.run_status import read_status
-from launcher.rundir import ExperimentPaths, RunState, iter_jsonl, read_json
+from launcher.rundir.paths import ExperimentPaths, RunState, iter_jsonl, read_json
+from launcher.rundir.status import read_status
 
 pytestmark = pytest.mark.slurm
 
@@ -166,7 +166,7 @@ def submit(spec_path: Path, **kwargs: Any) -> tuple[Any, Any]:
     from rich.console import Console
 
     from launcher.backends.slurm import SlurmBackend
-    from launcher.submit import submit_spec
+    from launcher.submit.submission import submit_spec
 
     backend = SlurmBackend(None, **kwargs)
     console = Console(file=open(os.devnull, "w"), width=200)  # noqa: SIM115
@@ -581,7 +581,7 @@ def _shim(directory: Path, name: str, script: str) -> None:
 
 def test_cancel_and_status_without_accounting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from launcher.backends.slurm_queries import accounting_enabled, query_job_states
-    from launcher.status import collect_rows
+    from launcher.submit.status_view import collect_rows
 
     spec_path = write_spec(
         tmp_path, "cancelme", [{"method": "lora"}], sweep={"grid": {"training.seed": [1, 2]}}

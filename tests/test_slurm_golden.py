@@ -22,9 +22,9 @@ from launcher.backends import slurm as slurm_mod
 from launcher.backends.slurm import SlurmBackend, cluster_problems, group_by_shape, parse_max_array_size
 from launcher.backends.slurm_queries import map_slurm_state, query_job_states
 from launcher.errors import UserError
-from launcher.run_status import read_status
-from launcher.rundir import ExperimentPaths, RunState
-from launcher.spec import ClusterSpec, RunConfig
+from launcher.rundir.paths import ExperimentPaths, RunState
+from launcher.rundir.status import read_status
+from launcher.spec.schema import ClusterSpec, RunConfig
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -570,8 +570,8 @@ def test_task_requeue_is_bounded_and_recorded(
     reason_part: str,
 ) -> None:
     from launcher.backends.slurm_task import SlurmTask
-    from launcher.run_status import update_status
-    from launcher.rundir import RunPaths
+    from launcher.rundir.paths import RunPaths
+    from launcher.rundir.status import update_status
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import SpecError
-from launcher.plan import load_and_plan
-from launcher.spec import LoraMethod, RunConfig
-from launcher.yaml_source import format_path, load_yaml_with_positions
+from launcher.plan.planner import load_and_plan
+from launcher.spec.schema import LoraMethod, RunConfig
+from launcher.spec.yaml_source import format_path, load_yaml_with_positions
 
 SPEC = """\
 experiment: s
@@ -63,7 +63,7 @@ def test_local_config_json_is_counted_on_the_meta_device(tmp_path: Path) -> None
     path = tmp_path / "s.yaml"
     path.write_text(SPEC.replace("  path: models/m\n  arch: chatglm2-6b", "  path: m"))
     plan = load_and_plan(path)
-    from launcher.archs import arch_from_model_dir
+    from launcher.plan.archs import arch_from_model_dir
 
     arch = arch_from_model_dir(str(model_dir))
     assert arch.num_layers == 3 and arch.total_params == 2 * 300 * 64 + 3 * arch.params_per_layer + 64
@@ -84,16 +84,16 @@ def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
 
 def test_spec_module_is_the_schema_only() -> None:
     """spec.py imports nothing of the launcher (no loader, checker or planner); the checker never
-    imports the planner: load_and_plan (launcher.plan) is the one place that runs both."""
+    imports the planner: load_and_plan (launcher.plan.planner) is the one place that runs both."""
     import ast
 
-    import launcher.spec
-    import launcher.spec_check
+    import launcher.spec.check
+    import launcher.spec.schema
 
     def imports(module: object) -> set[str]:
         tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))  # type: ignore[attr-defined]
         found = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         return found | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
 
-    assert not {m for m in imports(launcher.spec) if m.startswith("launcher")}
-    assert "launcher.plan" not in imports(launcher.spec_check)
+    assert not {m for m in imports(launcher.spec.schema) if m.startswith("launcher")}
+    assert "launcher.plan.planner" not in imports(launcher.spec.check)

@@ -9,7 +9,7 @@ from fs_helpers import needs_root, small_fs
 
 from launcher.cli import main
 from launcher.errors import SpecError
-from launcher.plan import load_and_plan
+from launcher.plan.planner import load_and_plan
 
 BASE = """\
 experiment: t

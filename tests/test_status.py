@@ -12,11 +12,11 @@ from backend_helpers import make_run, write_runs
 
 from launcher.backends.base import SubmittedRun
 from launcher.cli import main
-from launcher.manifest import locked_manifest
-from launcher.run_status import read_status, update_status
-from launcher.rundir import RunState, append_jsonl
-from launcher.status import call_with_timeout, collect_rows
-from launcher.status_row import estimate_eta_s, merge_state, read_status_row, tail_jsonl
+from launcher.rundir.paths import RunState, append_jsonl
+from launcher.rundir.status import read_status, update_status
+from launcher.submit.manifest import locked_manifest
+from launcher.submit.status_row import estimate_eta_s, merge_state, read_status_row, tail_jsonl
+from launcher.submit.status_view import call_with_timeout, collect_rows
 
 
 def test_tail_jsonl_skips_a_torn_last_line(tmp_path: Path) -> None:

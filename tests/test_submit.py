@@ -1,6 +1,6 @@
 """`launcher submit`: selection, idempotency through the manifest, changed configs, dry runs.
 
-Most tests plan a real spec (launcher.plan) and run the local backend with real rank processes of a
+Most tests plan a real spec (launcher.plan.planner) and run the local backend with real rank processes of a
 stand-in trainer; the slow test at the end runs the real trainer on the built-in tiny model.
 """
 
@@ -17,10 +17,10 @@ from rich.console import Console
 from launcher.backends.local import LocalBackend, supervisor_job_id
 from launcher.cli import main
 from launcher.errors import UserError
-from launcher.manifest import load_manifest
-from launcher.run_status import read_status, update_status
-from launcher.rundir import RunPaths, RunState, iter_jsonl, read_json
-from launcher.submit import decide, select_runs, submit_spec
+from launcher.rundir.paths import RunPaths, RunState, iter_jsonl, read_json
+from launcher.rundir.status import read_status, update_status
+from launcher.submit.manifest import load_manifest
+from launcher.submit.submission import decide, select_runs, submit_spec
 
 SPEC = """\
 experiment: exp
@@ -62,7 +62,9 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)  # output_dir is relative to the current directory
     monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
     collected: list[Path] = []
-    monkeypatch.setattr("launcher.submit.run_collector", lambda exp, console: collected.append(exp.root))
+    monkeypatch.setattr(
+        "launcher.submit.submission.run_collector", lambda exp, console: collected.append(exp.root)
+    )
     return tmp_path
 
 

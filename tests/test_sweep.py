@@ -8,8 +8,8 @@ import pytest
 from spec_helpers import SPEC, load_text_plan
 
 from launcher.errors import SpecError, UserError
-from launcher.plan import load_and_plan, write_run_dirs
-from launcher.sweep import expand, format_value
+from launcher.plan.planner import load_and_plan, write_run_dirs
+from launcher.plan.sweep import expand, format_value
 
 
 def test_grid_zip_seeds_and_method_axes(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_rewriting_a_changed_run_is_refused_unless_forced(
 
 def test_the_architecture_is_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Validate, plan and write run dirs: one resolution per model, kept in the Plan."""
-    import launcher.plan as planner
+    import launcher.plan.planner as planner
 
     monkeypatch.chdir(tmp_path)
     calls: list[object] = []

@@ -21,10 +21,10 @@ from spec_helpers import SPEC
 
 from launcher.collect import collect_experiments
 from launcher.collect.table import COLUMNS
-from launcher.plan import load_and_plan
-from launcher.run_status import update_status
-from launcher.rundir import ExperimentPaths, RunState
-from launcher.status import STATUS_COLUMNS, collect_rows
+from launcher.plan.planner import load_and_plan
+from launcher.rundir.paths import ExperimentPaths, RunState
+from launcher.rundir.status import update_status
+from launcher.submit.status_view import STATUS_COLUMNS, collect_rows
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (80, 100, 160)
@@ -216,7 +216,7 @@ def test_plan_keeps_swept_run_names_whole(terminal, sweep_spec: Path, width: int
 
 @pytest.fixture(scope="module")
 def planned(sweep_spec: Path) -> Path:
-    from launcher.plan import write_run_dirs
+    from launcher.plan.planner import write_run_dirs
 
     exp = write_run_dirs(load_and_plan(sweep_spec))
     runs = exp.run_dirs()

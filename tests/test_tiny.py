@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from launcher.cache import build_once, cache_dir
-from launcher.cli import main
-from launcher.demo_data import generate, pretraining_corpus
-from launcher.tiny import (
+from launcher.builtins.cache import build_once, cache_dir
+from launcher.builtins.demo_data import generate, pretraining_corpus
+from launcher.builtins.tiny import (
     BUILD_INFO,
     TinyConfig,
     build_info,
@@ -21,6 +20,7 @@ from launcher.tiny import (
     ensure_tiny_model,
     weights_sha256,
 )
+from launcher.cli import main
 from launcher.train.data import Example, collate, encode_for_training
 
 # A reduced build (a few pretraining steps on a small corpus) for the tests that build from scratch.
@@ -49,7 +49,8 @@ def _mkdir(path: Path) -> Path:
 
 def test_concurrent_builds_publish_one_directory(tmp_path: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from launcher.tiny import TinyConfig, ensure_tiny_model; "
+        "import sys; from pathlib import Path; "
+        "from launcher.builtins.tiny import TinyConfig, ensure_tiny_model; "
         "cfg = TinyConfig(pretrain_steps=3, corpus_dialogues=200, batch_size=4); "
         "print('BUILT', ensure_tiny_model(Path(sys.argv[1]), cfg))"
     )

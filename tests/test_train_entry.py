@@ -16,9 +16,9 @@ import pytest
 import yaml
 from train_helpers import REPO, make_run_dir, metrics, rank_output, run_ranks, start_ranks, status, wait_all
 
-from launcher.run_status import update_status
-from launcher.rundir import RunState, read_json
-from launcher.spec import TrainingSpec
+from launcher.rundir.paths import RunState, read_json
+from launcher.rundir.status import update_status
+from launcher.spec.schema import TrainingSpec
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DIST_TIMEOUT_ENV, detect_dist_env, dist_timeout_s
 from launcher.train.entry import PREEMPTED_EXIT_CODE, exit_code_for, train_run

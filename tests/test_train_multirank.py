@@ -25,7 +25,7 @@ from train_helpers import (
     wait_until,
 )
 
-from launcher.rundir import RunPaths, read_json
+from launcher.rundir.paths import RunPaths, read_json
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DIST_TIMEOUT_ENV
 from launcher.train.loop import TEST_CRASH_ENV

@@ -24,7 +24,7 @@ from train_helpers import (
     wait_until,
 )
 
-from launcher.rundir import read_json
+from launcher.rundir.paths import read_json
 from launcher.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow

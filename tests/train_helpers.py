@@ -1,7 +1,7 @@
 """Build real run directories for the training tests and launch ranks as real processes.
 
 A run dir is written the way the planner writes it (run.yaml from a ``RunConfig``, ds_config.json from
-``launcher.dsconfig.render_ds_config``), but with tiny lengths and few steps so a run takes seconds.
+``launcher.plan.dsconfig.render_ds_config``), but with tiny lengths and few steps so a run takes seconds.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from launcher.dsconfig import render_ds_config
-from launcher.launch_env import free_port, torchrun_env
-from launcher.run_status import update_status
-from launcher.rundir import RunPaths, RunState, iter_jsonl, write_json_atomic, write_text_atomic
-from launcher.spec import (
+from launcher.backends.launch_env import free_port, torchrun_env
+from launcher.plan.dsconfig import render_ds_config
+from launcher.rundir.paths import RunPaths, RunState, iter_jsonl, write_json_atomic, write_text_atomic
+from launcher.rundir.status import update_status
+from launcher.spec.schema import (
     ClusterSpec,
     DataSpec,
     EvalSpec,

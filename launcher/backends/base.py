@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from launcher.rundir import ExperimentPaths
-    from launcher.spec import RunConfig
+    from launcher.rundir.paths import ExperimentPaths
+    from launcher.spec.schema import RunConfig
 
 
 @dataclass

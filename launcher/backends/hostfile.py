@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from launcher.backends.launch_env import free_port
 from launcher.backends.local import (
     LocalBackend,
     QueuedRun,
@@ -34,20 +35,19 @@ from launcher.backends.local import (
     supervisor_file,
 )
 from launcher.errors import UserError
-from launcher.launch_env import free_port
-from launcher.run_status import ATTEMPT_ID_ENV
-from launcher.rundir import (
+from launcher.rundir.paths import (
     ExperimentPaths,
     RunPaths,
     utc_now,
     write_json_atomic,
     write_text_atomic,
 )
+from launcher.rundir.status import ATTEMPT_ID_ENV
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from launcher.spec import JobSpec, RunConfig
+    from launcher.spec.schema import JobSpec, RunConfig
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 # DeepSpeed's own parser wants exactly `HOST slots=N` (no spaces around '=').

@@ -26,11 +26,15 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 from launcher.backends.base import SubmittedRun
-from launcher.container import container_problems, host_env, interpreter_argv, local_container_problem
+from launcher.backends.container import (
+    container_problems,
+    host_env,
+    interpreter_argv,
+    local_container_problem,
+)
+from launcher.backends.launch_env import TORCHRUN_KEYS, free_port, torchrun_env
 from launcher.errors import UserError
-from launcher.launch_env import TORCHRUN_KEYS, free_port, torchrun_env
-from launcher.run_status import ATTEMPT_ID_ENV, read_status, update_status
-from launcher.rundir import (
+from launcher.rundir.paths import (
     ExperimentPaths,
     RunPaths,
     RunState,
@@ -39,11 +43,12 @@ from launcher.rundir import (
     utc_now,
     write_json_atomic,
 )
+from launcher.rundir.status import ATTEMPT_ID_ENV, read_status, update_status
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from launcher.spec import JobSpec, RunConfig
+    from launcher.spec.schema import JobSpec, RunConfig
 
 # = launcher.train.entry.PREEMPTED_EXIT_CODE; not imported because that module pulls in torch.
 PREEMPTED_EXIT_CODE = 3
@@ -398,7 +403,7 @@ class LocalBackend:
 
     def wait(self, exp: ExperimentPaths) -> dict[str, str]:
         """Run every queued run to its end; returns run name -> final state. Ctrl-C stops them resumably."""
-        from launcher.progress import RunsProgress
+        from launcher.submit.progress import RunsProgress
 
         queue = list(self._queue)
         self._queue.clear()

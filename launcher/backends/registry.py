@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from launcher.backends.base import Backend
-    from launcher.spec import JobSpec
+    from launcher.spec.schema import JobSpec
 
 Factory = Callable[["JobSpec | None", "Console | None", "Path | None"], "Backend"]
 

@@ -28,15 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from launcher.backends.base import SubmittedRun
+from launcher.backends.container import container_problems, env_exports, interpreter_argv, srun_container_args
 from launcher.backends.slurm_preflight import PreflightProblem, Request, check_request, query_partitions
 from launcher.backends.slurm_queries import Runner, run_query
-from launcher.container import container_problems, env_exports, interpreter_argv, srun_container_args
 from launcher.errors import CONTROL_CHARS, UserError, shown
-from launcher.run_status import read_status, update_status
-from launcher.rundir import ExperimentPaths, RunState
+from launcher.rundir.paths import ExperimentPaths, RunState
+from launcher.rundir.status import read_status, update_status
 
 if TYPE_CHECKING:
-    from launcher.spec import ClusterSpec, JobSpec, RunConfig
+    from launcher.spec.schema import ClusterSpec, JobSpec, RunConfig
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default when `scontrol show config` cannot be read
 SCONTROL_TIMEOUT_S = 15.0
@@ -291,7 +291,7 @@ class Shape:
 @dataclass(frozen=True)
 class RankLaunch:
     """How srun starts a rank's python: the interpreter (maybe inside Apptainer), pyxis's srun options
-    and the batch-script lines they need (launcher.container)."""
+    and the batch-script lines they need (launcher.backends.container)."""
 
     python: tuple[str, ...] = ()
     """argv of the interpreter; empty: the submitting python."""

@@ -13,7 +13,7 @@ import os
 import subprocess
 from collections.abc import Callable, Iterable
 
-from launcher.rundir import RunState
+from launcher.rundir.paths import RunState
 
 QUERY_TIMEOUT_S = 10.0
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from launcher.run_status import ATTEMPT_ID_ENV, failure_reason, read_status, record_failure, update_status
-from launcher.rundir import RunPaths, RunState, write_json_atomic
+from launcher.rundir.paths import RunPaths, RunState, write_json_atomic
+from launcher.rundir.status import ATTEMPT_ID_ENV, failure_reason, read_status, record_failure, update_status
 
 log = logging.getLogger("launcher.slurm")
 REQUEUE_TIMEOUT_S = 30.0

@@ -16,10 +16,10 @@ import yaml
 
 from launcher.collect.groups import SeedGroup, seed_groups
 from launcher.collect.hyperparams import differing_hyperparameters
+from launcher.collect.review import ReviewCounts, load_reviews
 from launcher.collect.rows import SUMMARY_KEYS, RunRow, group_key, read_row, read_run_yaml
 from launcher.errors import UserError
-from launcher.review import ReviewCounts, load_reviews
-from launcher.rundir import (
+from launcher.rundir.paths import (
     ExperimentPaths,
     RunPaths,
     RunState,
@@ -104,7 +104,7 @@ def _read_spec(exp: ExperimentPaths, warnings: list[str]) -> dict[str, Any]:
 
 
 def _read_plan(exp: ExperimentPaths, warnings: list[str]) -> dict[str, dict[str, Any]]:
-    """plan.json's run objects by name (launcher.plan writes it next to the run dirs)."""
+    """plan.json's run objects by name (launcher.plan.planner writes it next to the run dirs)."""
     try:
         data = read_json(exp.plan_json)
     except FileNotFoundError:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.collect.rows import RunRow
-from launcher.rundir import RunState, file_fingerprint, iter_jsonl, write_bytes_atomic
+from launcher.rundir.paths import RunState, file_fingerprint, iter_jsonl, write_bytes_atomic
 
 if TYPE_CHECKING:
     from launcher.collect.collection import Collection

@@ -17,7 +17,7 @@ from typing import Any, TypeGuard
 
 import yaml
 
-from launcher.rundir import RESULT_KEYS, RunPaths, RunState, iter_jsonl, tail_lines
+from launcher.rundir.paths import RESULT_KEYS, RunPaths, RunState, iter_jsonl, tail_lines
 
 # libyaml is ~10x faster than the pure-Python loader; run.yaml is read for every unfinished run.
 _YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -283,7 +283,7 @@ def group_key(name: str, method: Any, swept: Any) -> str:
     """Runs that differ only in their seed share this key; "" for a run that is not a seed repeat.
 
     Only runs whose swept values include the seed (``sweep.seeds``) are repeats. The key is the run
-    name without its seed part (``lora-lr0.001-seed2`` -> ``lora-lr0.001``, as launcher.sweep names
+    name without its seed part (``lora-lr0.001-seed2`` -> ``lora-lr0.001``, as launcher.plan.sweep names
     runs), which keeps two methods of one kind apart; else method + the other swept values.
     """
     if not isinstance(swept, dict):

@@ -25,7 +25,7 @@ import numpy as np
 from sacrebleu.metrics import BLEU
 from sacrebleu.significance import PairedTest, Result
 
-from launcher.rundir import iter_jsonl
+from launcher.rundir.paths import iter_jsonl
 
 # sacrebleu's own default seed (SACREBLEU_SEED): the CLI and this module draw the same resamples.
 DEFAULT_SEED = 12345

@@ -12,7 +12,7 @@ from launcher.collect.groups import SeedGroup
 from launcher.collect.hyperparams import fmt_hyperparameters
 from launcher.collect.rows import SUMMARY_KEYS, RunRow
 from launcher.fit_table import ALWAYS, Column, print_fitted
-from launcher.rundir import to_json, write_text_atomic
+from launcher.rundir.paths import to_json, write_text_atomic
 
 if TYPE_CHECKING:
     from rich.console import Console

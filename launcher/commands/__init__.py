@@ -6,7 +6,7 @@ import argparse
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
-    """The KEY=VALUE arguments after SPEC (launcher.overrides) of validate, plan and submit."""
+    """The KEY=VALUE arguments after SPEC (launcher.spec.overrides) of validate, plan and submit."""
     parser.add_argument(
         "overrides",
         nargs="*",

@@ -13,8 +13,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.status import resolve_experiment, resolve_run_names
-    from launcher.submit import cancel_runs
+    from launcher.submit.status_view import resolve_experiment, resolve_run_names
+    from launcher.submit.submission import cancel_runs
 
     exp = resolve_experiment(args.experiment)
     names = resolve_run_names(exp, list(args.runs)) if args.runs else None

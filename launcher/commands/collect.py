@@ -49,7 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from launcher.collect import collect_experiments, print_summary, sort_rows
     from launcher.collect.table import render_csv, render_json, render_markdown
-    from launcher.status import resolve_experiment
+    from launcher.submit.status_view import resolve_experiment
 
     # A spec names its experiment dir as for status/logs/cancel; a directory keeps collect's own errors.
     roots = [resolve_experiment(t).root if Path(t).is_file() else Path(t) for t in args.experiments]

@@ -20,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from launcher.backends.hostfile import format_hostfile, hostfile_from_slurm_env, parse_hostfile
     from launcher.errors import UserError
-    from launcher.rundir import write_text_atomic
+    from launcher.rundir.paths import write_text_atomic
 
     if args.check is not None:
         hosts = parse_hostfile(args.check)

@@ -39,10 +39,10 @@ def find_log(logs_dir: Path, rank: int, scheduler_logs: list[Path] | None = None
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.manifest import load_manifest
-    from launcher.run_status import read_status
-    from launcher.rundir import RunState
-    from launcher.status import resolve_experiment, resolve_run_names
+    from launcher.rundir.paths import RunState
+    from launcher.rundir.status import read_status
+    from launcher.submit.manifest import load_manifest
+    from launcher.submit.status_view import resolve_experiment, resolve_run_names
 
     exp = resolve_experiment(args.experiment)
     resolve_run_names(exp, [args.run])

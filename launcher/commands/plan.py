@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _swept(row: dict[str, Any]) -> str:
-    from launcher.sweep import ABBREVIATIONS
+    from launcher.plan.sweep import ABBREVIATIONS
 
     def label(key: str) -> str:
         return ABBREVIATIONS.get(key) or key.rsplit(".", 1)[-1]
@@ -85,7 +85,7 @@ def print_table(rows: list[dict[str, Any]], title: str, gpu_mem_gib: float, *, w
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.plan import load_and_plan, write_run_dirs
+    from launcher.plan.planner import load_and_plan, write_run_dirs
 
     plan = load_and_plan(args.spec, preflight=True, overrides=args.overrides)
     spec = plan.spec

@@ -24,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.review import export_review, import_review
+    from launcher.collect.review import export_review, import_review
 
     if args.action == "export":
         sheet = export_review(args.experiment, args.run_a, args.run_b, out_dir=args.out, seed=args.seed)

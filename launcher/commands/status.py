@@ -7,10 +7,10 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from launcher.rundir import RunState
+from launcher.rundir.paths import RunState
 
 if TYPE_CHECKING:
-    from launcher.status_row import StatusRow
+    from launcher.submit.status_row import StatusRow
 
 HELP = (
     "show each run's state, attempts, step/total, loss, tokens/s and ETA (--watch, --json); "
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     from launcher.fit_table import print_fitted
-    from launcher.status import STATUS_COLUMNS, collect_rows, render_table, resolve_experiment
+    from launcher.submit.status_view import STATUS_COLUMNS, collect_rows, render_table, resolve_experiment
 
     exp = resolve_experiment(args.experiment)
     if args.json:

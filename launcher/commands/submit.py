@@ -44,8 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.rundir import RunState
-    from launcher.submit import submit_spec
+    from launcher.rundir.paths import RunState
+    from launcher.submit.submission import submit_spec
 
     # `--only lora training.max_steps=4`: --only takes every word after it, but no run name has a '='.
     only = [name for name in args.only or [] if "=" not in name] or None

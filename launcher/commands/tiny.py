@@ -16,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.tiny import build_info, ensure_tiny_model
+    from launcher.builtins.tiny import build_info, ensure_tiny_model
 
     model_dir = ensure_tiny_model()
     if args.tiny_command == "build":

@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.plan import load_and_plan
+    from launcher.plan.planner import load_and_plan
 
     plan = load_and_plan(args.spec, check_paths=args.check_paths, overrides=args.overrides)
     runs = plan.runs

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from launcher.cache import build_once
+from launcher.builtins.cache import build_once
 from launcher.convert.chatglm_config import ChatGLMConfig, dropped_settings, glm_config, read_config
 from launcher.convert.chatglm_tokenizer import TOKENIZER_MODEL, ConvertedTokenizer, convert_sentencepiece
 from launcher.convert.chatglm_weights import check_tensors, write_weights

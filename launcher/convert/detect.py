@@ -116,7 +116,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 # --- validate's sentence -----------------------------------------------------------------------
 
 V1_ARCHS = ("chatglm-6b",)
-"""Bundled descriptions (launcher/archs) of models that cannot run here: memory comparisons only."""
+"""Bundled descriptions (launcher/plan/arch_configs) of models that cannot run here: memory comparisons
+only."""
 
 
 def _cause() -> str:

@@ -30,7 +30,7 @@ class Family:
     template: Callable[[str], str]
     """The jinja chat template, given the rendered prefix."""
     launcher_template: str
-    """launcher's named template (launcher.templates) that lays out training data like the original."""
+    """launcher's named template (launcher.data.templates) that lays out training data like the original."""
 
 
 CHATGLM2 = Family(

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from launcher.archs import layer_list_prefix, linear_module_names, param_numel
 from launcher.errors import UserError
-from launcher.spec import FreezeMethod, FullMethod, LoraMethod, MethodSpec, PtuningMethod
+from launcher.plan.archs import layer_list_prefix, linear_module_names, param_numel
+from launcher.spec.schema import FreezeMethod, FullMethod, LoraMethod, MethodSpec, PtuningMethod
 
 # Freeze with neither layers nor patterns: train the last 2 blocks (LLaMA-Factory's default).
 _NAMES_SHOWN = 12

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from launcher.errors import DiskFullError
-from launcher.rundir import write_json_atomic, write_text_atomic
+from launcher.rundir.paths import write_json_atomic, write_text_atomic
 from launcher.train.distributed import barrier
 
 log = logging.getLogger(__name__)

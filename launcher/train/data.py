@@ -1,5 +1,5 @@
-"""Training data: load records (launcher.train.formats), render them with the run's ChatFormat
-(launcher.templates), tokenize with the history-truncation rule and the label mask, pad per batch, and
+"""Training data: load records (launcher.data.formats), render them with the run's ChatFormat
+(launcher.data.templates), tokenize with the history-truncation rule and the label mask, pad per batch, and
 order batches deterministically across ranks.
 
 Truncation rule: when the rendered source is longer than ``max_source_length``, whole history turns are
@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher.data.formats import CONVERSATION_FORMATS, FORMATS, Example, ExampleReader
+from launcher.data.templates import ChatFormat, chat_format, conversation
 from launcher.errors import UserError
-from launcher.templates import ChatFormat, chat_format, conversation
-from launcher.train.formats import CONVERSATION_FORMATS, FORMATS, Example, ExampleReader
 
 if TYPE_CHECKING:
     import torch
 
-    from launcher.spec import DataSpec, ModelSpec, RunConfig
+    from launcher.spec.schema import DataSpec, ModelSpec, RunConfig
 
 __all__ = ["FORMATS", "IGNORE_INDEX", "Example"]
 IGNORE_INDEX = -100
@@ -65,7 +65,7 @@ def problems_message(path: Path, problems: Sequence[str], total: int | None = No
 
 
 def load_data(path: Path, fmt: str = "auto") -> tuple[list[Example], str]:
-    """(examples, the file's format) of a data file (see launcher.train.formats). Every malformed
+    """(examples, the file's format) of a data file (see launcher.data.formats). Every malformed
     record is reported at once as a UserError with file:line and the key."""
     reader = ExampleReader(Path(path), fmt)
     examples: list[Example] = []
@@ -98,12 +98,12 @@ def train_on_for(train_on: str | None, fmt: str) -> str:
 def resolve_data_files(data: DataSpec) -> tuple[Path, Path]:
     """(train, eval) files: the built-in set (generated once into the cache) or the spec's files."""
     if data.builtin is not None:
-        from launcher.demo_data import ensure_builtin_data
+        from launcher.builtins.demo_data import ensure_builtin_data
 
         return ensure_builtin_data(data.builtin)
     if data.train_file is None or data.eval_file is None:
         raise UserError("data: set either builtin (dialogue, spo) or both train_file and eval_file")
-    from launcher.train.records import data_file_problem
+    from launcher.data.records import data_file_problem
 
     files = (Path(data.train_file), Path(data.eval_file))
     for key, path in zip(("data.train_file", "data.eval_file"), files, strict=True):
@@ -116,7 +116,7 @@ def resolve_data_files(data: DataSpec) -> tuple[Path, Path]:
 def resolve_model_dir(model: ModelSpec) -> Path:
     """The model directory: the built-in tiny model (built once, cached) or the spec's local HF dir."""
     if model.builtin is not None:
-        from launcher.tiny import ensure_tiny_model
+        from launcher.builtins.tiny import ensure_tiny_model
 
         return ensure_tiny_model()
     if model.path is None:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from launcher.launch_env import free_port
+from launcher.backends.launch_env import free_port
 
 DIST_TIMEOUT_ENV = "LAUNCHER_DIST_TIMEOUT_S"
 DEFAULT_DIST_TIMEOUT_S = 600.0

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.spec import RunConfig
+from launcher.spec.schema import RunConfig
 from launcher.train.data import IGNORE_INDEX
 from launcher.train.distributed import all_reduce_sum
 from launcher.train.export import is_zero3_partitioned, unwrap
@@ -205,7 +205,7 @@ def generate_samples(
     """
     from transformers import GenerationConfig
 
-    from launcher.templates import chat_format
+    from launcher.data.templates import chat_format
     from launcher.train.data import encode_prompt
 
     module = unwrap(model)

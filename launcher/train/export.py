@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.spec import LoraMethod, MethodSpec
-from launcher.templates import ChatFormat
+from launcher.data.templates import ChatFormat
+from launcher.spec.schema import LoraMethod, MethodSpec
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from launcher.errors import UserError
-from launcher.rundir import RunState
+from launcher.rundir.paths import RunState
 
 if TYPE_CHECKING:
-    from launcher.rundir import RunPaths
-    from launcher.spec import LoggingSpec, MlflowSpec, RunConfig, WandbSpec
+    from launcher.rundir.paths import RunPaths
+    from launcher.spec.schema import LoggingSpec, MlflowSpec, RunConfig, WandbSpec
     from launcher.train.result import TrainOutcome
 
 log = logging.getLogger(__name__)

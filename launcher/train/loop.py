@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.run_status import failure_reason, record_failure, update_status
-from launcher.rundir import RunPaths, RunState, append_jsonl, iter_jsonl, to_json, write_text_atomic
-from launcher.spec import RunConfig
+from launcher.rundir.paths import RunPaths, RunState, append_jsonl, iter_jsonl, to_json, write_text_atomic
+from launcher.rundir.status import failure_reason, record_failure, update_status
+from launcher.spec.schema import RunConfig
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
 from launcher.train.loggers import open_metric_loggers
@@ -242,7 +242,7 @@ def run_training(
 ) -> str:
     import deepspeed
 
-    from launcher.templates import chat_format
+    from launcher.data.templates import chat_format
     from launcher.train.adapters import apply_method
     from launcher.train.evaluate import bleu_scores, eval_loss, generate_samples
     from launcher.train.export import export_final

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from launcher.errors import UserError
-from launcher.spec import MethodSpec, PtuningMethod
+from launcher.spec.schema import MethodSpec, PtuningMethod
 from launcher.train.data import IGNORE_INDEX, Encoded
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """``result.json``: the one file per run the collector turns into a table row (its keys:
-``launcher.rundir.RESULT_KEYS``, described in docs/run_directory.md)."""
+``launcher.rundir.paths.RESULT_KEYS``, described in docs/run_directory.md)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.rundir import RESULT_KEYS, RunPaths, iter_jsonl, write_json_atomic
-from launcher.spec import RunConfig
+from launcher.rundir.paths import RESULT_KEYS, RunPaths, iter_jsonl, write_json_atomic
+from launcher.spec.schema import RunConfig
 from launcher.train.memory import PeakMemory
 
 _VERSIONED = ("torch", "transformers", "peft", "deepspeed", "launcher")

@@ -2,8 +2,8 @@
 
 Two sources, both exact:
 - a local model directory: ``config.json`` is instantiated on the meta device (no memory, no weights);
-- otherwise a bundled description (``launcher/archs/<name>.json``) of a well-known model, expanded here
-  into the same per-parameter listing by family (chatglm, llama, glm). ChatGLM2/3-6B are described as
+- otherwise a bundled description (``launcher/plan/arch_configs/<name>.json``) of a well-known model, expanded
+  here into the same per-parameter listing by family (chatglm, llama, glm). ChatGLM2/3-6B are described as
   ``launcher convert chatglm`` lays them out (glm), the only form they run in here.
 
 The memory model and the method checks (freeze patterns, LoRA targets) read only ``ArchInfo``.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ARCH_DIR = Path(__file__).parent / "archs"
+ARCH_DIR = Path(__file__).parent / "arch_configs"
 
 
 @dataclass(frozen=True)
@@ -406,7 +406,7 @@ def arch_from_model_dir(model_dir: str, trust_remote_code: bool = False) -> Arch
 @functools.lru_cache(maxsize=1)
 def tiny_glm_arch() -> ArchInfo:
     """The built-in tiny model's architecture, from its build settings (no need to build it)."""
-    from launcher import tiny
+    from launcher.builtins import tiny
 
     cfg = tiny.DEFAULT_CONFIG
     try:
@@ -424,6 +424,6 @@ def tiny_glm_arch() -> ArchInfo:
             "head_dim": cfg.head_dim,
             "intermediate_size": cfg.intermediate_size,
             "vocab_size": vocab,
-            "source": "launcher.tiny.DEFAULT_CONFIG",
+            "source": "launcher.builtins.tiny.DEFAULT_CONFIG",
         }
     )

@@ -20,7 +20,7 @@ CACHE_ENV = "LAUNCHER_CACHE_DIR"
 
 def _repo_root() -> Path | None:
     """The checkout this package runs from (editable install), or None for an installed wheel."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if (root / "pyproject.toml").is_file() and (root / "launcher").is_dir():
         return root
     return None

@@ -32,8 +32,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from launcher.archs import ArchInfo, Linear
-from launcher.spec import FreezeMethod, FullMethod, LoraMethod, MethodSpec, Precision, PtuningMethod
+from launcher.plan.archs import ArchInfo, Linear
+from launcher.spec.schema import FreezeMethod, FullMethod, LoraMethod, MethodSpec, Precision, PtuningMethod
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
@@ -367,7 +367,7 @@ class ZeroSettings:
 
     @classmethod
     def rendered(cls, arch: ArchInfo) -> ZeroSettings:
-        """What launcher.dsconfig writes into ds_config.json for this architecture."""
+        """What launcher.plan.dsconfig writes into ds_config.json for this architecture."""
         bucket = bucket_size(arch)
         return cls(reduce_bucket=bucket, prefetch_bucket=int(0.9 * bucket))
 
@@ -624,8 +624,8 @@ def step_temp_bytes(
 
 
 def bucket_size(arch: ArchInfo) -> int:
-    """The bucket size launcher.dsconfig renders into ds_config.json (hidden_size^2, at least 4M)."""
-    from launcher.dsconfig import bucket_elements
+    """The bucket size launcher.plan.dsconfig renders into ds_config.json (hidden_size^2, at least 4M)."""
+    from launcher.plan.dsconfig import bucket_elements
 
     return bucket_elements(arch.hidden_size)
 
@@ -652,7 +652,7 @@ def estimate(
     """``loss_positions``: positions per example that get logits (launcher.train.target_loss computes
     them for the target tokens only, after checking them once against the model's own loss); None: the
     model's own loss over all ``seq_len`` positions, as other training scripts compute it.
-    ``zero_settings``: the ZeRO buffer sizes (default: what launcher.dsconfig renders).
+    ``zero_settings``: the ZeRO buffer sizes (default: what launcher.plan.dsconfig renders).
     ``on_cpu``: the estimate for CPU ranks (no CUDA context, no allocator cache, CPU dropout kernels).
     ``zero_init``: under ZeRO-3 the model is built already partitioned, as launcher's trainer does.
     ``packed``: packed rows of ``seq_len`` tokens (training.packing), attention under an explicit mask."""

@@ -220,7 +220,7 @@ class ExampleReader:
         self.format = fmt
 
     def __iter__(self) -> Iterator[tuple[str, Example | str]]:
-        from launcher.train.records import BadRecord, read_records
+        from launcher.data.records import BadRecord, read_records
 
         for index, located in enumerate(read_records(self.path)):
             record = located.record

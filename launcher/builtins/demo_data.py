@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from launcher.cache import build_once
-from launcher.cache import cache_dir as default_cache_dir
+from launcher.builtins.cache import build_once
+from launcher.builtins.cache import cache_dir as default_cache_dir
 from launcher.errors import UserError
 
 DATA_VERSION = 1

@@ -27,8 +27,8 @@ class Mark:
     line: int
     col: int
     origin: str | None = None
-    """Set when the value came from elsewhere (a command-line override, launcher.overrides): errors name it
-    instead of a file position."""
+    """Set when the value came from elsewhere (a command-line override, launcher.spec.overrides): errors name
+    it instead of a file position."""
 
 
 @dataclass

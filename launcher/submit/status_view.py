@@ -1,4 +1,4 @@
-"""The status view of an experiment: one row per run (launcher.status_row) merged with the live view
+"""The status view of an experiment: one row per run (launcher.submit.status_row) merged with the live view
 of the backends that submitted the runs.
 
 Files (status.json, metrics.jsonl) are always readable, so the view never depends on `sacct`;
@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 from launcher.errors import UserError
 from launcher.fit_table import ALWAYS, Column, fitted_table
-from launcher.rundir import ExperimentPaths, RunState
-from launcher.status_row import StatusRow, format_duration, read_status_row
+from launcher.rundir.paths import ExperimentPaths, RunState
+from launcher.submit.status_row import StatusRow, format_duration, read_status_row
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from launcher.backends.base import SubmittedRun
-    from launcher.manifest import Manifest
+    from launcher.submit.manifest import Manifest
 
 T = TypeVar("T")
 LIVE_QUERY_TIMEOUT_S = 15.0
@@ -75,7 +75,7 @@ def query_live_states(
 
 def collect_rows(exp: ExperimentPaths, *, live: bool = True) -> list[StatusRow]:
     """A row for every run directory (submitted or not), in name order."""
-    from launcher.manifest import load_manifest
+    from launcher.submit.manifest import load_manifest
 
     manifest = load_manifest(exp)
     live_states = query_live_states(manifest) if live else {}
@@ -154,7 +154,7 @@ def resolve_experiment(path_text: str) -> ExperimentPaths:
     """EXP may be the experiment directory or the spec that produced it."""
     path = Path(path_text)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
-        from launcher.plan import load_and_plan
+        from launcher.plan.planner import load_and_plan
 
         return load_and_plan(path).exp
     exp = ExperimentPaths(path)

@@ -1,6 +1,6 @@
 """The resource policy: nodes, GPUs, ZeRO stage, offload and checkpointing for one run.
 
-Explicit values always win. Unset values come from the method's defaults (launcher.methods), or, with
+Explicit values always win. Unset values come from the method's defaults (launcher.plan.methods), or, with
 ``resources: auto``, from the cheapest configuration the memory model says fits ``cluster.gpu_mem_gib``:
 fewest GPUs first, then no offload before optimizer offload before parameter offload, then gradient
 checkpointing off before on. A run that cannot fit is an error that says what to change.
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.archs import ArchInfo
-from launcher.memory_model import MemoryEstimate, ParamLayout, estimate
-from launcher.methods import ResourceChoice, method_info, supports_gradient_checkpointing
-from launcher.spec import ClusterSpec, MethodSpec, ResolvedResources, TrainingSpec
+from launcher.plan.archs import ArchInfo
+from launcher.plan.memory_model import MemoryEstimate, ParamLayout, estimate
+from launcher.plan.methods import ResourceChoice, method_info, supports_gradient_checkpointing
+from launcher.spec.schema import ClusterSpec, MethodSpec, ResolvedResources, TrainingSpec
 
 
 class ResourceProblem(ValueError):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.rundir import RunPaths, RunState
-from launcher.status_row import format_duration, read_status_row
+from launcher.rundir.paths import RunPaths, RunState
+from launcher.submit.status_row import format_duration, read_status_row
 
 
 class RunsProgress:

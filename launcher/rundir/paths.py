@@ -2,7 +2,7 @@
 
 The run directory is the only thing that passes between submit, train and collect
 (docs/run_directory.md). Names here are public: users' scripts, the tests and the collector read them.
-status.json's content and merge policy belong to launcher.run_status.
+status.json's content and merge policy belong to launcher.rundir.status.
 """
 
 from __future__ import annotations

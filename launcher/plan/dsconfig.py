@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.spec import RunConfig
+from launcher.spec.schema import RunConfig
 
 
 def _template_dir() -> Path:
     """The source tree's ``deepspeed_configs/``; a wheel install carries a copy as data files."""
-    source_tree = Path(__file__).resolve().parent.parent / "deepspeed_configs"
+    source_tree = Path(__file__).resolve().parents[2] / "deepspeed_configs"
     installed = Path(sys.prefix) / "share" / "launcher" / "deepspeed_configs"
     return source_tree if source_tree.is_dir() or not installed.is_dir() else installed
 

@@ -1,7 +1,7 @@
 """The plan: a spec loaded, validated and expanded once, and the run directories that materialise it.
 
 ``load_and_plan`` is what every command starts from: YAML with positions, the schema and the semantic
-checks (launcher.spec_check), then one ``RunConfig`` per run (sweep expanded, paths made absolute,
+checks (launcher.spec.check), then one ``RunConfig`` per run (sweep expanded, paths made absolute,
 resources chosen, run id hashed), with every problem of all three stages raised together. The
 ``Plan`` it returns keeps each run's architecture, so nothing resolves it again.
 ``write_run_dirs`` writes the experiment directory (spec.yaml, plan.json) and each run's run.yaml,
@@ -21,7 +21,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from launcher.archs import (
+from launcher.convert.detect import model_problem
+from launcher.errors import UserError
+from launcher.plan.archs import (
     ArchInfo,
     arch_from_model_dir,
     bundled_arch,
@@ -30,24 +32,24 @@ from launcher.archs import (
     short_module_names,
     tiny_glm_arch,
 )
-from launcher.convert.detect import model_problem
-from launcher.dsconfig import batch_sizes, render_ds_config
-from launcher.errors import UserError
-from launcher.memory_model import LayoutError, param_layout
-from launcher.methods import describe
-from launcher.overrides import apply_overrides
-from launcher.preflight import PreflightReport, run_preflight
-from launcher.resources import ResourceProblem, resolve_resources
-from launcher.run_identity import run_id_of
-from launcher.run_status import update_status
-from launcher.rundir import (
+from launcher.plan.dsconfig import batch_sizes, render_ds_config
+from launcher.plan.memory_model import LayoutError, param_layout
+from launcher.plan.methods import describe
+from launcher.plan.preflight import PreflightReport, run_preflight
+from launcher.plan.resources import ResourceProblem, resolve_resources
+from launcher.plan.sweep import RunPlan, expand
+from launcher.rundir.identity import run_id_of
+from launcher.rundir.paths import (
     ExperimentPaths,
     RunState,
     utc_now,
     write_json_atomic,
     write_text_atomic,
 )
-from launcher.spec import (
+from launcher.rundir.status import update_status
+from launcher.spec.check import name_too_long, resolve_path, validate_spec
+from launcher.spec.overrides import apply_overrides
+from launcher.spec.schema import (
     DataSpec,
     EvalSpec,
     JobSpec,
@@ -58,9 +60,7 @@ from launcher.spec import (
     TokenizerSpec,
     TrainingSpec,
 )
-from launcher.spec_check import name_too_long, resolve_path, validate_spec
-from launcher.sweep import RunPlan, expand
-from launcher.yaml_source import Problems, load_yaml_file
+from launcher.spec.yaml_source import Problems, load_yaml_file
 
 _WRITE_THREADS = 16  # overlapping fsyncs; more threads stop paying off on one disk
 
@@ -105,10 +105,10 @@ def load_and_plan(
     ``check_paths``: model/data/hostfile paths that are not on this machine are errors (submit)
     instead of warnings (validate, plan). ``preflight`` (default: ``check_paths``) reads what is on
     this machine: the model's config and weight headers, the tokenizer, every data record rendered
-    (launcher.preflight). Later stages that read the inputs themselves belong here
+    (launcher.plan.preflight). Later stages that read the inputs themselves belong here
     too, reporting into the same ``problems``.
 
-    ``overrides``: ``KEY=VALUE`` from the command line (launcher.overrides), applied to the loaded data
+    ``overrides``: ``KEY=VALUE`` from the command line (launcher.spec.overrides), applied to the loaded data
     before anything is checked; their problems point at them (``<override 2>: ...``).
     """
     spec_path = Path(spec_path)
@@ -208,7 +208,7 @@ def _absolute_paths(config: dict[str, Any], base_dir: Path) -> None:
 
 def _duplicate_name(problems: Problems, plan: RunPlan, first: RunPlan) -> None:
     """Two runs got one name: from two methods (they need distinct `name:`s), or from one method's
-    sweep values that are written the same way in a name (launcher.sweep.format_value)."""
+    sweep values that are written the same way in a name (launcher.plan.sweep.format_value)."""
     where_method: tuple[str | int, ...] = ("methods", plan.method_index)
     if first.method_index != plan.method_index:
         problems.error(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.spec import FreezeMethod, FullMethod, LoraMethod, MethodSpec, PtuningMethod
+from launcher.spec.schema import FreezeMethod, FullMethod, LoraMethod, MethodSpec, PtuningMethod
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """Validation of a job spec, in the spec's own terms: ``file:line:col: key.path: message``.
 
 Three layers, all problems collected and raised together as one SpecError:
-1. YAML syntax (launcher.yaml_source), ``yaml.safe_load`` semantics only;
+1. YAML syntax (launcher.spec.yaml_source), ``yaml.safe_load`` semantics only;
 2. the schema (pydantic): its errors are translated to key paths with positions, valid choices and the
    closest valid key ("did you mean lora_alpha?");
 3. semantic checks: model/data choices, sweep and override keys, zip lengths, freeze settings, paths that
    do not exist (errors at submit, warnings at plan).
 What only planning can find (batch arithmetic, runs that cannot fit, duplicate run names) is checked
-by launcher.plan, into the same problem list: ``launcher.plan.load_and_plan`` runs both, once.
+by launcher.plan.planner, into the same problem list: ``launcher.plan.planner.load_and_plan`` runs both, once.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from launcher.errors import UserError
-from launcher.spec import METHOD_NAMES, FreezeMethod, JobSpec, ResourcesSpec
-from launcher.sweep import SECTIONS, base_config, method_has_field, set_dotted, valid_dotted_keys
-from launcher.yaml_source import KeyPath, Problems
+from launcher.plan.sweep import SECTIONS, base_config, method_has_field, set_dotted, valid_dotted_keys
+from launcher.spec.schema import METHOD_NAMES, FreezeMethod, JobSpec, ResourcesSpec
+from launcher.spec.yaml_source import KeyPath, Problems
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # File systems allow 255 bytes per name; the launcher adds up to 23 (`replaced/<run>-<utc time>`, the
@@ -275,7 +275,7 @@ def _check_names(spec: JobSpec, problems: Problems) -> None:
 
 
 def _check_model_data(spec: JobSpec, problems: Problems) -> None:
-    from launcher.archs import bundled_arch_names
+    from launcher.plan.archs import bundled_arch_names
 
     m = spec.model
     if m.path is None and m.builtin is None:
@@ -303,7 +303,7 @@ def _check_model_data(spec: JobSpec, problems: Problems) -> None:
         elif d.eval_file is None:
             problems.error(("data", "eval_file"), "missing: train_file is set, eval_file is needed too")
     try:
-        from launcher.templates import check_template
+        from launcher.data.templates import check_template
 
         check_template(spec.template)
     except UserError as exc:
@@ -362,7 +362,7 @@ def _check_dotted_value(spec: JobSpec, key: str, value: Any, where: KeyPath, pro
             if not isinstance(value, str):
                 problems.error(where, f"must be a string, got {_show(value)}", prefer_value=True)
                 return
-            from launcher.templates import check_template
+            from launcher.data.templates import check_template
 
             check_template(value)
         elif section == "resources":
@@ -490,7 +490,7 @@ def _check_paths(spec: JobSpec, base_dir: Path, problems: Problems, check_paths:
             continue
         path = Path(resolved)
         if kind == "data":
-            from launcher.train.records import data_file_problem
+            from launcher.data.records import data_file_problem
 
             problem = data_file_problem(path)
             if not path.exists():
@@ -545,7 +545,7 @@ def _read_only(path: Path) -> bool:
 
 
 def check_spec(spec: JobSpec, spec_path: Path, problems: Problems, *, check_paths: bool) -> None:
-    """Semantic checks of a schema-valid spec (the plan's own checks come after, in launcher.plan)."""
+    """Semantic checks of a schema-valid spec (the plan's own checks come after, in launcher.plan.planner)."""
     _check_names(spec, problems)
     _check_output_dir(spec, problems)
     _check_model_data(spec, problems)

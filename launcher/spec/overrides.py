@@ -24,9 +24,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from launcher.errors import SpecError
-from launcher.spec import JobSpec
-from launcher.spec_check import ALIASES, _members, _step, did_you_mean
-from launcher.yaml_source import KeyPath, Mark, Problems, SourceMap, load_yaml_with_positions
+from launcher.spec.check import ALIASES, _members, _step, did_you_mean
+from launcher.spec.schema import JobSpec
+from launcher.spec.yaml_source import KeyPath, Mark, Problems, SourceMap, load_yaml_with_positions
 
 # Top-level sections whose fields a bare key may mean (`lr=3` -> training.learning_rate).
 _SECTIONS: dict[str, type[BaseModel]] = {

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.rundir import (
+from launcher.rundir.paths import (
     ExperimentPaths,
     iter_jsonl,
     read_json,

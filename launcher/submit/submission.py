@@ -20,17 +20,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
-from launcher.manifest import load_manifest, locked_manifest, submission_lock
-from launcher.run_identity import identity_fields, run_id_of
-from launcher.run_status import read_status
-from launcher.rundir import ExperimentPaths, RunState
+from launcher.rundir.identity import identity_fields, run_id_of
+from launcher.rundir.paths import ExperimentPaths, RunState
+from launcher.rundir.status import read_status
+from launcher.submit.manifest import load_manifest, locked_manifest, submission_lock
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from launcher.backends.base import Backend, SubmittedRun
-    from launcher.plan import Plan
-    from launcher.spec import RunConfig
+    from launcher.plan.planner import Plan
+    from launcher.spec.schema import RunConfig
 
 IN_FLIGHT = (RunState.PENDING.value, RunState.STARTING.value, RunState.RUNNING.value)
 CANCEL_WAIT_S = 60.0
@@ -97,7 +97,7 @@ def find_changed_configs(exp: ExperimentPaths, runs: list[RunConfig]) -> dict[st
     """Run name -> what changed, for runs with outputs (submitted, or past PLANNED) whose existing
     run.yaml (or submitted run id) has another identity. A never-submitted PLANNED run dir is simply
     re-planned; a run that only moves elsewhere (backend, cluster) keeps its identity."""
-    from launcher.spec import RunConfig
+    from launcher.spec.schema import RunConfig
 
     manifest = load_manifest(exp)
     changed: dict[str, str] = {}
@@ -126,8 +126,8 @@ def find_changed_configs(exp: ExperimentPaths, runs: list[RunConfig]) -> dict[st
 def current_states(exp: ExperimentPaths, names: set[str]) -> dict[str, str]:
     """Each run's state: its status.json, refined by the backend's live view (e.g. a dead local
     supervisor, a Slurm job that vanished from the queue)."""
-    from launcher.status import query_live_states
-    from launcher.status_row import merge_state
+    from launcher.submit.status_row import merge_state
+    from launcher.submit.status_view import query_live_states
 
     live = query_live_states(load_manifest(exp), names=names)
     states = {}
@@ -194,7 +194,7 @@ def _cancel_in_flight(exp: ExperimentPaths, names: set[str]) -> None:
     _cancel_through_backends(exp, names)
     # A cancelled Slurm job may still be writing into its run dir for a moment: the dir is about to
     # be archived and re-created, so wait until the scheduler no longer lists the jobs as live.
-    from launcher.status import query_live_states
+    from launcher.submit.status_view import query_live_states
 
     deadline = time.monotonic() + CANCEL_WAIT_S
     while True:
@@ -226,7 +226,7 @@ def submit_spec(
     """Everything `launcher submit` does; `backend` may be passed ready-made (tests)."""
     from rich.console import Console
 
-    from launcher.plan import load_and_plan
+    from launcher.plan.planner import load_and_plan
 
     if console is None:
         console = Console()
@@ -282,7 +282,7 @@ def _decisions(sub: _Submission, *, retry_failed: bool, force: bool) -> list[Dec
 
 
 def _dry_run(sub: _Submission, console: Console, *, retry_failed: bool, force: bool) -> SubmitOutcome:
-    from launcher.plan import write_run_dirs
+    from launcher.plan.planner import write_run_dirs
 
     decisions = _decisions(sub, retry_failed=retry_failed, force=force)
     outcome = SubmitOutcome(sub.exp, sub.backend.name, decisions)
@@ -297,7 +297,7 @@ def _dry_run(sub: _Submission, console: Console, *, retry_failed: bool, force: b
 
 
 def _submit(sub: _Submission, console: Console, *, retry_failed: bool, force: bool) -> SubmitOutcome:
-    from launcher.plan import write_run_dirs
+    from launcher.plan.planner import write_run_dirs
 
     exp = sub.exp
     decisions = _decisions(sub, retry_failed=retry_failed, force=force)
@@ -371,7 +371,7 @@ def _print_decisions(console: Console, outcome: SubmitOutcome, *, dry_run: bool)
 def cancel_runs(exp: ExperimentPaths, names: list[str] | None = None) -> list[str]:
     """Cancel unfinished runs (all, or `names`) through the backend that submitted them, then record
     CANCELLED in their status.json. Returns the runs cancelled."""
-    from launcher.run_status import update_status
+    from launcher.rundir.status import update_status
 
     wanted = set(names) if names is not None else {p.name for p in exp.run_dirs()}
     states = current_states(exp, wanted)

@@ -1,9 +1,9 @@
 """One run's status row, read from its files: status.json, the tail of metrics.jsonl, and the
 scheduler's live state where the files are not final.
 
-Used by `launcher status` (launcher.status: every run of an experiment) and by the live progress view
-of the local and hostfile backends (launcher.progress). Only the end of metrics.jsonl is read: a long
-run's file grows long, and the progress view reads every run at each poll.
+Used by `launcher status` (launcher.submit.status_view: every run of an experiment) and by the live progress
+view of the local and hostfile backends (launcher.submit.progress). Only the end of metrics.jsonl is read: a
+long run's file grows long, and the progress view reads every run at each poll.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.run_status import read_status
-from launcher.rundir import RunPaths, RunState, tail_lines
+from launcher.rundir.paths import RunPaths, RunState, tail_lines
+from launcher.rundir.status import read_status
 
 _TAIL_BYTES = 16384
 

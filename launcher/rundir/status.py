@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import DiskFullError
-from launcher.rundir import RunPaths, RunState, read_json, to_json, utc_now, write_json_atomic
+from launcher.rundir.paths import RunPaths, RunState, read_json, to_json, utc_now, write_json_atomic
 
 HEADER_KEYS = ("state", "updated_at", "reason")
 SUBMISSION_KEYS = (

@@ -6,7 +6,7 @@ to the methods that have that parameter). ``grid`` axes form a cartesian product
 together, ``seeds`` repeats every configuration. Per-method ``overrides`` use the same keys.
 
 Run names are readable (method name + the values that vary: ``lora-lr1e-4-src1024``); run ids are a
-short hash of the fully resolved config (launcher.run_identity), so planning the same spec twice gives the
+short hash of the fully resolved config (launcher.rundir.identity), so planning the same spec twice gives the
 same ids.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from launcher.methods import run_name_base
-from launcher.spec import (
+from launcher.plan.methods import run_name_base
+from launcher.spec.schema import (
     DataSpec,
     EvalSpec,
     FreezeMethod,

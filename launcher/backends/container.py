@@ -26,11 +26,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from launcher.cache import CACHE_ENV, cache_dir
+from launcher.builtins.cache import CACHE_ENV, cache_dir
 from launcher.errors import CONTROL_CHARS, UserError, shown
 
 if TYPE_CHECKING:
-    from launcher.spec import ClusterSpec, ContainerSpec, RunConfig
+    from launcher.spec.schema import ClusterSpec, ContainerSpec, RunConfig
 
 APPTAINER = "apptainer"
 CONTAINER_PYTHON = "python3"

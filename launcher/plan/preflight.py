@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.archs import ArchInfo
 from launcher.errors import UserError
-from launcher.spec import RunConfig
-from launcher.yaml_source import KeyPath, Problems
+from launcher.plan.archs import ArchInfo
+from launcher.spec.schema import RunConfig
+from launcher.spec.yaml_source import KeyPath, Problems
 
 PREFLIGHT_VERSION = 1
 """Bump when a check changes: remembered results of the old checks no longer count."""
@@ -69,7 +69,7 @@ def _fingerprint(*paths: Path | None) -> list[Any]:
 
 
 def _memo_path(kind: str, key: Any) -> Path:
-    from launcher.cache import cache_dir
+    from launcher.builtins.cache import cache_dir
 
     digest = hashlib.sha256(json.dumps([PREFLIGHT_VERSION, kind, key], default=str).encode()).hexdigest()
     return cache_dir() / "preflight" / f"{kind}-{digest[:24]}.json"
@@ -80,7 +80,7 @@ def _remembered(kind: str, key: Any) -> bool:
 
 
 def _remember(kind: str, key: Any, info: dict[str, Any]) -> None:
-    from launcher.rundir import write_json_atomic
+    from launcher.rundir.paths import write_json_atomic
 
     path = _memo_path(kind, key)
     try:
@@ -194,7 +194,7 @@ def check_model(model_dir: Path, trust_remote_code: bool = False) -> list[str]:
 def _renderer(template: str, tokenizer: Any) -> Callable[[Any], str | None]:
     """A check of one Example: None when it renders, else the problem. With a chat template the prompt
     must render as the start of the conversation with its answer (that is how the answer is found)."""
-    from launcher.templates import ChatFormat, conversation, get_template
+    from launcher.data.templates import ChatFormat, conversation, get_template
 
     if tokenizer is None:  # the built-in model: its tokenizer has no chat template (auto = chatglm)
         named = get_template("chatglm" if template in ("auto", "tokenizer") else template)
@@ -230,7 +230,7 @@ def _renderer(template: str, tokenizer: Any) -> Callable[[Any], str | None]:
 def check_data(path: Path, fmt: str, render: Callable[[Any], str | None]) -> tuple[int, list[str], int]:
     """(records, the first problems, how many records have problems) of one data file: every record
     read, parsed and rendered."""
-    from launcher.train.formats import ExampleReader
+    from launcher.data.formats import ExampleReader
 
     records = 0
     shown: list[str] = []
@@ -263,7 +263,7 @@ def _load_tokenizer(directory: Path, trust_remote_code: bool) -> Any:
 
 def check_tokenizer(tokenizer: Any, template: str, arch: ArchInfo | None) -> list[tuple[str, str]]:
     """(spec key, problem) for a loaded tokenizer: eos, ids within the model's embeddings, template."""
-    from launcher.templates import resolve_template
+    from launcher.data.templates import resolve_template
 
     out = []
     if tokenizer.eos_token_id is None:
@@ -371,7 +371,7 @@ def _check_run_data(
     done: set[Any],
     report: PreflightReport,
 ) -> None:
-    from launcher.train.records import data_file_problem
+    from launcher.data.records import data_file_problem
 
     render: Callable[[Any], str | None] | None = None
     for spec_key, value in (("train_file", run.data.train_file), ("eval_file", run.data.eval_file)):

@@ -5,7 +5,7 @@ language before any fine-tuning.
 The build is deterministic (fixed seeds, one thread, deterministic kernels) and cached by a content
 hash of (builder version, model config, pretraining settings, corpus) in
 ``cache_dir()/tiny-glm-<hash>/``. Concurrent callers (several ranks) build it once: a lock plus an
-atomic rename (``launcher.cache.build_once``).
+atomic rename (``launcher.builtins.cache.build_once``).
 
 Pretraining uses the bundled dialogues as plain text - each turn's question and answer on their own
 lines, with no prompt template and no speaker markers (``demo_data.pretraining_corpus``) - on other
@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher import demo_data
-from launcher.cache import build_once
-from launcher.cache import cache_dir as default_cache_dir
-from launcher.rundir import write_json_atomic
+from launcher.builtins import demo_data
+from launcher.builtins.cache import build_once
+from launcher.builtins.cache import cache_dir as default_cache_dir
+from launcher.rundir.paths import write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +43,7 @@ BUILDER_VERSION = 2
 BUILD_INFO = "tiny_build.json"
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
-# Characters the named templates use (launcher.templates), so prompts never hit <unk>.
+# Characters the named templates use (launcher.data.templates), so prompts never hit <unk>.
 _TEMPLATE_CHARS = "问答：，。？！“”（）《》、；…—\n\t"
 
 

@@ -1,6 +1,6 @@
 """`<experiment>/manifest.json`: what was submitted where, so a second `launcher submit` never duplicates.
 
-Keyed by run id (launcher.run_identity: what the run computes, not where); each entry records the
+Keyed by run id (launcher.rundir.identity: what the run computes, not where); each entry records the
 backend, the job id / array index and how many times the run was submitted. Read-modify-write happens
 under an exclusive file lock, so two concurrent submits of the same spec cannot lose entries.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock, Timeout
 
 from launcher.errors import UserError
-from launcher.rundir import ExperimentPaths, read_json, utc_now, write_json_atomic
+from launcher.rundir.paths import ExperimentPaths, read_json, utc_now, write_json_atomic
 
 if TYPE_CHECKING:
     from launcher.backends.base import SubmittedRun

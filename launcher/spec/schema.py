@@ -1,7 +1,7 @@
 """The job-spec schema (typed models) and the resolved per-run config that ``run.yaml`` holds.
 
 The schema only: field names here are the public YAML keys. Loading a spec file, validating it with
-file:line errors (launcher.spec_check) and planning it happen in ``launcher.plan.load_and_plan``;
+file:line errors (launcher.spec.check) and planning it happen in ``launcher.plan.planner.load_and_plan``;
 ``RunConfig`` is what a rank reads from ``run.yaml`` and the only config it sees.
 """
 
@@ -176,7 +176,8 @@ class SweepSpec(StrictModel):
 
 
 class ContainerSpec(StrictModel):
-    """Run every rank inside an image (launcher.container): Apptainer around python, or pyxis on srun."""
+    """Run every rank inside an image (launcher.backends.container): Apptainer around python, or pyxis on
+    srun."""
 
     image: str
     """Apptainer: a .sif file or a URI (docker://...); pyxis: an enroot image

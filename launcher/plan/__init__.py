@@ -1,0 +1,2 @@
+"""Planning: a validated spec expanded into runs:
+methods, resources, memory, architectures, DeepSpeed configs and the pre-flight."""

@@ -1,0 +1,1 @@
+"""Submission: idempotent submit through a backend, the manifest, the status view and the live progress."""
