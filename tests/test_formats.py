@@ -136,7 +136,7 @@ def test_sharegpt_and_messages_speakers(tmp_path: Path) -> None:
     (ex,), _ = load_data(write("jsonl", [developer], tmp_path), "messages")
     assert ex == Example("data-0", [("Hi", "Hello")], QUERY, RESPONSE, system="S")
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
-    with pytest.raises(UserError, match=r"messages\[0\].content: only text parts are supported"):
+    with pytest.raises(UserError, match=r"messages\[0\].content: only text parts can be trained here .* \['image_url'\]"):
         load_data(write("jsonl", [image], tmp_path), "messages")
 
 
@@ -170,16 +170,16 @@ def test_every_bad_record_of_a_file_at_once(tmp_path: Path) -> None:
         f"{path}:3: messages[0]: the conversation must end with an assistant turn (the response to learn)",
         f"{path}:5: invalid JSON (Expecting property name enclosed in double quotes); expected one object "
         "per line",
-        f"{path}:6: messages[1]: tool and function-call turns are not supported; drop these records or "
-        "those turns",
+        f"{path}:6: messages[1]: a tool result cannot follow a user turn: a tool call is followed by its "
+        "results, results by the assistant, and the user and the assistant take turns",
         f"{path}:7: messages[1].role: 'bot' is not a speaker of messages: use one of system, developer, "
-        "user, assistant",
+        "user, assistant, tool, function",
         f"{path}:8: messages[0].content: must be a string, got int",
         f"{path}:9: messages[2]: a system message must come first",
         f"{path}:10: messages: must be a non-empty list (messages format needs messages: [{{role, content}}, "
-        "...])",
+        "...] (optional tools))",
         f"{path}:11: messages: must be a non-empty list (messages format needs messages: [{{role, content}}, "
-        "...])",
+        "...] (optional tools))",
         f"{path}:12: each record must be a JSON object, got list",
     ]
 

@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.data import tool_calls
+from launcher.data.columns import Columns, columns_problems
+from launcher.data.unsupported import unsupported_key
 from launcher.errors import UserError
+
+Message = dict[str, Any]
 
 FORMATS: tuple[str, ...] = ("auto", "chatglm", "alpaca", "sharegpt", "messages")
 CONVERSATION_FORMATS = ("sharegpt", "messages")
@@ -37,13 +42,14 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")
 _NEEDED = {
     "chatglm": "prompt, response (optional history, system)",
     "alpaca": "instruction, output (optional input, history, system)",
-    "sharegpt": "conversations: [{from, value}, ...] (optional system)",
-    "messages": "messages: [{role, content}, ...]",
+    "sharegpt": "conversations: [{from, value}, ...] (optional system, tools)",
+    "messages": "messages: [{role, content}, ...] (optional tools)",
 }
+TEXT_PART_KEYS = ("text", "value")
+"""Where a text part keeps its text: OpenAI's ``{"type": "text", "text"}``, LLaMA-Factory's ``value``."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,12 @@ class Example:
     query: str
     response: str
     system: str | None = field(default=None, kw_only=True)
+    messages: tuple[Message, ...] | None = field(default=None, kw_only=True)
+    """A tool-calling conversation as chat messages (launcher.data.tool_calls), system first when there
+    is one; None for plain (history, query, response) examples. ``query``/``response`` are then its last
+    user turn and its last assistant turn (as text), for eval."""
+    tools: list[dict[str, Any]] | None = field(default=None, kw_only=True)
+    """The functions offered to the model (rendered by the chat template's ``tools``)."""
 
 
 class RecordProblem(ValueError):
@@ -66,122 +78,184 @@ class RecordProblem(ValueError):
         return f"{where}: {self.key + ': ' if self.key else ''}{self}"
 
 
-def detect_format(record: Any) -> str:
-    """The format a record's keys say it is in."""
+def detect_format(record: Any, columns: Columns | None = None) -> str:
+    """The format a record's keys say it is in (through ``data.columns`` when it maps them)."""
+    cols = columns or Columns()
     if not isinstance(record, dict):
         raise RecordProblem(None, f"each record must be a JSON object, got {type(record).__name__}")
-    if "messages" in record:
-        return "messages"
-    if "conversations" in record:
-        return "sharegpt"
-    if "prompt" in record or "response" in record:
-        return "chatglm"
-    if "instruction" in record or "output" in record:
-        return "alpaca"
-    raise RecordProblem(
-        None,
+    for fmt, fields in (
+        ("messages", ("messages",)),
+        ("sharegpt", ("conversations",)),
+        ("chatglm", ("prompt", "response")),
+        ("alpaca", ("instruction", "output")),
+    ):
+        if any(cols.has(record, f) for f in fields):
+            return fmt
+    raise RecordProblem(None, _unknown_keys_message(record))
+
+
+def _unknown_keys_message(record: dict[str, Any]) -> str:
+    """Why the format is unknown, with a data.columns mapping built from the record's own keys."""
+    texts = [k for k, v in record.items() if isinstance(v, str)]
+    example = (
+        f"format: chatglm, columns: {{prompt: {texts[0]}, response: {texts[1]}}}"
+        if len(texts) >= 2
+        else "format: chatglm, columns: {prompt: KEY, response: KEY}"
+    )
+    return (
         f"cannot tell the data format from keys {sorted(record)}: expected messages, conversations "
-        "(sharegpt), prompt/response (chatglm) or instruction/output (alpaca); or set data.format",
+        "(sharegpt), prompt/response (chatglm) or instruction/output (alpaca); for other keys set "
+        f"data.format and map them with data.columns, e.g. data: {{{example}}}"
     )
 
 
-def parse_record(record: Any, fmt: str, index: int, default_id: str) -> Example:
+def parse_record(
+    record: Any, fmt: str, index: int, default_id: str, columns: Columns | None = None
+) -> Example:
     """One record in format ``fmt`` (not ``auto``) as an Example, or a RecordProblem."""
+    cols = columns or Columns()
     if not isinstance(record, dict):
         raise RecordProblem(None, f"each record must be a JSON object, got {type(record).__name__}")
+    refused = unsupported_key(record, set(cols.mapping.values()))
+    if refused is not None:
+        raise RecordProblem(*refused)
     ex_id = str(record["id"]) if record.get("id") is not None else f"{default_id}-{index}"
-    system = _optional_text(record, "system")
+    system = _optional_text(record, cols, "system")
     if fmt == "chatglm":
-        history = _pairs(record)
-        return Example(
-            ex_id, history, _text(record, "prompt", fmt), _text(record, "response", fmt), system=system
-        )
+        history = _pairs(record, cols)
+        prompt, response = _text(record, cols, "prompt", fmt), _text(record, cols, "response", fmt)
+        return Example(ex_id, history, prompt, response, system=system)
     if fmt == "alpaca":
-        instruction = _text(record, "instruction", fmt)
-        extra = _optional_text(record, "input")
+        instruction = _text(record, cols, "instruction", fmt)
+        extra = _optional_text(record, cols, "input")
         query = f"{instruction}\n{extra}" if extra else instruction
-        return Example(ex_id, _pairs(record), query, _text(record, "output", fmt), system=system)
-    key = "conversations" if fmt == "sharegpt" else "messages"
-    turns = record.get(key)
+        return Example(ex_id, _pairs(record, cols), query, _text(record, cols, "output", fmt), system=system)
+    list_field = "conversations" if fmt == "sharegpt" else "messages"
+    key = cols.label(list_field)
+    turns = record.get(cols.key(list_field))
     if not isinstance(turns, list) or not turns:
         raise RecordProblem(key, f"must be a non-empty list ({fmt} format needs {_NEEDED[fmt]})")
-    messages = list(_messages(turns, key, fmt))
-    if messages[0][1] == "system":
+    try:
+        tools = tool_calls.read_tools(record.get(cols.key("tools")), cols.label("tools"))
+        messages = list(_messages(turns, key, fmt, cols))
+    except tool_calls.ToolProblem as problem:
+        raise RecordProblem(problem.key, str(problem)) from None
+    if messages[0][1]["role"] == "system":
         if system is not None:
-            raise RecordProblem(f"{key}[0]", "a system message and a 'system' key: keep one")
-        system = messages.pop(0)[2]
-    return _conversation(ex_id, system, messages, key)
+            raise RecordProblem(f"{key}[0]", f"a system message and a {cols.label('system')!r} key: keep one")
+        system = messages.pop(0)[1]["content"]
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for _, m in messages):
+        return _tool_conversation(ex_id, system, messages, key, tools)
+    return _conversation(ex_id, system, [(i, m["role"], m["content"]) for i, m in messages], key)
 
 
-def _text(record: dict[str, Any], key: str, fmt: str) -> str:
-    value = record.get(key)
+def _text(record: dict[str, Any], cols: Columns, field_name: str, fmt: str) -> str:
+    value = record.get(cols.key(field_name))
     if value is None:
-        raise RecordProblem(key, f"missing ({fmt} format needs {_NEEDED[fmt]})")
+        raise RecordProblem(cols.label(field_name), f"missing ({fmt} format needs {_NEEDED[fmt]})")
     if not isinstance(value, str):
-        raise RecordProblem(key, f"must be a string, got {type(value).__name__}")
+        raise RecordProblem(cols.label(field_name), f"must be a string, got {type(value).__name__}")
     return value
 
 
-def _optional_text(record: dict[str, Any], key: str) -> str | None:
-    value = record.get(key)
+def _optional_text(record: dict[str, Any], cols: Columns, field_name: str) -> str | None:
+    value = record.get(cols.key(field_name))
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise RecordProblem(key, f"must be a string, got {type(value).__name__}")
+        raise RecordProblem(cols.label(field_name), f"must be a string, got {type(value).__name__}")
     return value
 
 
-def _pairs(record: dict[str, Any]) -> list[tuple[str, str]]:
-    raw = record.get("history") or []
+def _pairs(record: dict[str, Any], cols: Columns) -> list[tuple[str, str]]:
+    key = cols.label("history")
+    raw = record.get(cols.key("history")) or []
     if not isinstance(raw, list):
-        raise RecordProblem("history", "must be a list of [question, answer] pairs")
+        raise RecordProblem(key, "must be a list of [question, answer] pairs")
     turns: list[tuple[str, str]] = []
     for i, turn in enumerate(raw):
         if not (isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
-            raise RecordProblem(f"history[{i}]", "must be a [question, answer] pair of strings")
+            raise RecordProblem(f"{key}[{i}]", "must be a [question, answer] pair of strings")
         turns.append((turn[0], turn[1]))
     return turns
 
 
 def _content(value: Any, where: str) -> str:
-    """A message's text: a string, or OpenAI's list of parts whose text parts are joined."""
+    """A message's text: a string, or a list of text parts joined (OpenAI's ``{"type": "text", "text"}``,
+    LLaMA-Factory's ``{"type": "text", "value"}``)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        kinds = {p.get("type") for p in value}
-        if kinds <= {"text"} and all(isinstance(p.get("text"), str) for p in value):
-            return "".join(p["text"] for p in value)
-        raise RecordProblem(where, f"only text parts are supported, got part types {sorted(map(str, kinds))}")
+        kinds = sorted({str(p.get("type")) for p in value})
+        if kinds != ["text"]:
+            return _refuse_parts(kinds, where)
+        texts = [next((p[k] for k in TEXT_PART_KEYS if isinstance(p.get(k), str)), None) for p in value]
+        if any(t is None for t in texts):
+            raise RecordProblem(where, "a text part keeps its text under 'text' (or 'value'), as a string")
+        return "".join(t for t in texts if t is not None)
     raise RecordProblem(where, f"must be a string, got {type(value).__name__}")
 
 
-def _messages(turns: list[Any], key: str, fmt: str) -> Iterator[tuple[int, str, str]]:
-    """(index in the record's list, role, text) of every turn."""
-    role_key, text_key, roles = (
-        ("from", "value", SHAREGPT_ROLES)
-        if fmt == "sharegpt"
-        else (
-            "role",
-            "content",
-            MESSAGE_ROLES,
-        )
+def _refuse_parts(kinds: list[str], where: str) -> str:
+    other = [k for k in kinds if k != "text"]
+    raise RecordProblem(
+        where,
+        f"only text parts can be trained here (the models read text only), got part types {other}: drop "
+        "these records or those parts",
     )
+
+
+def _messages(turns: list[Any], key: str, fmt: str, cols: Columns) -> Iterator[tuple[int, Message]]:
+    """(index in the record's list, the turn as a chat message) of every turn."""
+    sharegpt = fmt == "sharegpt"
+    role_field, text_field = ("from", "value") if sharegpt else ("role", "content")
+    role_key, text_key = cols.key(role_field), cols.key(text_field)
+    roles = SHAREGPT_ROLES if sharegpt else MESSAGE_ROLES
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
             raise RecordProblem(where, f"must be an object with {role_key!r} and {text_key!r}")
         speaker = turn.get(role_key)
-        if speaker in TOOL_ROLES or turn.get("tool_calls") or turn.get("function_call"):
+        role_where = f"{where}.{cols.label(role_field)}"
+        text_where = f"{where}.{cols.label(text_field)}"
+        if sharegpt and speaker == tool_calls.SHAREGPT_CALL:
+            yield i, tool_calls.call_message(tool_calls.sharegpt_calls(turn.get(text_key), text_where))
+            continue
+        if (not sharegpt and speaker == "assistant") and (
+            turn.get("tool_calls") or turn.get("function_call")
+        ):
+            calls = tool_calls.openai_calls(turn, where)
+            text = turn.get(text_key)
+            yield i, tool_calls.call_message(calls, _content(text, text_where) if text else "")
+            continue
+        results = tool_calls.SHAREGPT_RESULT if sharegpt else tool_calls.OPENAI_RESULT
+        if speaker not in roles and speaker not in results:
+            valid = [*roles, *(("function_call", *results) if sharegpt else results)]
             raise RecordProblem(
-                where, "tool and function-call turns are not supported; drop these records or those turns"
-            )
-        if speaker not in roles:
-            raise RecordProblem(
-                f"{where}.{role_key}", f"{speaker!r} is not a speaker of {fmt}: use one of {', '.join(roles)}"
+                role_where, f"{speaker!r} is not a speaker of {fmt}: use one of {', '.join(valid)}"
             )
         if turn.get(text_key) is None:
-            raise RecordProblem(f"{where}.{text_key}", "missing")
-        yield i, roles[speaker], _content(turn[text_key], f"{where}.{text_key}")
+            raise RecordProblem(text_where, "missing")
+        role = "tool" if speaker in results else roles[speaker]
+        yield i, {"role": role, "content": _content(turn[text_key], text_where)}
+
+
+def _tool_conversation(
+    ex_id: str, system: str | None, messages: list[tuple[int, Message]], key: str, tools: list[dict[str, Any]]
+) -> Example:
+    if not messages:
+        raise RecordProblem(key, "has only a system message; it needs user and assistant turns")
+    try:
+        tool_calls.check_order(messages, key)
+    except tool_calls.ToolProblem as problem:
+        raise RecordProblem(problem.key, str(problem)) from None
+    chat = [m for _, m in messages]
+    query = next(m["content"] for m in reversed(chat) if m["role"] == "user")
+    response = tool_calls.shown_calls(chat[-1])
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return Example(
+        ex_id, [], query, response, system=system, messages=tuple(head + chat), tools=tools or None
+    )
 
 
 def _conversation(ex_id: str, system: str | None, messages: list[tuple[int, str, str]], key: str) -> Example:
@@ -211,13 +285,22 @@ def _conversation(ex_id: str, system: str | None, messages: list[tuple[int, str,
 
 class ExampleReader:
     """Iterates (where, Example) over a data file's records, or (where, problem sentence) for a record
-    that does not fit the format. ``format`` is ``auto`` until the first readable record decides it."""
+    that does not fit the format. ``format`` is ``auto`` until the first readable record decides it.
+    ``columns`` is ``data.columns``: the file's key for each field of the format."""
 
-    def __init__(self, path: Path, fmt: str = "auto"):
+    def __init__(self, path: Path, fmt: str = "auto", columns: dict[str, str] | None = None):
         if fmt not in FORMATS:
             raise UserError(f"unknown data format {fmt!r}: use one of {', '.join(FORMATS)}")
         self.path = Path(path)
         self.format = fmt
+        self.columns = Columns(columns)
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        problems = columns_problems(self.format, self.columns.mapping)
+        if problems:
+            field_name, problem = problems[0]
+            raise UserError(f"data.columns.{field_name}: {problem}")
 
     def __iter__(self) -> Iterator[tuple[str, Example | str]]:
         from launcher.data.records import BadRecord, read_records
@@ -229,7 +312,15 @@ class ExampleReader:
                 continue
             try:
                 if self.format == "auto":
-                    self.format = detect_format(record)
-                yield located.where, parse_record(record, self.format, index, self.path.stem)
+                    refused = (
+                        unsupported_key(record, set(self.columns.mapping.values()))
+                        if isinstance(record, dict)
+                        else None
+                    )
+                    if refused is not None:
+                        raise RecordProblem(*refused)
+                    self.format = detect_format(record, self.columns)
+                    self._check_columns()
+                yield located.where, parse_record(record, self.format, index, self.path.stem, self.columns)
             except RecordProblem as problem:
                 yield located.where, problem.describe(located.where)

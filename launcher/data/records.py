@@ -1,8 +1,9 @@
 """Data files as records: every record with where it was found, from any of the file kinds people keep
 fine-tuning data in.
 
-- ``.jsonl`` (one JSON object per line) and ``.json`` (a JSON list of objects, or JSON Lines under a
-  .json name): where = ``file:line``;
+- ``.jsonl`` (one JSON object per line) and ``.json`` (a JSON list of objects, a single object or
+  several, pretty-printed or not, or JSON Lines under a .json name): where = ``file:line``, the line
+  the record starts on;
 - ``.parquet``: where = ``file:row N``;
 - a directory written by the ``datasets`` library's ``save_to_disk`` (it holds ``state.json``):
   where = ``dir:row N``. A ``DatasetDict`` directory (one sub-directory per split) names its splits.
@@ -89,6 +90,10 @@ def _json_records(path: Path) -> Iterator[Located]:
     if stripped.startswith("["):
         yield from _json_list(path, text)
         return
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if first.strip().startswith("{") and not _parses(first):
+        yield from _json_objects(path, text)  # pretty-printed objects (axolotl's fixtures), one or more
+        return
     for line_no, raw_line in enumerate(text.splitlines(), start=1):
         if not raw_line.strip():
             continue
@@ -97,6 +102,33 @@ def _json_records(path: Path) -> Iterator[Located]:
         except json.JSONDecodeError as exc:
             record = BadRecord(f"invalid JSON ({exc.msg}); expected one object per line")
         yield Located(f"{path}:{line_no}", record)
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _json_objects(path: Path, text: str) -> Iterator[Located]:
+    """JSON values one after another (a single pretty-printed object, or several), each at the line it
+    starts on. After a syntax error the rest cannot be located: that error is the last record."""
+    decoder = json.JSONDecoder()
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos >= len(text):
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield Located(f"{path}:{exc.lineno}", BadRecord(f"invalid JSON: {exc.msg}"))
+            return
+        yield Located(f"{path}:{line}", obj)
 
 
 def _json_list(path: Path, text: str) -> Iterator[Located]:

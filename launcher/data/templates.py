@@ -8,6 +8,12 @@ A spec's ``template`` is one of:
   rendered as ``问：..\\n答：..\\n`` turns). Substitution is single-pass, so braces inside user data are
   never interpreted. A system message is put first, followed by a line break.
 
+Tools: only the tokenizer's chat template renders tool-calling conversations (``tools=``, assistant
+``tool_calls``, ``tool`` results; launcher.data.tool_calls). The named templates render text turns only:
+data with tools or tool turns is refused with them (exit 2 at submit, naming the template), since
+writing the calls in a layout the model never saw would teach it a format nobody parses. A chat template
+that drops the tools, the calls or the results (checked on a probe conversation) is refused the same way.
+
 ``ChatFormat`` is the one object the data pipeline, generation and the export use for a (template,
 tokenizer) pair; ``Template.to_jinja`` turns a named or custom template into a chat template, so an
 export's ``apply_chat_template`` renders exactly what training saw.
@@ -32,7 +38,20 @@ FALLBACK = "chatglm"
 """What ``auto`` means for a tokenizer without a chat template (the built-in tiny model's case)."""
 _PLACEHOLDER = re.compile(r"\{(i|q|a|query|history)\}")
 
-Message = dict[str, str]
+Message = dict[str, Any]
+PROBE_TOOL, PROBE_CALL, PROBE_RESULT = "probe_tool_offered", "probe_tool_called", "probe_tool_result"
+
+
+def has_tools(messages: Sequence[Message], tools: Sequence[Any] | None) -> bool:
+    return bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+
+
+def named_tools_refusal(name: str) -> str:
+    return (
+        f"template: {name} renders text turns only, not tools, tool calls or tool results, and this data has "
+        "them: use template: tokenizer (or auto) with a tokenizer whose chat template renders tools "
+        "(apply_chat_template(..., tools=...)), or drop the tool records"
+    )
 
 
 def _fill(text: str, values: dict[str, str]) -> str:
@@ -114,6 +133,7 @@ class Template:
 
 
 TEMPLATES: dict[str, Template] = {
+    # Named templates render text turns only: records with tools or tool turns are refused with them.
     # ChatGLM-6B's own multi-turn format (ptuning/main.py in THUDM/ChatGLM-6B).
     "chatglm": Template("chatglm", "[Round {i}]\n问：{q}\n答：{a}\n", "[Round {i}]\n问：{query}\n答："),
     # ChatGLM2-6B: rounds count from 1 and turns are separated by blank lines.
@@ -219,19 +239,26 @@ class ChatFormat:
             [*tokenizer.all_special_ids, *(i for i, tok in added.items() if getattr(tok, "special", False))]
         )
 
-    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
+    def render(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool, tools: Sequence[Any] | None = None
+    ) -> str:
         if self.uses_chat_template:
+            extra = {"tools": list(tools)} if tools else {}
             return str(
                 self.tokenizer.apply_chat_template(
-                    list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+                    list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **extra
                 )
             )
         assert self.named is not None
+        if has_tools(messages, tools):
+            raise UserError(named_tools_refusal(self.name))
         system, pairs, query, answer = _split(messages)
         return self.named.render(pairs, query, system) + (answer or "")
 
-    def ids(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> list[int]:
-        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+    def ids(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool, tools: Sequence[Any] | None = None
+    ) -> list[int]:
+        text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return list(self.tokenizer(text, add_special_tokens=not self.uses_chat_template)["input_ids"])
 
     def continuation_ids(self, text: str) -> list[int]:
@@ -277,6 +304,93 @@ class ChatFormat:
             _, eot, _ = self.split_answer(full[len(prompt_ids) :])
             stops += [eot] if eot not in stops else []
         return stops
+
+    @functools.cached_property
+    def tools_problem(self) -> str | None:
+        """None when this format renders the tools, an assistant's calls and the tools' results (tried on
+        a probe conversation); else why not, naming the template."""
+        if not self.uses_chat_template:
+            return named_tools_refusal(str(self.name))
+        source = getattr(self.tokenizer, "name_or_path", "") or "the tokenizer"
+        tool = {
+            "type": "function",
+            "function": {"name": PROBE_TOOL, "description": "probe", "parameters": {}},
+        }
+        call = {"type": "function", "function": {"name": PROBE_CALL, "arguments": {"x": 1}}}
+        probe: list[Message] = [
+            {"role": "user", "content": "1"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": PROBE_RESULT},
+            {"role": "assistant", "content": "2"},
+        ]
+        try:
+            text = self.render(probe, add_generation_prompt=False, tools=[tool])
+        except Exception as exc:  # jinja's TemplateError, or raise_exception() in the template
+            return f"template: the chat template of {source} refuses tool-calling conversations ({exc})"
+        dropped = [
+            what
+            for what, mark in (
+                ("the tools", PROBE_TOOL),
+                ("tool calls", PROBE_CALL),
+                ("tool results", PROBE_RESULT),
+            )
+            if mark not in text
+        ]
+        if dropped:
+            return (
+                f"template: the chat template of {source} does not render {' or '.join(dropped)}, and "
+                "this data has them: the model would learn calls it cannot see; use a tokenizer whose "
+                "chat template renders tools (apply_chat_template(..., tools=...)), or drop the tool records"
+            )
+        return None
+
+    def assistant_sequences(
+        self, messages: Sequence[Message], tools: Sequence[Any] | None, learn: Sequence[int]
+    ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, [start, end) spans to learn) for a conversation whose assistant messages ``learn`` (indices)
+        are learned, calls included, results never: one sequence when each learned turn renders inside the
+        whole conversation as it does when it is generated; else one sequence per learned turn, ending with
+        it (a template that rewrites earlier turns)."""
+        whole = self.ids(messages, add_generation_prompt=False, tools=tools)
+        spans: list[tuple[int, int]] = []
+        for i in learn:
+            prompt = self.ids(messages[:i], add_generation_prompt=True, tools=tools)
+            upto = self.ids(messages[: i + 1], add_generation_prompt=False, tools=tools)
+            start = len(prompt)
+            if upto[:start] != prompt or whole[:start] != prompt:
+                break
+            answer, _, written = self.split_answer(upto[start:])
+            end = start + len(answer) + 1 if written else len(upto)
+            if whole[:end] != upto[:end]:
+                break
+            if not written and end == len(whole):  # the last turn, no end-of-turn token: add it
+                whole, end = [*whole, self.end_of_turn_id], end + 1
+            elif not written and whole[end] in self.special_ids:  # the next turn's role token ends it
+                end += 1
+            spans.append((start, end))
+        else:  # what follows the last learned turn is not trained on (as a plain example's sequence)
+            return [(whole[: spans[-1][1]] if spans else whole, spans)]
+        return [self._turn_alone(messages, tools, i) for i in learn]
+
+    def _turn_alone(
+        self, messages: Sequence[Message], tools: Sequence[Any] | None, i: int
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """The conversation up to assistant message ``i``, which is learned (its answer and end-of-turn)."""
+        prompt = self.ids(messages[:i], add_generation_prompt=True, tools=tools)
+        upto = self.ids(messages[: i + 1], add_generation_prompt=False, tools=tools)
+        if upto[: len(prompt)] == prompt:
+            tail = upto[len(prompt) :]
+        else:  # the answer's first token merged with the prompt's last: tokenize what the answer adds
+            head = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+            text = self.render(messages[: i + 1], add_generation_prompt=False, tools=tools)
+            if not text.startswith(head):
+                raise UserError(
+                    "the chat template renders a conversation with an assistant turn differently from the "
+                    "prompt it renders for generation, so the turn cannot be located"
+                )
+            tail = self.continuation_ids(text[len(head) :])
+        answer, eot, _ = self.split_answer(tail)
+        return [*prompt, *answer, eot], [(len(prompt), len(prompt) + len(answer) + 1)]
 
     def chat_template(self) -> str:
         """The chat template an export carries: the tokenizer's, or this named template as Jinja that

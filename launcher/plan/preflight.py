@@ -191,22 +191,51 @@ def check_model(model_dir: Path, trust_remote_code: bool = False) -> list[str]:
 # --- data -----------------------------------------------------------------------------------------
 
 
+class TemplateCannotRender(Exception):
+    """The run's template cannot render what the data holds (tools): one problem of the template, not
+    of each record."""
+
+
+def _tool_check(fmt: Any) -> Callable[[Any], str | None]:
+    """A check of one tool-calling Example: the template renders tools, and every assistant turn (calls
+    included) can be located for the label mask."""
+    from launcher.data.templates import has_tools
+
+    def render(ex: Any) -> str | None:
+        if fmt.tools_problem is not None and has_tools(ex.messages, ex.tools):
+            raise TemplateCannotRender(fmt.tools_problem)
+        learn = [i for i, m in enumerate(ex.messages) if m["role"] == "assistant"]
+        try:
+            fmt.assistant_sequences(ex.messages, ex.tools, learn)
+        except Exception as exc:  # jinja's TemplateError, raise_exception(), or a turn not located
+            return f"the chat template refused this conversation ({_first_line(exc)})"
+        return None
+
+    return render
+
+
 def _renderer(template: str, tokenizer: Any) -> Callable[[Any], str | None]:
     """A check of one Example: None when it renders, else the problem. With a chat template the prompt
-    must render as the start of the conversation with its answer (that is how the answer is found)."""
-    from launcher.data.templates import ChatFormat, conversation, get_template
+    must render as the start of the conversation with its answer (that is how the answer is found).
+    A template that cannot render the data's tools raises TemplateCannotRender."""
+    from launcher.data.templates import ChatFormat, conversation, get_template, named_tools_refusal
 
     if tokenizer is None:  # the built-in model: its tokenizer has no chat template (auto = chatglm)
         named = get_template("chatglm" if template in ("auto", "tokenizer") else template)
 
         def render_named(ex: Any) -> str | None:
+            if ex.messages is not None:
+                raise TemplateCannotRender(named_tools_refusal(named.name))
             named.render(ex.history, ex.query, ex.system)
             return None
 
         return render_named
     fmt = ChatFormat(template, tokenizer)
+    render_tools = _tool_check(fmt)
 
     def render(ex: Any) -> str | None:
+        if ex.messages is not None:
+            return render_tools(ex)
         prompt = conversation(ex.system, ex.history, ex.query)
         try:
             head = fmt.render(prompt, add_generation_prompt=True)
@@ -227,15 +256,17 @@ def _renderer(template: str, tokenizer: Any) -> Callable[[Any], str | None]:
     return render
 
 
-def check_data(path: Path, fmt: str, render: Callable[[Any], str | None]) -> tuple[int, list[str], int]:
+def check_data(
+    path: Path, fmt: str, render: Callable[[Any], str | None], columns: dict[str, str] | None = None
+) -> tuple[int, list[str], int]:
     """(records, the first problems, how many records have problems) of one data file: every record
-    read, parsed and rendered."""
+    read, parsed (through ``data.columns``) and rendered."""
     from launcher.data.formats import ExampleReader
 
     records = 0
     shown: list[str] = []
     total = 0
-    for where, item in ExampleReader(path, fmt):
+    for where, item in ExampleReader(path, fmt, columns):
         records += 1
         problem = item if isinstance(item, str) else render(item)
         if problem is not None:
@@ -378,7 +409,10 @@ def _check_run_data(
         if value is None or data_file_problem(Path(value)) is not None:
             continue  # built-in data, or a path problem the path checks report
         path = Path(value)
-        memo = [str(path), _fingerprint(path), run.data.format, run.template, _fingerprint(tokenizer_dir)]
+        memo: list[Any] = [str(path), _fingerprint(path), run.data.format, run.template]
+        memo += [_fingerprint(tokenizer_dir)] + ([run.data.columns] if run.data.columns else [])
+        if spec_key == "train_file":
+            _check_global_batch(run, memo, problems)
         if ("data", json.dumps(memo, default=str)) in done:
             continue
         done.add(("data", json.dumps(memo, default=str)))
@@ -391,9 +425,12 @@ def _check_run_data(
             except UserError:  # the template itself is the problem, reported with the tokenizer
                 return
         try:
-            records, shown, total = check_data(path, run.data.format, render)
+            records, shown, total = check_data(path, run.data.format, render, run.data.columns)
         except UserError as exc:  # the file as a whole cannot be read
             problems.error(_key(problems, ("data", spec_key), ("data",)), str(exc), prefer_value=True)
+            continue
+        except TemplateCannotRender as exc:
+            problems.error(_key(problems, ("template",), ("data", spec_key)), str(exc), prefer_value=True)
             continue
         report.records += records
         report.checked.append(str(path))
@@ -405,3 +442,28 @@ def _check_run_data(
             problems.error(key, more, prefer_value=True)
         if total == 0:
             _remember("data", memo, {"records": records})
+            if spec_key == "train_file":
+                _check_global_batch(run, memo, problems)
+
+
+def _check_global_batch(run: RunConfig, memo: Any, problems: Problems) -> None:
+    """Every step takes one full global batch (the last partial one is dropped): a train file with fewer
+    examples than one would pass here and fail in the job. Known once the file's check passed."""
+    path = _memo_path("data", memo)
+    try:
+        records = int(json.loads(path.read_text(encoding="utf-8"))["records"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not checked yet, or it has problems of its own
+    t = run.training
+    examples = min(records, run.data.max_train_examples or records)
+    world = run.resources.world_size
+    if examples < t.per_device_batch_size * world:
+        used = f"the first {examples} of {records}" if examples < records else f"{records}"
+        problems.error(
+            _key(problems, ("data", "train_file"), ("data",)),
+            f"{used} training example(s) are fewer than one global batch of "
+            f"{t.per_device_batch_size * world} (training.per_device_batch_size {t.per_device_batch_size} x "
+            f"{world} GPU(s)), and every step needs a full one: add records or lower "
+            "training.per_device_batch_size",
+            prefer_value=True,
+        )

@@ -310,6 +310,14 @@ def _check_model_data(spec: JobSpec, problems: Problems) -> None:
         problems.error(("template",), str(exc), prefer_value=True)
 
 
+def _check_data_columns(spec: JobSpec, problems: Problems) -> None:
+    """``data.columns`` names fields of ``data.format`` (any format's under auto)."""
+    from launcher.data.columns import columns_problems
+
+    for field_name, problem in columns_problems(spec.data.format, spec.data.columns or {}):
+        problems.error(("data", "columns", field_name), problem)
+
+
 def _check_methods(spec: JobSpec, problems: Problems) -> None:
     for i, method in enumerate(spec.methods):
         if isinstance(method, FreezeMethod):
@@ -549,6 +557,7 @@ def check_spec(spec: JobSpec, spec_path: Path, problems: Problems, *, check_path
     _check_names(spec, problems)
     _check_output_dir(spec, problems)
     _check_model_data(spec, problems)
+    _check_data_columns(spec, problems)
     _check_methods(spec, problems)
     _check_sweep(spec, problems)
     _check_paths(spec, spec_path.resolve().parent, problems, check_paths)

@@ -57,6 +57,12 @@ class DataSpec(StrictModel):
     """chatglm: prompt/response/history; alpaca: instruction/input/output; sharegpt: conversations of
     from/value; messages: OpenAI-style role/content; auto: detect per file (.json, .jsonl, .parquet or a
     datasets save_to_disk directory)."""
+    columns: dict[str, str] | None = None
+    """The file's key for each field of the format, when the file names them otherwise (ChatGLM
+    P-Tuning's --prompt_column/--response_column/--history_column, LLaMA-Factory's columns and tags).
+    Fields: chatglm prompt, response, history, system; alpaca instruction, input, output, history,
+    system; sharegpt conversations, from, value, system, tools; messages messages, role, content,
+    system, tools. E.g. AdvertiseGen: {prompt: content, response: summary} with format chatglm."""
     train_on: Literal["all", "last"] | None = None
     """Which assistant turns are learned: all, or only the last; default: all for sharegpt/messages,
     last for chatglm/alpaca (their history is context)."""

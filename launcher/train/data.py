@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.data.formats import CONVERSATION_FORMATS, FORMATS, Example, ExampleReader
-from launcher.data.templates import ChatFormat, chat_format, conversation
+from launcher.data.templates import ChatFormat, chat_format, conversation, has_tools
 from launcher.errors import UserError
 
 if TYPE_CHECKING:
@@ -64,10 +64,12 @@ def problems_message(path: Path, problems: Sequence[str], total: int | None = No
     return f"{path}: {total} {noun} with problems:\n  " + "\n  ".join(shown) + more
 
 
-def load_data(path: Path, fmt: str = "auto") -> tuple[list[Example], str]:
-    """(examples, the file's format) of a data file (see launcher.data.formats). Every malformed
-    record is reported at once as a UserError with file:line and the key."""
-    reader = ExampleReader(Path(path), fmt)
+def load_data(
+    path: Path, fmt: str = "auto", columns: dict[str, str] | None = None
+) -> tuple[list[Example], str]:
+    """(examples, the file's format) of a data file (see launcher.data.formats; ``columns`` is
+    data.columns). Every malformed record is reported at once as a UserError with file:line and the key."""
+    reader = ExampleReader(Path(path), fmt, columns)
     examples: list[Example] = []
     problems: list[str] = []
     for _, item in reader:
@@ -210,7 +212,41 @@ def encode_prompt(
     ex: Example, tokenizer: Any, template: str | ChatFormat, max_source_length: int
 ) -> list[int]:
     """Source token ids for generation (same rendering and truncation as training)."""
-    return _encode_source(ex, _format(template, tokenizer), max_source_length).ids
+    fmt = _format(template, tokenizer)
+    if ex.messages is not None:  # a tool conversation: everything before its last assistant turn
+        ids = fmt.ids(ex.messages[:-1], add_generation_prompt=True, tools=ex.tools)
+        return ids[-max_source_length:]
+    return _encode_source(ex, fmt, max_source_length).ids
+
+
+def _encode_tool_conversation(ex: Example, fmt: ChatFormat, limit: int, train_on: str) -> list[Encoded]:
+    """A tool-calling conversation: its assistant turns (calls and answers; ``last``: those after the last
+    user turn) learned, the tool results never. Too long for ``limit`` tokens: the oldest whole rounds
+    (from one user turn to the next) are dropped, then the beginning is cut."""
+    assert ex.messages is not None
+    if fmt.tools_problem is not None and has_tools(ex.messages, ex.tools):
+        raise UserError(f"example {ex.id}: {fmt.tools_problem}")
+    head = list(ex.messages[:1]) if ex.messages[0]["role"] == "system" else []
+    body = list(ex.messages[len(head) :])
+    starts = [i for i, m in enumerate(body) if m["role"] == "user"]
+    dropped = 0
+    for dropped, start in enumerate(starts):  # noqa: B007 - how many rounds were dropped is used below
+        kept = head + body[start:]
+        last_user = max(i for i, m in enumerate(kept) if m["role"] == "user")
+        learn = [
+            i for i, m in enumerate(kept) if m["role"] == "assistant" and (train_on == "all" or i > last_user)
+        ]
+        sequences = fmt.assistant_sequences(kept, ex.tools, learn)
+        if max(len(ids) for ids, _ in sequences) <= limit:
+            break
+    out = []
+    for ids, spans in sequences:
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in spans:
+            labels[start:end] = ids[start:end]
+        cut = max(0, len(ids) - limit)  # keep the end, where the learned turns are
+        out.append(Encoded(ids[cut:], labels[cut:], dropped > 0 or cut > 0, max(0, spans[0][0] - cut)))
+    return out
 
 
 def _encode_last(
@@ -299,6 +335,9 @@ def encode_example(
     if train_on not in TRAIN_ON:
         raise UserError(f"unknown data.train_on {train_on!r}: use one of {', '.join(TRAIN_ON)}")
     fmt = _format(template, tokenizer)
+    if ex.messages is not None:
+        limit = max_length or max_source_length + max_target_length
+        return _encode_tool_conversation(ex, fmt, limit, train_on)
     enc, source = _encode_last(ex, fmt, max_source_length, max_target_length, max_length)
     if train_on == "last" or not source.history:
         return [enc]
@@ -325,7 +364,7 @@ def load_and_encode(
     path: Path, cfg: RunConfig, tokenizer: Any, limit: int | None = None
 ) -> tuple[list[Example], list[Encoded]]:
     """A run's examples from one data file (the first ``limit``) and their training sequences."""
-    examples, fmt = load_data(path, cfg.data.format)
+    examples, fmt = load_data(path, cfg.data.format, cfg.data.columns)
     examples = examples[:limit]
     train_on = train_on_for(cfg.data.train_on, fmt)
     chat = chat_format(cfg.template, tokenizer)
