@@ -136,7 +136,9 @@ def test_sharegpt_and_messages_speakers(tmp_path: Path) -> None:
     (ex,), _ = load_data(write("jsonl", [developer], tmp_path), "messages")
     assert ex == Example("data-0", [("Hi", "Hello")], QUERY, RESPONSE, system="S")
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
-    with pytest.raises(UserError, match=r"messages\[0\].content: only text parts can be trained here .* \['image_url'\]"):
+    with pytest.raises(
+        UserError, match=r"messages\[0\].content: only text parts can be trained here .* \['image_url'\]"
+    ):
         load_data(write("jsonl", [image], tmp_path), "messages")
 
 

@@ -430,7 +430,7 @@ def _check_run_data(
             problems.error(_key(problems, ("data", spec_key), ("data",)), str(exc), prefer_value=True)
             continue
         except TemplateCannotRender as exc:
-            problems.error(_key(problems, ("template",), ("data", spec_key)), str(exc), prefer_value=True)
+            problems.error(("template",), str(exc), prefer_value=True)  # once, whichever file showed it
             continue
         report.records += records
         report.checked.append(str(path))
