@@ -7,6 +7,11 @@
 | sharegpt   | ``conversations``: [{``from``: human/gpt/system, ``value``}], optional ``system``        |
 | messages   | ``messages``: [{``role``: system/user/assistant, ``content``}] (OpenAI chat format)      |
 
+Tool-calling conversations (sharegpt ``function_call``/``observation`` turns, OpenAI ``tool_calls`` and
+``tool`` messages, with ``tools``) become Examples carrying their chat ``messages`` and ``tools``
+(launcher.data.tool_calls). ``data.columns`` names the file's key for any field (launcher.data.columns);
+records that cannot be trained as meant are refused first (launcher.data.unsupported).
+
 ``auto`` takes the format from the first record's keys. A conversation (sharegpt, messages) is an
 optional system message, then user and assistant turns in alternation, ending with an assistant turn:
 the last one is the response, the earlier pairs the history. Every problem is a ``RecordProblem`` that
