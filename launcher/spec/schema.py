@@ -282,7 +282,8 @@ class JobSpec(StrictModel):
     template: str = "auto"
     """auto (the tokenizer's chat template when it has one, else chatglm), tokenizer (its chat template),
     a named template (chatglm, chatglm2, chatglm3, glm4, alpaca, plain) or a custom string with
-    {history} and {query}."""
+    {history} and {query}. Named and custom templates render text turns only: tool-calling data needs
+    the tokenizer's chat template, one that renders tools."""
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     methods: list[MethodSpec] = Field(min_length=1)
