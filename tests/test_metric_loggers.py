@@ -15,7 +15,8 @@ from train_helpers import REPO, make_run_dir, metrics, rank_output, run_ranks
 
 from launcher.cli import main
 from launcher.rundir.paths import ExperimentPaths, read_json, write_text_atomic
-from launcher.spec.schema import LoggingSpec, MlflowSpec, RunConfig, WandbSpec
+from launcher.rundir.run_config import RunConfig
+from launcher.spec.schema import LoggingSpec, MlflowSpec, WandbSpec
 from launcher.train.loggers import TensorBoardLogger
 
 STEPS = 6

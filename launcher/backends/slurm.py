@@ -36,7 +36,8 @@ from launcher.rundir.paths import ExperimentPaths, RunState
 from launcher.rundir.status import read_status, update_status
 
 if TYPE_CHECKING:
-    from launcher.spec.schema import ClusterSpec, JobSpec, RunConfig
+    from launcher.rundir.run_config import RunConfig
+    from launcher.spec.schema import ClusterSpec, JobSpec
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default when `scontrol show config` cannot be read
 SCONTROL_TIMEOUT_S = 15.0

@@ -33,6 +33,7 @@ from launcher.plan.archs import (
     tiny_glm_arch,
 )
 from launcher.plan.dsconfig import batch_sizes, render_ds_config
+from launcher.plan.input_knowledge import INPUT_KNOWLEDGE
 from launcher.plan.memory_model import LayoutError, param_layout
 from launcher.plan.methods import describe
 from launcher.plan.preflight import PreflightReport, run_preflight
@@ -46,6 +47,7 @@ from launcher.rundir.paths import (
     write_json_atomic,
     write_text_atomic,
 )
+from launcher.rundir.run_config import RunConfig, build_run_config
 from launcher.rundir.status import update_status
 from launcher.spec.check import name_too_long, resolve_path, validate_spec
 from launcher.spec.overrides import apply_overrides
@@ -56,7 +58,6 @@ from launcher.spec.schema import (
     LoggingSpec,
     LoraMethod,
     ModelSpec,
-    RunConfig,
     TokenizerSpec,
     TrainingSpec,
 )
@@ -116,7 +117,7 @@ def load_and_plan(
     problems = Problems(source, str(spec_path))
     if overrides and isinstance(data, dict):
         data = apply_overrides(data, source, overrides, problems)
-    spec = validate_spec(data, spec_path, problems, check_paths=check_paths)
+    spec = validate_spec(data, spec_path, problems, check_paths=check_paths, knowledge=INPUT_KNOWLEDGE)
     runs: list[RunConfig] = []
     archs: dict[str, ArchInfo] = {}
     report = None
@@ -320,10 +321,9 @@ def plan_runs(
             _duplicate_name(problems, plan, seen[plan.name])
             continue
         seen[plan.name] = plan
-        run = RunConfig(
+        run = build_run_config(
             experiment=spec.experiment,
             name=plan.name,
-            run_id="",
             method=plan.method,
             swept=plan.swept,
             model=model,

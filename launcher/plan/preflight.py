@@ -26,7 +26,7 @@ from typing import Any
 
 from launcher.errors import UserError
 from launcher.plan.archs import ArchInfo
-from launcher.spec.schema import RunConfig
+from launcher.rundir.run_config import RunConfig
 from launcher.spec.yaml_source import KeyPath, Problems
 
 PREFLIGHT_VERSION = 1

@@ -13,7 +13,8 @@ from typing import Any
 from launcher.plan.archs import ArchInfo
 from launcher.plan.memory_model import MemoryEstimate, ParamLayout, estimate
 from launcher.plan.methods import ResourceChoice, method_info, supports_gradient_checkpointing
-from launcher.spec.schema import ClusterSpec, MethodSpec, ResolvedResources, TrainingSpec
+from launcher.rundir.run_config import ResolvedResources
+from launcher.spec.schema import ClusterSpec, MethodSpec, TrainingSpec
 
 
 class ResourceProblem(ValueError):

@@ -19,8 +19,8 @@ from typing import Any, NoReturn
 
 from launcher.errors import UserError
 from launcher.rundir.paths import RunPaths, RunState, read_json
+from launcher.rundir.run_config import RunConfig
 from launcher.rundir.status import clear_failure, failure_reason, read_status, record_failure
-from launcher.spec.schema import RunConfig
 
 PREEMPTED_EXIT_CODE = 3
 FAILED_EXIT_CODE = 1
