@@ -6,7 +6,8 @@ paired tests), ``groups`` (seed repeats), ``table`` (rich table and file formats
 
 from __future__ import annotations
 
-from launcher.collect.collection import Collection, collect_experiment, collect_experiments, sort_rows
+from launcher.collect.collected import Collection
+from launcher.collect.collection import collect_experiment, collect_experiments, sort_rows
 from launcher.collect.rows import RESULT_KEYS, SUMMARY_KEYS, RunRow
 from launcher.collect.table import print_summary
 

@@ -8,16 +8,19 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from launcher.collect.groups import SeedGroup, seed_groups
+from launcher.collect.collected import DEFAULT_TOKENIZE, Collection
+from launcher.collect.groups import seed_groups
 from launcher.collect.hyperparams import differing_hyperparameters
-from launcher.collect.review import ReviewCounts, load_reviews
+from launcher.collect.plots import plot_signature, write_plots
+from launcher.collect.review import load_reviews
 from launcher.collect.rows import SUMMARY_KEYS, RunRow, group_key, read_row, read_run_yaml
+from launcher.collect.table import write_summaries
 from launcher.errors import UserError
 from launcher.rundir.paths import (
     ExperimentPaths,
@@ -28,38 +31,9 @@ from launcher.rundir.paths import (
     write_json_atomic,
 )
 
-DEFAULT_TOKENIZE = "zh"
 DEFAULT_GPU_MEM_GIB = 80.0  # ClusterSpec's default
 _CACHE_NAME = ".collect_cache.json"
 _BLEU_MISMATCH = 0.01  # BLEU points; result.json and samples.jsonl must agree closer than this
-
-
-@dataclass
-class Collection:
-    """Everything the table, the files and the plots show for one experiment."""
-
-    exp: ExperimentPaths
-    rows: list[RunRow]
-    baseline: str | None
-    groups: list[SeedGroup] = field(default_factory=list)
-    reviews: list[ReviewCounts] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    """Experiment-level problems; each row has its own ``warnings`` too."""
-    gpu_mem_gib: float | None = None
-    tokenize: str = DEFAULT_TOKENIZE
-
-    def row(self, name: str) -> RunRow:
-        for row in self.rows:
-            if row.name == name:
-                return row
-        raise KeyError(name)
-
-    def to_json(self) -> list[dict[str, Any]]:
-        """summary.json: one object per run dir."""
-        return [row.to_json() for row in self.rows]
-
-    def all_warnings(self) -> list[str]:
-        return self.warnings + [f"{row.name}: {w}" for row in self.rows for w in row.warnings]
 
 
 def sort_rows(rows: list[RunRow], key: str) -> list[RunRow]:
@@ -429,12 +403,8 @@ def collect_experiments(
                 row.values[key] = None
 
     if write:
-        from launcher.collect.table import write_summaries
-
         exp.root.mkdir(parents=True, exist_ok=True)
         write_summaries(collection)
-        from launcher.collect.plots import plot_signature, write_plots
-
         signature = plot_signature(collection)
         pngs_there = exp.loss_png.exists() and exp.memory_png.exists()
         if signature != cache_file.get("plots") or not pngs_there:
