@@ -24,13 +24,14 @@ from launcher.rundir.identity import identity_fields, run_id_of
 from launcher.rundir.paths import ExperimentPaths, RunState
 from launcher.rundir.status import read_status
 from launcher.submit.manifest import load_manifest, locked_manifest, submission_lock
+from launcher.submit.progress import RunsProgress
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from launcher.backends.base import Backend, SubmittedRun
     from launcher.plan.planner import Plan
-    from launcher.spec.schema import RunConfig
+    from launcher.rundir.run_config import RunConfig
 
 IN_FLIGHT = (RunState.PENDING.value, RunState.STARTING.value, RunState.RUNNING.value)
 CANCEL_WAIT_S = 60.0
@@ -97,7 +98,7 @@ def find_changed_configs(exp: ExperimentPaths, runs: list[RunConfig]) -> dict[st
     """Run name -> what changed, for runs with outputs (submitted, or past PLANNED) whose existing
     run.yaml (or submitted run id) has another identity. A never-submitted PLANNED run dir is simply
     re-planned; a run that only moves elsewhere (backend, cluster) keeps its identity."""
-    from launcher.spec.schema import RunConfig
+    from launcher.rundir.run_config import RunConfig
 
     manifest = load_manifest(exp)
     changed: dict[str, str] = {}
@@ -239,7 +240,7 @@ def submit_spec(
         from launcher.backends.registry import default_backend_name, get_backend
 
         name = backend_name or default_backend_name(plan.spec)
-        backend = get_backend(name, plan.spec, console=console, hostfile=hostfile)
+        backend = get_backend(name, plan.spec, console=console, hostfile=hostfile, progress_view=RunsProgress)
     submission = _Submission(plan, selected, backend)
     if dry_run:
         return _dry_run(submission, console, retry_failed=retry_failed, force=force)
