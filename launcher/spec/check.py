@@ -9,8 +9,8 @@ Three layers, all problems collected and raised together as one SpecError:
 What only planning can find (batch arithmetic, runs that cannot fit, duplicate run names) is checked
 by launcher.plan.planner, into the same problem list: ``launcher.plan.planner.load_and_plan`` runs both, once.
 What the checks need to know from the layers above the spec (the bundled architectures, the template
-names, which data files can be read) is handed in as ``InputKnowledge`` by the planner, so the spec
-imports nothing above itself.
+names, which data files can be read, where the experiment directory goes) is handed in as
+``InputKnowledge`` by the planner, so the spec imports nothing above itself.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from launcher.spec.keys import SECTIONS, base_config, method_has_field, set_dott
 from launcher.spec.schema import METHOD_NAMES, FreezeMethod, JobSpec, ResourcesSpec
 from launcher.spec.trackers import missing_tracker_packages
 from launcher.spec.yaml_source import KeyPath, Problems
+from launcher.spec.zero_offload import offload_conflicts
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # File systems allow 255 bytes per name; the launcher adds up to 23 (`replaced/<run>-<utc time>`, the
@@ -50,6 +51,8 @@ class InputKnowledge:
     """Raises UserError for a ``template`` value that names no template."""
     data_file_problem: Callable[[Path], str | None]
     """Why a path is not a data file that can be read, or None."""
+    experiment_dir: Callable[[str, str], Path]
+    """Where ``output_dir`` and ``experiment`` put the experiment (launcher.rundir.paths)."""
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
@@ -354,12 +357,11 @@ def _check_methods(spec: JobSpec, problems: Problems) -> None:
 def _check_resource_block(res: Any, where: KeyPath, problems: Problems) -> None:
     if not isinstance(res, ResourcesSpec):
         return
-    if res.offload_param and res.zero_stage is not None and res.zero_stage != 3:
-        problems.error(
-            (*where, "offload_param"), f"parameter offload needs zero_stage: 3 (got {res.zero_stage})"
-        )
-    if res.offload_optimizer and res.zero_stage == 0:
-        problems.error((*where, "offload_optimizer"), "optimizer offload needs zero_stage 1, 2 or 3 (got 0)")
+    conflicts = offload_conflicts(
+        res.zero_stage, offload_optimizer=res.offload_optimizer, offload_param=res.offload_param
+    )
+    for key, message in sorted(conflicts, reverse=True):  # offload_param first, as always reported
+        problems.error((*where, key), message)
 
 
 def _check_dotted_value(
@@ -531,10 +533,10 @@ def _check_logging(spec: JobSpec, problems: Problems) -> None:
         problems.error(("logging", tracker), hint)
 
 
-def _check_output_dir(spec: JobSpec, problems: Problems) -> None:
+def _check_output_dir(spec: JobSpec, problems: Problems, knowledge: InputKnowledge) -> None:
     """The experiment directory must be creatable and writable here: found at validate, not as a
     traceback at `plan --write` or submit. Relative output_dir: relative to the current directory."""
-    target = (Path(spec.output_dir).expanduser() / spec.experiment).absolute()
+    target = knowledge.experiment_dir(spec.output_dir, spec.experiment)
     existing = target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -562,7 +564,7 @@ def check_spec(
 ) -> None:
     """Semantic checks of a schema-valid spec (the plan's own checks come after, in launcher.plan.planner)."""
     _check_names(spec, problems)
-    _check_output_dir(spec, problems)
+    _check_output_dir(spec, problems, knowledge)
     _check_model_data(spec, problems, knowledge)
     _check_methods(spec, problems)
     _check_sweep(spec, problems, knowledge)
