@@ -25,6 +25,7 @@ Factory = Callable[
 def _slurm(
     spec: JobSpec | None, console: Console | None, hostfile: Path | None, view: ProgressViewFactory | None
 ) -> Backend:
+    # lazy: a backend's module loads only when that backend is built
     from launcher.backends.slurm import SlurmBackend
 
     return SlurmBackend(spec)
@@ -33,6 +34,7 @@ def _slurm(
 def _local(
     spec: JobSpec | None, console: Console | None, hostfile: Path | None, view: ProgressViewFactory | None
 ) -> Backend:
+    # lazy: a backend's module loads only when that backend is built
     from launcher.backends.local import LocalBackend
 
     return LocalBackend(spec, console=console, progress_view=view)
@@ -41,6 +43,7 @@ def _local(
 def _hostfile(
     spec: JobSpec | None, console: Console | None, hostfile: Path | None, view: ProgressViewFactory | None
 ) -> Backend:
+    # lazy: a backend's module loads only when that backend is built
     from launcher.backends.hostfile import HostfileBackend
 
     return HostfileBackend(spec, hostfile=hostfile, console=console, progress_view=view)

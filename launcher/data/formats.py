@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.data.records import BadRecord, read_records
 from launcher.errors import UserError
 
 FORMATS: tuple[str, ...] = ("auto", "chatglm", "alpaca", "sharegpt", "messages")
@@ -220,8 +221,6 @@ class ExampleReader:
         self.format = fmt
 
     def __iter__(self) -> Iterator[tuple[str, Example | str]]:
-        from launcher.data.records import BadRecord, read_records
-
         for index, located in enumerate(read_records(self.path)):
             record = located.record
             if isinstance(record, BadRecord):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.builtins import tiny
 from launcher.model.modules import LAYER_RE, layer_list_prefix, linear_modules, param_numel
 
 ARCH_DIR = Path(__file__).parent / "arch_configs"
@@ -355,8 +356,6 @@ def arch_from_model_dir(model_dir: str, trust_remote_code: bool = False) -> Arch
 @functools.lru_cache(maxsize=1)
 def tiny_glm_arch() -> ArchInfo:
     """The built-in tiny model's architecture, from its build settings (no need to build it)."""
-    from launcher.builtins import tiny
-
     cfg = tiny.DEFAULT_CONFIG
     try:
         vocab = tiny.vocab_size()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from launcher.errors import UserError
 from launcher.rundir.paths import RunState
 from launcher.spec.trackers import missing_tracker_packages
+from launcher.train.memory import peak_memory
 
 if TYPE_CHECKING:
     from launcher.rundir.paths import RunPaths
@@ -186,8 +187,6 @@ class MetricLoggers:
 
     def log_train_record(self, record: Mapping[str, Any], step: int) -> None:
         """One metrics.jsonl record, plus rank 0's peak memory so far."""
-        from launcher.train.memory import peak_memory
-
         if not self.loggers:
             return
         scalars = {tag: record.get(key) for key, tag in TRAIN_TAGS.items()}
