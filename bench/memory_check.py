@@ -88,19 +88,11 @@ def all_cases() -> list[Case]:
 
 
 def run_config(case: Case, data_file: Path, steps: int, micro_batch: int) -> Any:
-    from launcher.spec.schema import (
-        ClusterSpec,
-        DataSpec,
-        EvalSpec,
-        ModelSpec,
-        ResolvedResources,
-        RunConfig,
-        TokenizerSpec,
-        TrainingSpec,
-    )
+    from launcher.rundir.run_config import build_run_config, resolved_resources
+    from launcher.spec.schema import ClusterSpec, DataSpec, EvalSpec, ModelSpec, TokenizerSpec, TrainingSpec
 
     zero, off_opt, off_param = ZERO[case.zero]
-    return RunConfig(
+    return build_run_config(
         experiment="memory-check",
         name=case.name,
         run_id=case.name,
@@ -120,10 +112,10 @@ def run_config(case: Case, data_file: Path, steps: int, micro_batch: int) -> Any
             save_steps=1_000_000,
         ),
         eval=EvalSpec(max_new_tokens=1, num_samples=1, batch_size=1),
-        resources=ResolvedResources(
+        resources=resolved_resources(
             nodes=1,
             gpus_per_node=case.ranks,
-            zero_stage=zero,  # type: ignore[arg-type]
+            zero_stage=zero,
             offload_optimizer=off_opt,
             offload_param=off_param,
             gradient_checkpointing=case.checkpointing,

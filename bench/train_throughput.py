@@ -208,7 +208,7 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
     )
 
     from launcher.rundir.paths import RunPaths, read_json
-    from launcher.spec.schema import RunConfig
+    from launcher.rundir.run_config import RunConfig
     from launcher.train.data import encode_for_training, load_examples, resolve_data_files, resolve_model_dir
 
     paths = RunPaths(run_dir)

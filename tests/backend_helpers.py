@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from launcher.rundir.paths import ExperimentPaths, RunState, write_text_atomic
+from launcher.rundir.run_config import RunConfig, build_run_config, resolved_resources
 from launcher.rundir.status import update_status
 from launcher.spec.schema import (
     ClusterSpec,
@@ -14,8 +15,6 @@ from launcher.spec.schema import (
     LocalSpec,
     LoraMethod,
     ModelSpec,
-    ResolvedResources,
-    RunConfig,
     TokenizerSpec,
     TrainingSpec,
 )
@@ -34,7 +33,7 @@ def make_run(
     lr: float = 1e-4,
     experiment: str = "exp",
 ) -> RunConfig:
-    return RunConfig(
+    return build_run_config(
         experiment=experiment,
         name=name,
         run_id=f"{name}-{int(lr * 1e6)}-{max_steps}",
@@ -45,7 +44,7 @@ def make_run(
         template="chatglm",
         training=TrainingSpec(max_steps=max_steps, learning_rate=lr),
         eval=EvalSpec(),
-        resources=ResolvedResources(
+        resources=resolved_resources(
             nodes=nodes,
             gpus_per_node=world_size,
             zero_stage=0,

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from launcher.rundir.paths import ExperimentPaths, RunPaths, RunState
+from launcher.rundir.run_config import RunConfig, build_run_config, resolved_resources
 from launcher.rundir.status import update_status
 from launcher.spec.schema import (
     ClusterSpec,
@@ -22,8 +23,6 @@ from launcher.spec.schema import (
     EvalSpec,
     LoraMethod,
     ModelSpec,
-    ResolvedResources,
-    RunConfig,
     TokenizerSpec,
     TrainingSpec,
 )
@@ -52,7 +51,7 @@ def make_config(
     offload_optimizer: bool = False,
     gpu_mem_gib: float = 80,
 ) -> RunConfig:
-    return RunConfig(
+    return build_run_config(
         experiment=experiment,
         name=name,
         run_id=f"id-{name}",
@@ -64,10 +63,10 @@ def make_config(
         template="chatglm",
         training=TrainingSpec(seed=seed, max_source_length=max_source_length),
         eval=EvalSpec(bleu_tokenize=tokenize),  # type: ignore[arg-type]
-        resources=ResolvedResources(
+        resources=resolved_resources(
             nodes=nodes,
             gpus_per_node=gpus_per_node,
-            zero_stage=zero_stage,  # type: ignore[arg-type]
+            zero_stage=zero_stage,
             offload_optimizer=offload_optimizer,
             offload_param=False,
             gradient_checkpointing=False,

@@ -50,16 +50,8 @@ def glm_config() -> Any:
 def run_config(
     method: dict[str, Any], zero_stage: int, offload_optimizer: bool, world_size: int, precision: str = "fp32"
 ) -> Any:
-    from launcher.spec.schema import (
-        ClusterSpec,
-        DataSpec,
-        EvalSpec,
-        ModelSpec,
-        ResolvedResources,
-        RunConfig,
-        TokenizerSpec,
-        TrainingSpec,
-    )
+    from launcher.rundir.run_config import ResolvedResources, RunConfig
+    from launcher.spec.schema import ClusterSpec, DataSpec, EvalSpec, ModelSpec, TokenizerSpec, TrainingSpec
 
     return RunConfig.model_validate(
         {
@@ -163,7 +155,8 @@ def measure(case: dict[str, Any], world_size: int) -> dict[str, Any]:
     import deepspeed
     from transformers import GlmForCausalLM
 
-    from launcher.plan.dsconfig import fill_scheduler_auto, render_ds_config
+    from launcher.plan.dsconfig import render_ds_config
+    from launcher.rundir.ds_config import fill_scheduler_auto
     from launcher.train.adapters import apply_method
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from launcher.backends.launch_env import free_port, torchrun_env
-from launcher.spec.schema import RunConfig
+from launcher.rundir.run_config import RunConfig
 
 WORKER = Path(__file__).with_name("methods_dist_worker.py")
 

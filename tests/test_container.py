@@ -25,8 +25,10 @@ from launcher.builtins.cache import cache_dir
 from launcher.cli import main
 from launcher.errors import UserError
 from launcher.rundir.paths import ExperimentPaths, read_json
+from launcher.rundir.run_config import RunConfig
 from launcher.rundir.status import read_status
-from launcher.spec.schema import ClusterSpec, ContainerSpec, RunConfig
+from launcher.spec.schema import ClusterSpec, ContainerSpec
+from launcher.submit.progress import RunsProgress
 
 REPO = Path(__file__).resolve().parents[1]
 CONTAINER = {"image": "/images/launcher.sif", "env": {"NOTE": "a,b c", "HF_HUB_OFFLINE": 1}}
@@ -60,7 +62,12 @@ def test_local_backend_runs_each_rank_through_apptainer(
     monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
     run = in_container(make_run("r", world_size=2, max_steps=3))
     exp = write_runs(tmp_path / "exp", [run])
-    backend = LocalBackend(None, console=Console(file=open(os.devnull, "w")), show_progress=False)  # noqa: SIM115
+    backend = LocalBackend(
+        None,
+        console=Console(file=open(os.devnull, "w")),  # noqa: SIM115
+        show_progress=False,
+        progress_view=RunsProgress,
+    )
     backend.poll_interval_s = 0.1
     backend.submit(exp, [run], dry_run=False)
     assert backend.wait(exp) == {"r": "COMPLETED"}

@@ -61,7 +61,7 @@ def _eval_loss_of_export(method: str | None, final: Path, base: Path, paths: Run
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from launcher.data.templates import conversation
-    from launcher.spec.schema import RunConfig
+    from launcher.rundir.run_config import RunConfig
     from launcher.train.data import encode_for_training, encode_prompt, load_examples, resolve_data_files
     from launcher.train.evaluate import eval_loss
 

@@ -19,6 +19,7 @@ from launcher.backends.local import LocalBackend, pid_alive, read_supervisor
 from launcher.errors import DiskFullError
 from launcher.rundir.paths import RunPaths, RunState, append_jsonl, iter_jsonl, read_json, write_json_atomic
 from launcher.rundir.status import failure_reason, read_status, record_failure, update_status
+from launcher.submit.progress import RunsProgress
 
 
 def _fill(directory: Path) -> None:
@@ -67,6 +68,7 @@ def test_a_full_disk_in_the_supervisor_fails_that_run_only(
         train_command=STAND_IN_COMMAND,
         console=Console(file=open(console_file, "w"), width=300),  # noqa: SIM115
         show_progress=False,
+        progress_view=RunsProgress,
         poll_interval_s=0.1,
     )
     backend.submit(exp, runs, dry_run=False)

@@ -7,13 +7,8 @@ from pathlib import Path
 import pytest
 from spec_helpers import SPEC, load_text_plan
 
-from launcher.plan.dsconfig import (
-    TEMPLATES,
-    fill_scheduler_auto,
-    load_template,
-    render_ds_config,
-    template_name,
-)
+from launcher.plan.dsconfig import TEMPLATES, load_template, render_ds_config, template_name
+from launcher.rundir.ds_config import fill_scheduler_auto
 
 
 def test_render_and_fill(tmp_path: Path) -> None:

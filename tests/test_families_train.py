@@ -165,7 +165,7 @@ def test_every_method_completes_on_the_family(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from launcher.spec.schema import RunConfig
+    from launcher.rundir.run_config import RunConfig
     from launcher.train.data import Example, encode_prompt, load_examples, resolve_data_files
 
     for (fam, method), paths in family_runs.items():

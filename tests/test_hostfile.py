@@ -23,6 +23,7 @@ from launcher.cli import main
 from launcher.errors import UserError
 from launcher.rundir.paths import iter_jsonl, read_json
 from launcher.rundir.status import read_status
+from launcher.submit.progress import RunsProgress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,7 +163,12 @@ def test_real_deepspeed_launcher_runs_two_ranks_on_localhost(
     exp = write_runs(tmp_path / "exp", runs)
     console = Console(file=open(os.devnull, "w"))  # noqa: SIM115
     backend = HostfileBackend(
-        None, hostfile=hosts, train_module="stand_in_trainer", console=console, show_progress=False
+        None,
+        hostfile=hosts,
+        train_module="stand_in_trainer",
+        console=console,
+        show_progress=False,
+        progress_view=RunsProgress,
     )
     [sub] = backend.submit(exp, runs, dry_run=False)
     assert backend.wait(exp) == {"ds": "COMPLETED"}

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.plan.dsconfig import fill_scheduler_auto
 from launcher.plan.planner import load_and_plan, write_run_dirs
+from launcher.rundir.ds_config import fill_scheduler_auto
+from launcher.rundir.run_config import RunConfig
 from launcher.rundir.status import read_status
-from launcher.spec.schema import RunConfig
 
 
 class _DataParallel:

@@ -17,11 +17,13 @@ from launcher.backends.local import PREEMPTED_EXIT_CODE, LocalBackend, job_alive
 from launcher.errors import UserError
 from launcher.rundir.paths import ExperimentPaths, iter_jsonl, read_json
 from launcher.rundir.status import read_status
+from launcher.submit.progress import RunsProgress
 
 
 def _backend(**kw: object) -> LocalBackend:
     kw.setdefault("console", Console(file=open(os.devnull, "w"), width=150))  # noqa: SIM115
     kw.setdefault("show_progress", False)
+    kw.setdefault("progress_view", RunsProgress)
     kw.setdefault("poll_interval_s", 0.1)
     return LocalBackend(None, train_command=STAND_IN_COMMAND, **kw)  # type: ignore[arg-type]
 
@@ -245,9 +247,12 @@ sys.path.insert(0, {tests!r})
 from backend_helpers import STAND_IN_COMMAND, make_run, write_runs
 from launcher.backends.local import LocalBackend
 from launcher.submit.manifest import locked_manifest
+from launcher.submit.progress import RunsProgress
 runs = [make_run("orphan", world_size=2, max_steps=200)]
 exp = write_runs(__import__("pathlib").Path({root!r}), runs)
-backend = LocalBackend(None, train_command=STAND_IN_COMMAND, show_progress=False, poll_interval_s=0.1)
+backend = LocalBackend(
+    None, train_command=STAND_IN_COMMAND, show_progress=False, progress_view=RunsProgress, poll_interval_s=0.1
+)
 subs = backend.submit(exp, runs, dry_run=False)
 with locked_manifest(exp) as m:
     m.record(subs[0])
@@ -291,7 +296,12 @@ def test_a_run_whose_ranks_cannot_start_fails_alone(tmp_path: Path, monkeypatch:
     monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
     runs = [make_run("x"), make_run("y")]
     exp = write_runs(tmp_path / "exp", runs)
-    backend = LocalBackend(None, train_command=[str(tmp_path / "no-such-python")], show_progress=False)
+    backend = LocalBackend(
+        None,
+        train_command=[str(tmp_path / "no-such-python")],
+        show_progress=False,
+        progress_view=RunsProgress,
+    )
     backend.submit(exp, runs, dry_run=False)
     assert backend.wait(exp) == {"x": "FAILED", "y": "FAILED"}
     assert "could not start its ranks" in read_status(exp.run("x"))["reason"]

@@ -17,8 +17,8 @@ import torch
 
 from launcher.plan.dsconfig import render_ds_config
 from launcher.rundir.paths import RunPaths, RunState, read_json, write_json_atomic, write_text_atomic
+from launcher.rundir.run_config import RunConfig
 from launcher.rundir.status import update_status
-from launcher.spec.schema import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 # A small budget per method: enough steps for each to learn the answer format; the prompt methods

@@ -15,7 +15,8 @@ from train_helpers import REPO, make_run_dir, metrics, rank_output, run_ranks
 
 from launcher.cli import main
 from launcher.rundir.paths import ExperimentPaths, read_json, write_text_atomic
-from launcher.spec.schema import LoggingSpec, MlflowSpec, RunConfig, WandbSpec
+from launcher.rundir.run_config import RunConfig
+from launcher.spec.schema import LoggingSpec, MlflowSpec, WandbSpec
 from launcher.train.loggers import TensorBoardLogger
 
 STEPS = 6
@@ -207,7 +208,7 @@ def test_a_resumed_run_shows_each_step_once_with_the_new_values(tmp_path: Path) 
 def test_trackers_are_imported_only_when_configured(tmp_path: Path) -> None:
     paths = make_run_dir(tmp_path, "lora", name="run")
     code = (
-        "import sys; from pathlib import Path; from launcher.spec.schema import RunConfig; "
+        "import sys; from pathlib import Path; from launcher.rundir.run_config import RunConfig; "
         "from launcher.rundir.paths import RunPaths; from launcher.train.loggers import open_metric_loggers; "
         f"paths = RunPaths(Path({str(paths.root)!r})); cfg = RunConfig.from_yaml_file(paths.run_yaml); "
         "open_metric_loggers(cfg, paths, start_step=0, rank0=True).close('COMPLETED'); "

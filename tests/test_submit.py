@@ -20,6 +20,7 @@ from launcher.errors import UserError
 from launcher.rundir.paths import RunPaths, RunState, iter_jsonl, read_json
 from launcher.rundir.status import read_status, update_status
 from launcher.submit.manifest import load_manifest
+from launcher.submit.progress import RunsProgress
 from launcher.submit.submission import decide, select_runs, submit_spec
 
 SPEC = """\
@@ -54,7 +55,13 @@ def _spec(tmp_path: Path, lr: str = "1.0e-4") -> Path:
 
 
 def _stand_in() -> LocalBackend:
-    return LocalBackend(None, train_command=STAND_IN_COMMAND, console=_console(), show_progress=False)
+    return LocalBackend(
+        None,
+        train_command=STAND_IN_COMMAND,
+        console=_console(),
+        show_progress=False,
+        progress_view=RunsProgress,
+    )
 
 
 @pytest.fixture

@@ -332,6 +332,7 @@ def test_detect_dist_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
     single = detect_dist_env()
     assert (single.rank, single.world_size, single.source) == (0, 1, "single")
+    assert single.master_port == 0  # the store binds a port the OS picks: nothing chosen beforehand
 
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -19,17 +19,9 @@ from typing import Any
 from launcher.backends.launch_env import free_port, torchrun_env
 from launcher.plan.dsconfig import render_ds_config
 from launcher.rundir.paths import RunPaths, RunState, iter_jsonl, write_json_atomic, write_text_atomic
+from launcher.rundir.run_config import build_run_config, resolved_resources
 from launcher.rundir.status import update_status
-from launcher.spec.schema import (
-    ClusterSpec,
-    DataSpec,
-    EvalSpec,
-    ModelSpec,
-    ResolvedResources,
-    RunConfig,
-    TokenizerSpec,
-    TrainingSpec,
-)
+from launcher.spec.schema import ClusterSpec, DataSpec, EvalSpec, ModelSpec, TokenizerSpec, TrainingSpec
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_HIDDEN_SIZE = 128
@@ -75,7 +67,7 @@ def make_run_dir(
     the bundled dialogue data. ``method_spec`` replaces the named METHODS entry; ``data`` the DataSpec
     fields."""
     run_name = name or f"{method}-z{zero_stage}{'-off' if offload else ''}-w{world_size}"
-    cfg = RunConfig(
+    cfg = build_run_config(
         experiment="train-tests",
         name=run_name,
         run_id=f"test-{run_name}",
@@ -104,10 +96,10 @@ def make_run_dir(
             **training,
         ),
         eval=EvalSpec(**{"max_new_tokens": 8, "num_samples": 4, "batch_size": 4, **(eval_settings or {})}),
-        resources=ResolvedResources(
+        resources=resolved_resources(
             nodes=1,
             gpus_per_node=world_size,
-            zero_stage=zero_stage,  # type: ignore[arg-type]
+            zero_stage=zero_stage,
             offload_optimizer=offload,
             offload_param=offload and zero_stage == 3,
             gradient_checkpointing=gradient_checkpointing,

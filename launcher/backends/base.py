@@ -4,11 +4,11 @@ them by name is launcher.backends.registry."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from launcher.rundir.paths import ExperimentPaths
-    from launcher.spec.schema import RunConfig
+    from launcher.rundir.paths import ExperimentPaths, RunPaths
+    from launcher.rundir.run_config import RunConfig
 
 
 @dataclass
@@ -20,6 +20,40 @@ class SubmittedRun:
     array_job_id: str | None = None
     array_index: int | None = None
     command: str | None = None  # the exact command / sbatch script path written (dry-run prints it)
+
+
+class ProgressView(Protocol):
+    """What a supervising backend (local, hostfile) shows while its runs train: a context manager the
+    supervisor's loop refreshes. The caller hands the view in (``launcher submit`` passes
+    launcher.submit.progress.RunsProgress), so backends import nothing from submit."""
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def update(self) -> None: ...
+
+
+class ProgressViewFactory(Protocol):
+    def __call__(
+        self, runs: list[RunPaths], *, console: Any = None, live: bool | None = None
+    ) -> ProgressView: ...
+
+
+class NoProgress:
+    """The view of a backend built without one: shows nothing."""
+
+    def __init__(self, runs: list[RunPaths], *, console: Any = None, live: bool | None = None) -> None:
+        pass
+
+    def __enter__(self) -> NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self) -> None:
+        pass
 
 
 class Backend(Protocol):

@@ -30,7 +30,8 @@ from launcher.builtins.cache import CACHE_ENV, cache_dir
 from launcher.errors import CONTROL_CHARS, UserError, shown
 
 if TYPE_CHECKING:
-    from launcher.spec.schema import ClusterSpec, ContainerSpec, RunConfig
+    from launcher.rundir.run_config import RunConfig
+    from launcher.spec.schema import ClusterSpec, ContainerSpec
 
 APPTAINER = "apptainer"
 CONTAINER_PYTHON = "python3"

@@ -47,7 +47,9 @@ from launcher.rundir.status import ATTEMPT_ID_ENV
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from launcher.spec.schema import JobSpec, RunConfig
+    from launcher.backends.base import ProgressViewFactory
+    from launcher.rundir.run_config import RunConfig
+    from launcher.spec.schema import JobSpec
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 # DeepSpeed's own parser wants exactly `HOST slots=N` (no spaces around '=').
@@ -244,6 +246,7 @@ class HostfileBackend(LocalBackend):
         train_module: str = "launcher.train",
         console: Console | None = None,
         show_progress: bool | None = None,
+        progress_view: ProgressViewFactory | None = None,
         poll_interval_s: float = 0.5,
         stop_grace_s: float = 180.0,
     ) -> None:
@@ -251,6 +254,7 @@ class HostfileBackend(LocalBackend):
             spec,
             console=console,
             show_progress=show_progress,
+            progress_view=progress_view,
             poll_interval_s=poll_interval_s,
             stop_grace_s=stop_grace_s,
         )

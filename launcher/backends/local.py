@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-from launcher.backends.base import SubmittedRun
+from launcher.backends.base import NoProgress, ProgressViewFactory, SubmittedRun
 from launcher.backends.container import (
     container_problems,
     host_env,
@@ -48,7 +48,8 @@ from launcher.rundir.status import ATTEMPT_ID_ENV, read_status, update_status
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from launcher.spec.schema import JobSpec, RunConfig
+    from launcher.rundir.run_config import RunConfig
+    from launcher.spec.schema import JobSpec
 
 # = launcher.train.entry.PREEMPTED_EXIT_CODE; not imported because that module pulls in torch.
 PREEMPTED_EXIT_CODE = 3
@@ -215,6 +216,7 @@ class LocalBackend:
         train_command: Sequence[str] | None = None,
         console: Console | None = None,
         show_progress: bool | None = None,
+        progress_view: ProgressViewFactory | None = None,
         poll_interval_s: float = 0.5,
         stop_grace_s: float = 180.0,
         sibling_exit_timeout_s: float = 300.0,
@@ -226,6 +228,7 @@ class LocalBackend:
         self.train_command = list(train_command) if train_command else None
         self.console = console
         self.show_progress = show_progress
+        self.progress_view: ProgressViewFactory = progress_view or NoProgress
         self.poll_interval_s = poll_interval_s
         self.stop_grace_s = stop_grace_s
         self.sibling_exit_timeout_s = sibling_exit_timeout_s
@@ -403,8 +406,6 @@ class LocalBackend:
 
     def wait(self, exp: ExperimentPaths) -> dict[str, str]:
         """Run every queued run to its end; returns run name -> final state. Ctrl-C stops them resumably."""
-        from launcher.submit.progress import RunsProgress
-
         queue = list(self._queue)
         self._queue.clear()
         states: dict[str, str] = {}
@@ -413,7 +414,7 @@ class LocalBackend:
         max_concurrent = self.max_concurrent_runs(queue)
         free_gpus = list(self._gpu_pool())
         active: list[ActiveRun] = []
-        progress = RunsProgress([q.paths for q in queue], console=self.console, live=self.show_progress)
+        progress = self.progress_view([q.paths for q in queue], console=self.console, live=self.show_progress)
         previous_sigterm = _raise_on_sigterm()
         try:
             with progress:

@@ -30,13 +30,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from launcher.backends.base import SubmittedRun
 from launcher.backends.container import container_problems, env_exports, interpreter_argv, srun_container_args
 from launcher.backends.slurm_preflight import PreflightProblem, Request, check_request, query_partitions
-from launcher.backends.slurm_queries import Runner, run_query
+from launcher.backends.slurm_queries import Runner, pending_reasons, query_job_states, run_query
+from launcher.backends.slurm_task import SlurmTask, collect_task
 from launcher.errors import CONTROL_CHARS, UserError, shown
 from launcher.rundir.paths import ExperimentPaths, RunState
 from launcher.rundir.status import read_status, update_status
 
 if TYPE_CHECKING:
-    from launcher.spec.schema import ClusterSpec, JobSpec, RunConfig
+    from launcher.rundir.run_config import RunConfig
+    from launcher.spec.schema import ClusterSpec, JobSpec
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default when `scontrol show config` cannot be read
 SCONTROL_TIMEOUT_S = 15.0
@@ -432,8 +434,6 @@ class SlurmBackend:
             return self._dry_run(folder, exp_root, chunks, launches)
         import submitit
 
-        from launcher.backends.slurm_task import SlurmTask, collect_task
-
         submitted: list[SubmittedRun] = []
         array_ids: list[str] = []
         pending: dict[str, dict[str, Any]] = {}
@@ -572,14 +572,10 @@ class SlurmBackend:
                 update_status(paths, RunState.CANCELLED, "cancelled by the user (scancel)")
 
     def pending_reasons(self, runs: list[SubmittedRun]) -> dict[str, str]:
-        from launcher.backends.slurm_queries import pending_reasons
-
         reasons = pending_reasons([r.job_id for r in runs if r.job_id])
         return {r.name: reasons[r.job_id] for r in runs if r.job_id and r.job_id in reasons}
 
     def live_states(self, runs: list[SubmittedRun]) -> dict[str, str]:
-        from launcher.backends.slurm_queries import query_job_states
-
         job_ids = [r.job_id for r in runs if r.job_id]
         states = query_job_states(job_ids)
         out: dict[str, str] = {}

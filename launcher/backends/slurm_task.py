@@ -120,6 +120,7 @@ class SlurmTask:
         if early.received:
             outcome = RunState.PREEMPTED.value  # nothing trained since the last checkpoint: just requeue
         else:
+            # lazy: the compute node's rank entrypoint (torch); a named exception in tests/test_layers.py
             from launcher.train.entry import train_run
 
             try:
@@ -188,6 +189,7 @@ class SlurmTask:
 
 def collect_task(exp_root: str) -> str:
     """The collector job: the comparison table for everything in the experiment, whatever ended how."""
+    # lazy: the compute node's collector job; a named exception in tests/test_layers.py
     from launcher.collect import collect_experiment, print_summary
 
     collection = collect_experiment(Path(exp_root))

@@ -8,16 +8,19 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from launcher.collect.groups import SeedGroup, seed_groups
+from launcher.collect import plots
+from launcher.collect.collected import DEFAULT_TOKENIZE, Collection
+from launcher.collect.groups import seed_groups
 from launcher.collect.hyperparams import differing_hyperparameters
-from launcher.collect.review import ReviewCounts, load_reviews
+from launcher.collect.review import load_reviews
 from launcher.collect.rows import SUMMARY_KEYS, RunRow, group_key, read_row, read_run_yaml
+from launcher.collect.table import write_summaries
 from launcher.errors import UserError
 from launcher.rundir.paths import (
     ExperimentPaths,
@@ -28,38 +31,9 @@ from launcher.rundir.paths import (
     write_json_atomic,
 )
 
-DEFAULT_TOKENIZE = "zh"
 DEFAULT_GPU_MEM_GIB = 80.0  # ClusterSpec's default
 _CACHE_NAME = ".collect_cache.json"
 _BLEU_MISMATCH = 0.01  # BLEU points; result.json and samples.jsonl must agree closer than this
-
-
-@dataclass
-class Collection:
-    """Everything the table, the files and the plots show for one experiment."""
-
-    exp: ExperimentPaths
-    rows: list[RunRow]
-    baseline: str | None
-    groups: list[SeedGroup] = field(default_factory=list)
-    reviews: list[ReviewCounts] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    """Experiment-level problems; each row has its own ``warnings`` too."""
-    gpu_mem_gib: float | None = None
-    tokenize: str = DEFAULT_TOKENIZE
-
-    def row(self, name: str) -> RunRow:
-        for row in self.rows:
-            if row.name == name:
-                return row
-        raise KeyError(name)
-
-    def to_json(self) -> list[dict[str, Any]]:
-        """summary.json: one object per run dir."""
-        return [row.to_json() for row in self.rows]
-
-    def all_warnings(self) -> list[str]:
-        return self.warnings + [f"{row.name}: {w}" for row in self.rows for w in row.warnings]
 
 
 def sort_rows(rows: list[RunRow], key: str) -> list[RunRow]:
@@ -165,6 +139,7 @@ def _apply_significance(
     collection: Collection, rows_by_name: dict[str, RunRow], cache: dict[str, Any], use_cache: bool
 ) -> dict[str, Any]:
     """Fill bleu_delta / CI / p-values of every run with samples against the baseline run."""
+    # lazy: sacrebleu and numpy load only when samples are compared
     from launcher.collect import significance as sig
     from launcher.collect.significance import SamplesMismatch, align, compare_to_baseline, load_samples
 
@@ -243,18 +218,31 @@ def _apply_significance(
     if systems:
         results = compare_to_baseline(base.predictions, systems, base.references, tokenize=tokenize)
         for name, res in results.items():
-            new_cache[name] = {
-                "fp": fingerprints[name],
-                "baseline_bleu": res.baseline_bleu,
-                "system_bleu": res.system_bleu,
-                "delta": res.delta,
-                "delta_ci": list(res.delta_ci),
-                "p_bootstrap": res.p_bootstrap,
-                "p_ar": res.p_approx_randomization,
-                "n": res.n_examples,
-                "notes": notes[name],
-            }
-    for name, entry in new_cache.items():
+            new_cache[name] = _cache_entry(res, fingerprints[name], notes[name])
+    _write_deltas(new_cache, rows_by_name, base_row, tokenize)
+    return new_cache
+
+
+def _cache_entry(res: Any, fingerprint: Any, notes: list[str]) -> dict[str, Any]:
+    """One run's comparison with the baseline as .collect_cache.json keeps it."""
+    return {
+        "fp": fingerprint,
+        "baseline_bleu": res.baseline_bleu,
+        "system_bleu": res.system_bleu,
+        "delta": res.delta,
+        "delta_ci": list(res.delta_ci),
+        "p_bootstrap": res.p_bootstrap,
+        "p_ar": res.p_approx_randomization,
+        "n": res.n_examples,
+        "notes": notes,
+    }
+
+
+def _write_deltas(
+    comparisons: dict[str, Any], rows_by_name: dict[str, RunRow], base_row: RunRow, tokenize: str
+) -> None:
+    """The compared runs' ΔBLEU, CI and p-values into their rows, each BLEU checked against result.json."""
+    for name, entry in comparisons.items():
         row = rows_by_name[name]
         row.values["bleu_delta"] = entry["delta"]
         row.values["bleu_delta_ci"] = entry["delta_ci"]
@@ -263,7 +251,6 @@ def _apply_significance(
         row.values["n_samples"] = entry["n"]
         _check_bleu(row, entry["system_bleu"], tokenize)
         _check_bleu(base_row, entry["baseline_bleu"], tokenize)
-    return new_cache
 
 
 def _check_bleu(row: RunRow, samples_bleu: float, tokenize: str) -> None:
@@ -429,16 +416,12 @@ def collect_experiments(
                 row.values[key] = None
 
     if write:
-        from launcher.collect.table import write_summaries
-
         exp.root.mkdir(parents=True, exist_ok=True)
         write_summaries(collection)
-        from launcher.collect.plots import plot_signature, write_plots
-
-        signature = plot_signature(collection)
+        signature = plots.plot_signature(collection)
         pngs_there = exp.loss_png.exists() and exp.memory_png.exists()
         if signature != cache_file.get("plots") or not pngs_there:
-            write_plots(collection)
+            plots.write_plots(collection)
         write_json_atomic(
             cache_path, {"baseline": collection.baseline, "runs": new_cache, "plots": signature}
         )

@@ -17,7 +17,7 @@ from launcher.collect.rows import RunRow
 from launcher.rundir.paths import RunState, file_fingerprint, iter_jsonl, write_bytes_atomic
 
 if TYPE_CHECKING:
-    from launcher.collect.collection import Collection
+    from launcher.collect.collected import Collection
 
 PLOTS_VERSION = 3  # bump when the drawing changes, so cached signatures redraw
 MAX_LOSS_CURVES = 40

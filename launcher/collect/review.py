@@ -83,6 +83,7 @@ def review_result_path(exp_root: Path, run_a: str, run_b: str) -> Path:
 
 def _load_pair(exp: ExperimentPaths, run_a: str, run_b: str) -> list[tuple[str, str, str, str, str]]:
     """(id, prompt, reference, output_a, output_b) for the examples both runs generated."""
+    # lazy: sacrebleu and numpy load only when samples are compared
     from launcher.collect.significance import SamplesMismatch, align, load_samples
 
     for name in (run_a, run_b):
@@ -110,9 +111,8 @@ def _load_pair(exp: ExperimentPaths, run_a: str, run_b: str) -> list[tuple[str, 
     ]
 
 
-def _html_page(sheet_id: str, rows: list[dict[str, Any]]) -> str:
-    """A self-contained page: no network; verdicts are kept in the browser's localStorage under the sheet
-    id as they are given (a closed tab loses nothing) and download as the CSV that ``import`` reads."""
+def _html_rows(rows: list[dict[str, Any]]) -> str:
+    """One table row per example: prompt (reference folded), the two outputs, the verdict inputs."""
     body = []
     for row in rows:
         item = row["item"]
@@ -126,6 +126,12 @@ def _html_page(sheet_id: str, rows: list[dict[str, Any]]) -> str:
             f"<td><pre>{html.escape(row['output_1'])}</pre></td><td><pre>{html.escape(row['output_2'])}</pre></td>"
             f'<td>{radios}<br><input type="text" name="c{item}" placeholder="comment"></td></tr>'
         )
+    return "".join(body)
+
+
+def _html_page(sheet_id: str, rows: list[dict[str, Any]]) -> str:
+    """A self-contained page: no network; verdicts are kept in the browser's localStorage under the sheet
+    id as they are given (a closed tab loses nothing) and download as the CSV that ``import`` reads."""
     data = json.dumps(rows, ensure_ascii=False).replace("</", "<\\/")
     columns = json.dumps(list(SHEET_COLUMNS))
     return f"""<!doctype html>
@@ -143,7 +149,7 @@ you are done, press <b>Download filled CSV</b> and send the file back
 (<code>launcher review import EXP FILE</code>).</p>
 <p><button onclick="download()">Download filled CSV</button> <span id="count"></span></p>
 <table><tr><th>#</th><th>prompt</th><th>output 1</th><th>output 2</th><th>verdict</th></tr>
-{"".join(body)}
+{_html_rows(rows)}
 </table>
 <script>
 const ROWS = {data};

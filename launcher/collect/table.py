@@ -17,7 +17,7 @@ from launcher.rundir.paths import to_json, write_text_atomic
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from launcher.collect.collection import Collection
+    from launcher.collect.collected import Collection
 
 SIGNIFICANCE_LEVEL = 0.05
 

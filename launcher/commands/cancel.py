@@ -13,6 +13,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.submit.status_view import resolve_experiment, resolve_run_names
     from launcher.submit.submission import cancel_runs
 

@@ -47,6 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.collect import collect_experiments, print_summary, sort_rows
     from launcher.collect.table import render_csv, render_json, render_markdown
     from launcher.submit.status_view import resolve_experiment

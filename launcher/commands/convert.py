@@ -36,6 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.convert.chatglm import convert_chatglm
 
     convert_chatglm(args.src, args.dst, family=args.family, max_shard_gib=args.max_shard_gib)

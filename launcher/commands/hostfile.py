@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from launcher.errors import UserError
+
 HELP = "write a DeepSpeed hostfile ('host slots=N') from SLURM_JOB_NODELIST, or check one (--check)"
 
 
@@ -18,8 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.backends.hostfile import format_hostfile, hostfile_from_slurm_env, parse_hostfile
-    from launcher.errors import UserError
     from launcher.rundir.paths import write_text_atomic
 
     if args.check is not None:

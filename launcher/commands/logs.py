@@ -39,6 +39,7 @@ def find_log(logs_dir: Path, rank: int, scheduler_logs: list[Path] | None = None
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.rundir.paths import RunState
     from launcher.rundir.status import read_status
     from launcher.submit.manifest import load_manifest

@@ -30,6 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _swept(row: dict[str, Any]) -> str:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.plan.sweep import ABBREVIATIONS
 
     def label(key: str) -> str:
@@ -85,6 +86,7 @@ def print_table(rows: list[dict[str, Any]], title: str, gpu_mem_gib: float, *, w
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.plan.planner import load_and_plan, write_run_dirs
 
     plan = load_and_plan(args.spec, preflight=True, overrides=args.overrides)

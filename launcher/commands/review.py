@@ -24,6 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.collect.review import export_review, import_review
 
     if args.action == "export":

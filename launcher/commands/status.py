@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.fit_table import print_fitted
     from launcher.submit.status_view import STATUS_COLUMNS, collect_rows, render_table, resolve_experiment
 

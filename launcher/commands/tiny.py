@@ -16,6 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.builtins.tiny import build_info, ensure_tiny_model
 
     model_dir = ensure_tiny_model()

@@ -17,6 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.train.entry import exit_rank_process, main
 
     exit_rank_process(main([str(args.run_dir)]))

@@ -22,6 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build the parser; this loads when the command runs
     from launcher.plan.planner import load_and_plan
 
     plan = load_and_plan(args.spec, check_paths=args.check_paths, overrides=args.overrides)

@@ -20,6 +20,7 @@ from launcher.convert.chatglm_weights import check_tensors, write_weights
 from launcher.convert.checkpoint_files import index_file, scan, weight_files
 from launcher.convert.detect import detect_family
 from launcher.convert.families import GLM4, Family
+from launcher.convert.glm4_tokenizer import convert_tiktoken
 from launcher.errors import UserError
 
 RECORD = "conversion.json"
@@ -40,8 +41,6 @@ def _check_paths(src: Path, dst: Path) -> None:
 def _tokenizer(src: Path, family: Family, cfg: ChatGLMConfig) -> ConvertedTokenizer:
     path = src / TOKENIZER_MODEL
     if family is GLM4:
-        from launcher.convert.glm4_tokenizer import convert_tiktoken
-
         converted = convert_tiktoken(path, family, cfg.seq_length)
     else:
         converted = convert_sentencepiece(path, family, cfg.seq_length)

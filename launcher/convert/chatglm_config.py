@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.convert.detect import not_convertible_reason
 from launcher.errors import UserError
 
 CONFIG = "config.json"
@@ -108,8 +109,6 @@ def _positive(path: Path, key: str, value: Any, integer: bool = True) -> Any:
 def parse_config(path: Path, raw: dict[str, Any]) -> ChatGLMConfig:
     """The architecture a ChatGLM2/3 or GLM-4 config.json describes; a UserError naming the key when
     the native GLM model cannot reproduce it."""
-    from launcher.convert.detect import not_convertible_reason
-
     reason = not_convertible_reason(raw)
     if reason is not None:
         raise UserError(f"{path}: {reason}")

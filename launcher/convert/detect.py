@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launcher.convert.chatglm_tokenizer import TOKENIZER_MODEL, is_sentencepiece
 from launcher.convert.families import CHATGLM2, CHATGLM3, FAMILIES, GLM4, Family
 from launcher.errors import UserError
 
@@ -68,8 +69,6 @@ def detect_family(src: Path, raw: dict[str, Any], requested: str | None = None) 
     """(family, how it was decided). ChatGLM2 and ChatGLM3 share the network and the sentencepiece
     vocabulary and differ only in the special tokens their tokenizer code adds, so the tokenizer files
     and names decide; GLM-4 is the one with a tiktoken-style tokenizer.model."""
-    from launcher.convert.chatglm_tokenizer import TOKENIZER_MODEL, is_sentencepiece
-
     model = src / TOKENIZER_MODEL
     if not model.is_file():
         raise UserError(f"{model}: not found (the original tokenizer is converted too)")

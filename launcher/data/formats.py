@@ -27,6 +27,7 @@ from typing import Any
 
 from launcher.data import tool_calls
 from launcher.data.columns import Columns, columns_problems
+from launcher.data.records import BadRecord, read_records
 from launcher.data.unsupported import unsupported_key
 from launcher.errors import UserError
 
@@ -308,8 +309,6 @@ class ExampleReader:
             raise UserError(f"data.columns.{field_name}: {problem}")
 
     def __iter__(self) -> Iterator[tuple[str, Example | str]]:
-        from launcher.data.records import BadRecord, read_records
-
         for index, located in enumerate(read_records(self.path)):
             record = located.record
             if isinstance(record, BadRecord):

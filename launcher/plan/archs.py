@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from launcher.builtins import tiny
+from launcher.model.modules import LAYER_RE, layer_list_prefix, linear_modules, param_numel
 
 ARCH_DIR = Path(__file__).parent / "arch_configs"
 
@@ -237,52 +239,6 @@ def guess_bundled_name(model_path: str) -> str | None:
 # --- exact counts from a local config.json -------------------------------------------------------
 
 
-_LAYER_RE = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
-
-
-def lora_module_types() -> tuple[type, ...]:
-    """The module types LoRA can wrap, as peft's ``all-linear`` sees them: ``nn.Linear`` and transformers'
-    ``Conv1D`` (GPT-2 and its relatives keep their projections in Conv1D, weight stored (in, out))."""
-    from torch import nn
-
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers always has it
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
-
-
-def linear_modules(model: Any) -> Iterator[tuple[str, int, int]]:
-    """(full module name, in_features, out_features) of every module LoRA can wrap."""
-    from torch import nn
-
-    types = lora_module_types()
-    for name, module in model.named_modules():
-        if not isinstance(module, types):
-            continue
-        if isinstance(module, nn.Linear):
-            yield name, int(module.in_features), int(module.out_features)
-        else:  # Conv1D: weight is (in_features, out_features)
-            fan_in, fan_out = module.weight.shape  # type: ignore[attr-defined]
-            yield name, int(fan_in), int(fan_out)
-
-
-def linear_module_names(model: Any) -> list[str]:
-    """Full names of the modules LoRA can wrap (the one list the planner and training both use)."""
-    return [name for name, _, _ in linear_modules(model)]
-
-
-def layer_list_prefix(named_sizes: Iterable[tuple[str, int]]) -> str | None:
-    """The parameter-name prefix of the transformer layer list (``model.layers``, ``transformer.h``):
-    the numbered list that holds the most parameters. Read from the names, not from a table of families."""
-    by_prefix: dict[str, int] = {}
-    for pname, numel in named_sizes:
-        m = _LAYER_RE.match(pname)
-        if m:
-            by_prefix[m.group(1)] = by_prefix.get(m.group(1), 0) + numel
-    return max(by_prefix, key=lambda k: by_prefix[k]) if by_prefix else None
-
-
 def measured_kv(model: Any) -> tuple[int, int] | None:
     """(key/value heads, head dim) from the model itself: one token through its forward with a KV cache
     (on the meta device this costs no memory and no compute); None when the model cannot do that.
@@ -305,12 +261,6 @@ def measured_kv(model: Any) -> tuple[int, int] | None:
         return None
 
 
-def param_numel(param: Any) -> int:
-    """Elements of a parameter; under ZeRO-3 a partitioned one is an empty tensor whose size is ds_numel."""
-    numel = int(param.numel())
-    return int(getattr(param, "ds_numel", numel)) if numel == 0 else numel
-
-
 def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
     """Read the architecture of an instantiated (meta-device) causal LM from the model itself: the layer
     list, its linear (and Conv1D) layers, the KV width; the config only for what the weights cannot say
@@ -324,7 +274,7 @@ def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
     layer_ids: set[int] = set()
     leading = 0
     for pname, numel in params:
-        m = _LAYER_RE.match(pname)
+        m = LAYER_RE.match(pname)
         if m and m.group(1) == prefix:
             layer_ids.add(int(m.group(2)))
             if int(m.group(2)) == 0:
@@ -406,8 +356,6 @@ def arch_from_model_dir(model_dir: str, trust_remote_code: bool = False) -> Arch
 @functools.lru_cache(maxsize=1)
 def tiny_glm_arch() -> ArchInfo:
     """The built-in tiny model's architecture, from its build settings (no need to build it)."""
-    from launcher.builtins import tiny
-
     cfg = tiny.DEFAULT_CONFIG
     try:
         vocab = tiny.vocab_size()

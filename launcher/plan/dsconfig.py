@@ -3,21 +3,21 @@
 Templates mark per-run values with ``"auto"``; rendering fills every one of them (batch sizes,
 accumulation, precision, clipping, AdamW, bucket sizes, the scheduler) except the scheduler's
 ``total_num_steps`` and ``warmup_num_steps``: those depend on the real number of training examples,
-which only the train entrypoint knows. It fills them with :func:`fill_scheduler_auto`.
+which only the train entrypoint knows. It fills them with ``launcher.rundir.ds_config.fill_scheduler_auto``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.spec.schema import RunConfig
+from launcher.rundir.ds_config import AUTO
+from launcher.rundir.run_config import RunConfig
 
 
 def _template_dir() -> Path:
@@ -29,7 +29,6 @@ def _template_dir() -> Path:
 
 TEMPLATE_DIR = _template_dir()
 TEMPLATES = ("zero2", "zero2_offload", "zero3", "zero3_offload")
-AUTO = "auto"
 SCHEDULERS = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR", "constant": "WarmupLR"}
 MIN_BUCKET_ELEMENTS = 4 * 1024 * 1024
 
@@ -140,26 +139,3 @@ def _auto_paths(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     if isinstance(obj, dict):
         return [p for k, v in obj.items() for p in _auto_paths(v, (*path, str(k)))]
     return [path] if obj == AUTO else []
-
-
-def fill_scheduler_auto(
-    ds_config: dict[str, Any], total_num_steps: int, warmup_ratio: float
-) -> dict[str, Any]:
-    """A copy with the scheduler's "auto" step counts filled (called by train before deepspeed.initialize)."""
-    cfg = copy.deepcopy(ds_config)
-    params = cfg.get("scheduler", {}).get("params", {})
-    total = max(int(total_num_steps), 1)
-    if params.get("total_num_steps") == AUTO:
-        params["total_num_steps"] = total
-    if params.get("warmup_num_steps") == AUTO:
-        warmup = math.ceil(total * warmup_ratio)
-        if warmup < 1:
-            # DeepSpeed rejects warmup_num_steps 0; one "warm-up" step that starts at the full rate is
-            # the same as no warm-up.
-            warmup = 1
-            if "warmup_max_lr" in params:
-                params["warmup_min_lr"] = params["warmup_max_lr"]
-            if "warmup_min_ratio" in params:
-                params["warmup_min_ratio"] = 1.0
-        params["warmup_num_steps"] = warmup
-    return cfg

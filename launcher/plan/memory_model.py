@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from launcher.plan.archs import ArchInfo, Linear
+from launcher.plan.dsconfig import bucket_elements
 from launcher.spec.schema import FreezeMethod, FullMethod, LoraMethod, MethodSpec, Precision, PtuningMethod
 
 GIB = 1024**3
@@ -625,8 +626,6 @@ def step_temp_bytes(
 
 def bucket_size(arch: ArchInfo) -> int:
     """The bucket size launcher.plan.dsconfig renders into ds_config.json (hidden_size^2, at least 4M)."""
-    from launcher.plan.dsconfig import bucket_elements
-
     return bucket_elements(arch.hidden_size)
 
 

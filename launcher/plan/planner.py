@@ -33,6 +33,7 @@ from launcher.plan.archs import (
     tiny_glm_arch,
 )
 from launcher.plan.dsconfig import batch_sizes, render_ds_config
+from launcher.plan.input_knowledge import INPUT_KNOWLEDGE
 from launcher.plan.memory_model import LayoutError, param_layout
 from launcher.plan.methods import describe
 from launcher.plan.preflight import PreflightReport, run_preflight
@@ -42,10 +43,12 @@ from launcher.rundir.identity import run_id_of
 from launcher.rundir.paths import (
     ExperimentPaths,
     RunState,
+    experiment_dir,
     utc_now,
     write_json_atomic,
     write_text_atomic,
 )
+from launcher.rundir.run_config import ResolvedResources, RunConfig, build_run_config
 from launcher.rundir.status import update_status
 from launcher.spec.check import name_too_long, resolve_path, validate_spec
 from launcher.spec.overrides import apply_overrides
@@ -56,7 +59,6 @@ from launcher.spec.schema import (
     LoggingSpec,
     LoraMethod,
     ModelSpec,
-    RunConfig,
     TokenizerSpec,
     TrainingSpec,
 )
@@ -116,7 +118,7 @@ def load_and_plan(
     problems = Problems(source, str(spec_path))
     if overrides and isinstance(data, dict):
         data = apply_overrides(data, source, overrides, problems)
-    spec = validate_spec(data, spec_path, problems, check_paths=check_paths)
+    spec = validate_spec(data, spec_path, problems, check_paths=check_paths, knowledge=INPUT_KNOWLEDGE)
     runs: list[RunConfig] = []
     archs: dict[str, ArchInfo] = {}
     report = None
@@ -140,7 +142,7 @@ def load_and_plan(
 
 def experiment_paths(spec: JobSpec) -> ExperimentPaths:
     """``<output_dir>/<experiment>``; a relative output_dir is relative to the current directory."""
-    return ExperimentPaths((Path(spec.output_dir).expanduser() / spec.experiment).absolute())
+    return ExperimentPaths(experiment_dir(spec.output_dir, spec.experiment))
 
 
 def resolve_logging(logging: LoggingSpec, base_dir: Path) -> LoggingSpec:
@@ -257,6 +259,113 @@ class _RunProblems:
             problems.error(path, f"{label}: {message}")
 
 
+@dataclass(frozen=True)
+class _Sections:
+    """One expanded run's config sections, validated."""
+
+    model: ModelSpec
+    training: TrainingSpec
+    tokenizer: TokenizerSpec
+    data: DataSpec
+    eval: EvalSpec
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> _Sections:
+        return cls(
+            model=ModelSpec.model_validate(config["model"]),
+            training=TrainingSpec.model_validate(config["training"]),
+            tokenizer=TokenizerSpec.model_validate(config["tokenizer"]),
+            data=DataSpec.model_validate(config["data"]),
+            eval=EvalSpec.model_validate(config["eval"]),
+        )
+
+
+ArchCache = dict[str, tuple[ArchInfo | None, str | None, str | None]]
+
+
+def _arch_of(model: ModelSpec, base_dir: Path, cache: ArchCache, problems: Problems) -> ArchInfo | None:
+    """The run's architecture, resolved once per distinct model; None (with the error) if unknown."""
+    key = repr(model.model_dump())
+    if key not in cache:
+        cache[key] = resolve_arch(model, base_dir)
+    arch, arch_error, arch_warning = cache[key]
+    if arch_warning:
+        problems.warn(("model",), arch_warning)
+    if arch is None:
+        problems.error(
+            problems.first_present(("model", "arch"), ("model", "path"), ("model",)), arch_error or ""
+        )
+    return arch
+
+
+def _resources_of(
+    spec: JobSpec,
+    plan: RunPlan,
+    training: TrainingSpec,
+    arch: ArchInfo,
+    problems: Problems,
+    per_run: _RunProblems,
+) -> ResolvedResources | None:
+    """What the resource policy chooses for the run; None (with the problem) if it cannot."""
+    where_method: tuple[str | int, ...] = ("methods", plan.method_index)
+    try:
+        layout = param_layout(arch, plan.method)
+    except LayoutError as exc:
+        per_run.add(problems.first_present((*where_method, exc.key), where_method), plan.name, str(exc))
+        return None
+    try:
+        return resolve_resources(
+            method=plan.method,
+            explicit=plan.resources,
+            auto=plan.auto,
+            training=training,
+            cluster=spec.cluster,
+            arch=arch,
+            layout=layout,
+        )
+    except ResourceProblem as exc:
+        per_run.add(_resource_key_path(problems, plan, exc.key), plan.name, str(exc))
+        return None
+
+
+def _name_is_free(plan: RunPlan, seen: dict[str, RunPlan], problems: Problems) -> bool:
+    """The run name fits the file system and no other run has it (reported otherwise)."""
+    where_method: tuple[str | int, ...] = ("methods", plan.method_index)
+    if too_long := name_too_long(plan.name):
+        where_name = problems.first_present((*where_method, "name"), where_method)
+        problems.error(where_name, f"run {too_long}; shorten the method's name or sweep fewer keys")
+        return False
+    if plan.name in seen:
+        _duplicate_name(problems, plan, seen[plan.name])
+        return False
+    seen[plan.name] = plan
+    return True
+
+
+def _batch_problem(
+    spec: JobSpec, plan: RunPlan, run: RunConfig, problems: Problems
+) -> tuple[tuple[str | int, ...], str] | None:
+    """(where, message) when the run's batch arithmetic does not work out, else None."""
+    try:
+        _, _, accum = batch_sizes(run)
+    except UserError as exc:
+        where = problems.first_present(("training", "global_batch_size"), ("training",))
+        return tuple(where), str(exc).split(": ", 1)[-1]
+    t = run.training
+    accumulation_set = (
+        "gradient_accumulation_steps" in spec.training.model_fields_set
+        or "training.gradient_accumulation_steps" in {**plan.swept, **plan.method.overrides}
+    )
+    if t.global_batch_size is not None and accumulation_set and accum != t.gradient_accumulation_steps:
+        return (
+            ("training", "gradient_accumulation_steps"),
+            f"global_batch_size {t.global_batch_size} = per_device_batch_size "
+            f"{t.per_device_batch_size} x world size {run.resources.world_size} x {accum} accumulation "
+            f"steps, not {t.gradient_accumulation_steps}; drop one of the two",
+        )
+    return None
+
+
 def plan_runs(
     spec: JobSpec, spec_path: Path, problems: Problems
 ) -> tuple[list[RunConfig], dict[str, ArchInfo]]:
@@ -268,70 +377,32 @@ def plan_runs(
     logging = resolve_logging(spec.logging, base_dir)
     runs: list[RunConfig] = []
     archs: dict[str, ArchInfo] = {}
-    arch_cache: dict[str, tuple[ArchInfo | None, str | None, str | None]] = {}
+    arch_cache: ArchCache = {}
     seen: dict[str, RunPlan] = {}
     for plan in expand(spec):
-        config = plan.config
-        _absolute_paths(config, base_dir)
-        where_method: tuple[str | int, ...] = ("methods", plan.method_index)
+        _absolute_paths(plan.config, base_dir)
         try:
-            model = ModelSpec.model_validate(config["model"])
-            training = TrainingSpec.model_validate(config["training"])
-            tokenizer = TokenizerSpec.model_validate(config["tokenizer"])
-            data = DataSpec.model_validate(config["data"])
-            eval_spec = EvalSpec.model_validate(config["eval"])
+            sections = _Sections.of(plan.config)
         except ValidationError as exc:  # reported with positions by the spec checks; keep the first line
             per_run.add(("sweep",), plan.name, str(exc.errors()[0]["msg"]))
             continue
-        key = repr(model.model_dump())
-        if key not in arch_cache:
-            arch_cache[key] = resolve_arch(model, base_dir)
-        arch, arch_error, arch_warning = arch_cache[key]
-        if arch_warning:
-            problems.warn(("model",), arch_warning)
+        arch = _arch_of(sections.model, base_dir, arch_cache, problems)
         if arch is None:
-            problems.error(
-                problems.first_present(("model", "arch"), ("model", "path"), ("model",)), arch_error or ""
-            )
             continue
-        try:
-            layout = param_layout(arch, plan.method)
-        except LayoutError as exc:
-            per_run.add(problems.first_present((*where_method, exc.key), where_method), plan.name, str(exc))
+        resources = _resources_of(spec, plan, sections.training, arch, problems, per_run)
+        if resources is None or not _name_is_free(plan, seen, problems):
             continue
-        try:
-            resources = resolve_resources(
-                method=plan.method,
-                explicit=plan.resources,
-                auto=plan.auto,
-                training=training,
-                cluster=spec.cluster,
-                arch=arch,
-                layout=layout,
-            )
-        except ResourceProblem as exc:
-            per_run.add(_resource_key_path(problems, plan, exc.key), plan.name, str(exc))
-            continue
-        if too_long := name_too_long(plan.name):
-            where_name = problems.first_present((*where_method, "name"), where_method)
-            problems.error(where_name, f"run {too_long}; shorten the method's name or sweep fewer keys")
-            continue
-        if plan.name in seen:
-            _duplicate_name(problems, plan, seen[plan.name])
-            continue
-        seen[plan.name] = plan
-        run = RunConfig(
+        run = build_run_config(
             experiment=spec.experiment,
             name=plan.name,
-            run_id="",
             method=plan.method,
             swept=plan.swept,
-            model=model,
-            tokenizer=tokenizer,
-            data=data,
-            template=config["template"],
-            training=training,
-            eval=eval_spec,
+            model=sections.model,
+            tokenizer=sections.tokenizer,
+            data=sections.data,
+            template=plan.config["template"],
+            training=sections.training,
+            eval=sections.eval,
             resources=resources,
             cluster=spec.cluster,
             local=spec.local,
@@ -339,28 +410,8 @@ def plan_runs(
             hostfile=hostfile,
             logging=logging,
         )
-        try:
-            _, _, accum = batch_sizes(run)
-        except UserError as exc:
-            where = problems.first_present(("training", "global_batch_size"), ("training",))
-            per_run.add(where, plan.name, str(exc).split(": ", 1)[-1])
-            continue
-        t = training
-        if (
-            t.global_batch_size is not None
-            and (
-                "gradient_accumulation_steps" in spec.training.model_fields_set
-                or "training.gradient_accumulation_steps" in {**plan.swept, **plan.method.overrides}
-            )
-            and accum != t.gradient_accumulation_steps
-        ):
-            per_run.add(
-                ("training", "gradient_accumulation_steps"),
-                plan.name,
-                f"global_batch_size {t.global_batch_size} = per_device_batch_size "
-                f"{t.per_device_batch_size} x world size {resources.world_size} x {accum} accumulation "
-                f"steps, not {t.gradient_accumulation_steps}; drop one of the two",
-            )
+        if (problem := _batch_problem(spec, plan, run, problems)) is not None:
+            per_run.add(problem[0], plan.name, problem[1])
             continue
         run.run_id = run_id_of(run)
         runs.append(run)

@@ -24,9 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.builtins import cache as builtin_cache
+from launcher.convert.checkpoint_files import scan, weight_files
+from launcher.data.formats import ExampleReader
+from launcher.data.records import data_file_problem
+from launcher.data.templates import (
+    ChatFormat,
+    conversation,
+    get_template,
+    has_tools,
+    named_tools_refusal,
+    resolve_template,
+)
 from launcher.errors import UserError
 from launcher.plan.archs import ArchInfo
-from launcher.spec.schema import RunConfig
+from launcher.rundir.paths import write_json_atomic
+from launcher.rundir.run_config import RunConfig
 from launcher.spec.yaml_source import KeyPath, Problems
 
 PREFLIGHT_VERSION = 1
@@ -69,10 +82,8 @@ def _fingerprint(*paths: Path | None) -> list[Any]:
 
 
 def _memo_path(kind: str, key: Any) -> Path:
-    from launcher.builtins.cache import cache_dir
-
     digest = hashlib.sha256(json.dumps([PREFLIGHT_VERSION, kind, key], default=str).encode()).hexdigest()
-    return cache_dir() / "preflight" / f"{kind}-{digest[:24]}.json"
+    return builtin_cache.cache_dir() / "preflight" / f"{kind}-{digest[:24]}.json"
 
 
 def _remembered(kind: str, key: Any) -> bool:
@@ -80,8 +91,6 @@ def _remembered(kind: str, key: Any) -> bool:
 
 
 def _remember(kind: str, key: Any, info: dict[str, Any]) -> None:
-    from launcher.rundir.paths import write_json_atomic
-
     path = _memo_path(kind, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +138,6 @@ def _renamed_on_load(config: Any) -> bool:
 def check_model(model_dir: Path, trust_remote_code: bool = False) -> list[str]:
     """Problems of a local model directory: its config and its weight files against that config."""
     from transformers import AutoConfig
-
-    from launcher.convert.checkpoint_files import scan, weight_files
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
@@ -199,7 +206,6 @@ class TemplateCannotRender(Exception):
 def _tool_check(fmt: Any) -> Callable[[Any], str | None]:
     """A check of one tool-calling Example: the template renders tools, and every assistant turn (calls
     included) can be located for the label mask."""
-    from launcher.data.templates import has_tools
 
     def render(ex: Any) -> str | None:
         if fmt.tools_problem is not None and has_tools(ex.messages, ex.tools):
@@ -218,8 +224,6 @@ def _renderer(template: str, tokenizer: Any) -> Callable[[Any], str | None]:
     """A check of one Example: None when it renders, else the problem. With a chat template the prompt
     must render as the start of the conversation with its answer (that is how the answer is found).
     A template that cannot render the data's tools raises TemplateCannotRender."""
-    from launcher.data.templates import ChatFormat, conversation, get_template, named_tools_refusal
-
     if tokenizer is None:  # the built-in model: its tokenizer has no chat template (auto = chatglm)
         named = get_template("chatglm" if template in ("auto", "tokenizer") else template)
 
@@ -261,8 +265,6 @@ def check_data(
 ) -> tuple[int, list[str], int]:
     """(records, the first problems, how many records have problems) of one data file: every record
     read, parsed (through ``data.columns``) and rendered."""
-    from launcher.data.formats import ExampleReader
-
     records = 0
     shown: list[str] = []
     total = 0
@@ -294,8 +296,6 @@ def _load_tokenizer(directory: Path, trust_remote_code: bool) -> Any:
 
 def check_tokenizer(tokenizer: Any, template: str, arch: ArchInfo | None) -> list[tuple[str, str]]:
     """(spec key, problem) for a loaded tokenizer: eos, ids within the model's embeddings, template."""
-    from launcher.data.templates import resolve_template
-
     out = []
     if tokenizer.eos_token_id is None:
         out.append(
@@ -402,8 +402,6 @@ def _check_run_data(
     done: set[Any],
     report: PreflightReport,
 ) -> None:
-    from launcher.data.records import data_file_problem
-
     render: Callable[[Any], str | None] | None = None
     for spec_key, value in (("train_file", run.data.train_file), ("eval_file", run.data.eval_file)):
         if value is None or data_file_problem(Path(value)) is not None:

@@ -8,12 +8,15 @@ checkpointing off before on. A run that cannot fit is an error that says what to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from launcher.plan.archs import ArchInfo
 from launcher.plan.memory_model import MemoryEstimate, ParamLayout, estimate
 from launcher.plan.methods import ResourceChoice, method_info, supports_gradient_checkpointing
-from launcher.spec.schema import ClusterSpec, MethodSpec, ResolvedResources, TrainingSpec
+from launcher.rundir.run_config import ResolvedResources
+from launcher.spec.schema import ClusterSpec, MethodSpec, TrainingSpec
+from launcher.spec.zero_offload import offload_conflicts, offload_works
 
 
 class ResourceProblem(ValueError):
@@ -102,18 +105,10 @@ def _advice(c: ResourceChoice, method: MethodSpec) -> str:
     return "; try " + ", ".join(fixes) + ", or resources: auto"
 
 
-def resolve_resources(
-    *,
-    method: MethodSpec,
-    explicit: dict[str, Any],
-    auto: bool,
-    training: TrainingSpec,
-    cluster: ClusterSpec,
-    arch: ArchInfo,
-    layout: ParamLayout | None = None,
-) -> ResolvedResources:
-    """Choose the run's resources; raises ResourceProblem naming the key to change."""
-    explicit = {k: v for k, v in explicit.items() if v is not None}
+def _checkpointing_request(
+    explicit: dict[str, Any], training: TrainingSpec, method: MethodSpec
+) -> bool | None:
+    """Gradient checkpointing as asked for (resources, else training; None: not asked), checked."""
     gc_explicit = explicit.get("gradient_checkpointing")
     gc_training = training.gradient_checkpointing
     if gc_explicit is not None and gc_training is not None and gc_explicit != gc_training:
@@ -134,83 +129,142 @@ def resolve_resources(
             "P-Tuning v2 (prefix tuning) cannot train with gradient checkpointing (peft refuses it); "
             "set gradient_checkpointing: false or use ptuning version: v1",
         )
-    stage = explicit.get("zero_stage")
-    if explicit.get("offload_param") and stage is not None and stage != 3:
-        raise ResourceProblem(
-            "resources.offload_param",
-            f"parameter offload needs zero_stage: 3 (got {stage}); set zero_stage: 3",
-        )
-    if explicit.get("offload_optimizer") and stage == 0:
-        raise ResourceProblem("resources.offload_optimizer", "optimizer offload needs zero_stage 1, 2 or 3")
+    return gc_explicit
 
+
+def _check_offload(explicit: dict[str, Any]) -> None:
+    conflicts = offload_conflicts(
+        explicit.get("zero_stage"),
+        offload_optimizer=explicit.get("offload_optimizer"),
+        offload_param=explicit.get("offload_param"),
+    )
+    if conflicts:  # the spec's checks report these first; this guards direct callers
+        key, message = max(conflicts)  # offload_param before offload_optimizer
+        raise ResourceProblem(f"resources.{key}", message)
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    """Estimates one choice of resources for a run against the cluster's GPU memory."""
+
+    arch: ArchInfo
+    method: MethodSpec
+    training: TrainingSpec
+    mem_gib: float
+    layout: ParamLayout | None
+
+    def fits(self, c: ResourceChoice) -> tuple[bool, MemoryEstimate]:
+        est = run_estimate(self.arch, self.method, self.training, c, self.layout)
+        return est.device_gib <= self.mem_gib, est
+
+
+def _resolved(c: ResourceChoice, est: MemoryEstimate) -> ResolvedResources:
+    return ResolvedResources(
+        **c.__dict__,
+        est_mem_gib=round(est.allocated_gib, 2),
+        est_reserved_gib=round(est.device_gib, 2),
+        fits=True,
+    )
+
+
+def _explicit_choice(
+    method: MethodSpec, explicit: dict[str, Any], gc_request: bool | None, sizing: _Sizing
+) -> ResolvedResources:
+    """``resources`` not auto: the method's defaults with the explicit values; it must fit."""
     defaults = method_info(method).defaults
     gc_default = defaults.gradient_checkpointing and supports_gradient_checkpointing(method)
-    mem_gib = cluster.gpu_mem_gib
-
-    def fits(c: ResourceChoice) -> tuple[bool, MemoryEstimate]:
-        est = run_estimate(arch, method, training, c, layout)
-        return est.device_gib <= mem_gib, est
-
-    def resolved(c: ResourceChoice, est: MemoryEstimate) -> ResolvedResources:
-        return ResolvedResources(
-            **c.__dict__,
-            est_mem_gib=round(est.allocated_gib, 2),
-            est_reserved_gib=round(est.device_gib, 2),
-            fits=True,
+    zero = explicit.get("zero_stage", defaults.zero_stage)
+    c = ResourceChoice(
+        nodes=explicit.get("nodes", 1 if "gpus_per_node" in explicit else defaults.nodes),
+        gpus_per_node=explicit.get("gpus_per_node", defaults.gpus_per_node),
+        zero_stage=zero,
+        offload_optimizer=explicit.get(
+            "offload_optimizer", defaults.offload_optimizer and offload_works("offload_optimizer", zero)
+        ),
+        offload_param=explicit.get(
+            "offload_param", defaults.offload_param and offload_works("offload_param", zero)
+        ),
+        gradient_checkpointing=gc_default if gc_request is None else bool(gc_request),
+    )
+    ok, est = sizing.fits(c)
+    if not ok:
+        raise ResourceProblem(
+            "resources",
+            f"needs ~{est.device_gib:.1f} GiB per GPU (nvidia-smi) with {c.nodes}x{c.gpus_per_node} GPUs,"
+            f" ZeRO-{c.zero_stage}"
+            f"{', offload' if c.offload_optimizer else ''} but cluster.gpu_mem_gib is {sizing.mem_gib:g}"
+            + _advice(c, method),
         )
+    return _resolved(c, est)
 
-    if not auto:
-        zero = explicit.get("zero_stage", defaults.zero_stage)
-        c = ResourceChoice(
-            nodes=explicit.get("nodes", 1 if "gpus_per_node" in explicit else defaults.nodes),
-            gpus_per_node=explicit.get("gpus_per_node", defaults.gpus_per_node),
-            zero_stage=zero,
-            offload_optimizer=explicit.get("offload_optimizer", defaults.offload_optimizer and zero > 0),
-            offload_param=explicit.get("offload_param", defaults.offload_param and zero == 3),
-            gradient_checkpointing=gc_default if gc_explicit is None else bool(gc_explicit),
-        )
-        ok, est = fits(c)
-        if not ok:
-            raise ResourceProblem(
-                "resources",
-                f"needs ~{est.device_gib:.1f} GiB per GPU (nvidia-smi) with {c.nodes}x{c.gpus_per_node} GPUs,"
-                f" ZeRO-{c.zero_stage}"
-                f"{', offload' if c.offload_optimizer else ''} but cluster.gpu_mem_gib is {mem_gib:g}"
-                + _advice(c, method),
-            )
-        return resolved(c, est)
 
+def _zero_ladder(stage: int | None) -> tuple[tuple[int, bool, bool], ...]:
+    """(zero_stage, offload_optimizer, offload_param) to try, cheapest first; at a fixed stage, only the
+    offloads that work with it."""
+    if stage is None:
+        return _ZERO_LADDER
+    return tuple(
+        (stage, oo, op)
+        for oo, op in ((False, False), (True, False), (True, True))
+        if (not op or offload_works("offload_param", stage))
+        and (not oo or offload_works("offload_optimizer", stage))
+    )
+
+
+def _auto_choice(
+    method: MethodSpec,
+    explicit: dict[str, Any],
+    gc_request: bool | None,
+    cluster: ClusterSpec,
+    sizing: _Sizing,
+) -> ResolvedResources:
+    """``resources: auto``: the cheapest choice that fits, fewest GPUs first, then the least offload."""
+    defaults = method_info(method).defaults
+    gc_default = defaults.gradient_checkpointing and supports_gradient_checkpointing(method)
     gc_options = (
-        [gc_explicit] if gc_explicit is not None else ([gc_default, True] if not gc_default else [True])
+        [gc_request] if gc_request is not None else ([gc_default, True] if not gc_default else [True])
     )
     if not supports_gradient_checkpointing(method):
         gc_options = [False]
     last: tuple[ResourceChoice, float] | None = None
-    ladder = _ZERO_LADDER
-    if stage is not None:
-        ladder = tuple(
-            (stage, oo, op)
-            for oo, op in ((False, False), (True, False), (True, True))
-            if (not op or stage == 3) and (not oo or stage > 0)
-        )
     for nodes, gpus in _world_shapes(cluster, explicit):
-        for zero, off_opt, off_param in ladder:
+        for zero, off_opt, off_param in _zero_ladder(explicit.get("zero_stage")):
             if explicit.get("offload_optimizer", off_opt) != off_opt:
                 continue
             if explicit.get("offload_param", off_param) != off_param:
                 continue
             for gc in dict.fromkeys(gc_options):
                 c = ResourceChoice(nodes, gpus, zero, off_opt, off_param, bool(gc))
-                ok, est = fits(c)
+                ok, est = sizing.fits(c)
                 last = (c, est.device_gib)
                 if ok:
-                    return resolved(c, est)
+                    return _resolved(c, est)
     if last is None:
         raise ResourceProblem("resources", "no configuration satisfies the explicit resource values")
     c, gib = last
     raise ResourceProblem(
         "resources",
-        f"does not fit cluster.gpu_mem_gib {mem_gib:g} with any configuration tried (the last, "
+        f"does not fit cluster.gpu_mem_gib {sizing.mem_gib:g} with any configuration tried (the last, "
         f"{c.nodes}x{c.gpus_per_node} GPUs ZeRO-{c.zero_stage} with offload, needs ~{gib:.1f} GiB per GPU); "
         "lower training.per_device_batch_size or max_source_length, or use a partition with larger GPUs",
     )
+
+
+def resolve_resources(
+    *,
+    method: MethodSpec,
+    explicit: dict[str, Any],
+    auto: bool,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    arch: ArchInfo,
+    layout: ParamLayout | None = None,
+) -> ResolvedResources:
+    """Choose the run's resources; raises ResourceProblem naming the key to change."""
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    gc_request = _checkpointing_request(explicit, training, method)
+    _check_offload(explicit)
+    sizing = _Sizing(arch, method, training, cluster.gpu_mem_gib, layout)
+    if not auto:
+        return _explicit_choice(method, explicit, gc_request, sizing)
+    return _auto_choice(method, explicit, gc_request, cluster, sizing)

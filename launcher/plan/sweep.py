@@ -18,34 +18,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
-
 from launcher.plan.methods import run_name_base
-from launcher.spec.schema import (
-    DataSpec,
-    EvalSpec,
-    FreezeMethod,
-    FullMethod,
-    JobSpec,
-    LoraMethod,
-    MethodSpec,
-    ModelSpec,
-    PtuningMethod,
-    ResourcesSpec,
-    TokenizerSpec,
-    TrainingSpec,
-)
-
-SECTIONS: dict[str, type[BaseModel]] = {
-    "model": ModelSpec,
-    "tokenizer": TokenizerSpec,
-    "data": DataSpec,
-    "training": TrainingSpec,
-    "eval": EvalSpec,
-    "resources": ResourcesSpec,
-}
-METHOD_CLASSES: tuple[type[BaseModel], ...] = (FreezeMethod, PtuningMethod, LoraMethod, FullMethod)
-_NOT_SWEEPABLE_METHOD_FIELDS = {"method", "name", "overrides", "resources"}
+from launcher.spec.keys import applies_to, base_config, set_dotted
+from launcher.spec.schema import JobSpec, MethodSpec, ResourcesSpec
 
 ABBREVIATIONS: dict[str, str] = {
     "training.learning_rate": "lr",
@@ -81,28 +56,6 @@ ABBREVIATIONS: dict[str, str] = {
 }
 
 
-def valid_dotted_keys() -> list[str]:
-    """Every key a sweep axis or an override may name."""
-    keys = ["template"]
-    for section, model in SECTIONS.items():
-        keys += [f"{section}.{name}" for name in model.model_fields]
-    method_fields: list[str] = []
-    for cls in METHOD_CLASSES:
-        for name in cls.model_fields:
-            if name not in _NOT_SWEEPABLE_METHOD_FIELDS and f"method.{name}" not in method_fields:
-                method_fields.append(f"method.{name}")
-    return keys + method_fields
-
-
-def method_has_field(method: MethodSpec, dotted: str) -> bool:
-    return dotted.startswith("method.") and dotted.split(".", 1)[1] in type(method).model_fields
-
-
-def applies_to(method: MethodSpec, dotted: str) -> bool:
-    """A ``method.*`` axis applies only to methods with that parameter; every other axis to all."""
-    return not dotted.startswith("method.") or method_has_field(method, dotted)
-
-
 @dataclass
 class RunPlan:
     """One expanded run before resources are chosen."""
@@ -117,14 +70,6 @@ class RunPlan:
     """The explicit resource fields for this run (spec level, then method level, then overrides/sweep)."""
     auto: bool = True
     """Whether fields not given explicitly are chosen by the memory model (``resources: auto``)."""
-
-
-def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = config
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = copy.deepcopy(value)
 
 
 def format_value(value: Any) -> str:
@@ -177,17 +122,6 @@ def _varying_keys(spec: JobSpec, method: MethodSpec) -> list[str]:
     if spec.sweep.seeds and len(spec.sweep.seeds) > 1:
         keys.append("training.seed")
     return keys
-
-
-def base_config(spec: JobSpec) -> dict[str, Any]:
-    return {
-        "model": spec.model.model_dump(mode="json"),
-        "tokenizer": spec.tokenizer.model_dump(mode="json"),
-        "data": spec.data.model_dump(mode="json"),
-        "template": spec.template,
-        "training": spec.training.model_dump(mode="json"),
-        "eval": spec.eval.model_dump(mode="json"),
-    }
 
 
 def _resource_fields(value: Any) -> tuple[bool | None, dict[str, Any]]:

@@ -16,7 +16,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from launcher.spec.schema import RunConfig
+    from launcher.rundir.run_config import RunConfig
 
 # The id itself, where the run executes and where its metrics go.
 EXCLUDED_KEYS: tuple[str, ...] = ("run_id", "backend", "hostfile", "cluster", "local", "logging")

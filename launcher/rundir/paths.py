@@ -98,6 +98,12 @@ class RunPaths:
         return self.logs / f"rank{rank}.log"
 
 
+def experiment_dir(output_dir: str, experiment: str) -> Path:
+    """``<output_dir>/<experiment>``, absolute; a relative output_dir is relative to the current
+    directory (the one place this is decided: validation checks it is writable, planning writes there)."""
+    return (Path(output_dir).expanduser() / experiment).absolute()
+
+
 @dataclass(frozen=True)
 class ExperimentPaths:
     """Files of one experiment: ``<output_dir>/<experiment>/``."""

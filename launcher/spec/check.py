@@ -8,6 +8,9 @@ Three layers, all problems collected and raised together as one SpecError:
    do not exist (errors at submit, warnings at plan).
 What only planning can find (batch arithmetic, runs that cannot fit, duplicate run names) is checked
 by launcher.plan.planner, into the same problem list: ``launcher.plan.planner.load_and_plan`` runs both, once.
+What the checks need to know from the layers above the spec (the bundled architectures, the template
+names, which data files can be read, where the experiment directory goes) is handed in as
+``InputKnowledge`` by the planner, so the spec imports nothing above itself.
 """
 
 from __future__ import annotations
@@ -17,20 +20,41 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from launcher.errors import UserError
-from launcher.plan.sweep import SECTIONS, base_config, method_has_field, set_dotted, valid_dotted_keys
+from launcher.spec.keys import SECTIONS, base_config, method_has_field, set_dotted, valid_dotted_keys
 from launcher.spec.schema import METHOD_NAMES, FreezeMethod, JobSpec, ResourcesSpec
+from launcher.spec.trackers import missing_tracker_packages
 from launcher.spec.yaml_source import KeyPath, Problems
+from launcher.spec.zero_offload import offload_conflicts
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # File systems allow 255 bytes per name; the launcher adds up to 23 (`replaced/<run>-<utc time>`, the
 # `.<name>.<random>.tmp` of an atomic write), and job names are cut at 100 anyway.
 MAX_NAME_CHARS = 200
+
+
+@dataclass(frozen=True)
+class InputKnowledge:
+    """What the semantic checks need from the layers above the spec, handed in by the planner
+    (launcher.plan.input_knowledge)."""
+
+    arch_names: Callable[[], list[str]]
+    """The bundled architecture descriptions ``model.arch`` may name."""
+    check_template: Callable[[str], None]
+    """Raises UserError for a ``template`` value that names no template."""
+    data_file_problem: Callable[[Path], str | None]
+    """Why a path is not a data file that can be read, or None."""
+    experiment_dir: Callable[[str, str], Path]
+    """Where ``output_dir`` and ``experiment`` put the experiment (launcher.rundir.paths)."""
+    columns_problems: Callable[[str, dict[str, str]], list[tuple[str, str]]]
+    """(field, problem) for each ``data.columns`` entry the format does not have (launcher.data.columns)."""
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
@@ -274,9 +298,7 @@ def _check_names(spec: JobSpec, problems: Problems) -> None:
             seen[base] = i
 
 
-def _check_model_data(spec: JobSpec, problems: Problems) -> None:
-    from launcher.plan.archs import bundled_arch_names
-
+def _check_model_data(spec: JobSpec, problems: Problems, knowledge: InputKnowledge) -> None:
     m = spec.model
     if m.path is None and m.builtin is None:
         problems.error(
@@ -284,8 +306,8 @@ def _check_model_data(spec: JobSpec, problems: Problems) -> None:
         )
     elif m.path is not None and m.builtin is not None:
         problems.error(("model", "builtin"), "set exactly one of path or builtin, not both")
-    if m.arch is not None and m.arch not in bundled_arch_names():
-        names = bundled_arch_names()
+    if m.arch is not None and m.arch not in knowledge.arch_names():
+        names = knowledge.arch_names()
         problems.error(
             ("model", "arch"),
             f"unknown architecture {m.arch!r}; bundled: {', '.join(names)}{did_you_mean(m.arch, names)}",
@@ -303,18 +325,14 @@ def _check_model_data(spec: JobSpec, problems: Problems) -> None:
         elif d.eval_file is None:
             problems.error(("data", "eval_file"), "missing: train_file is set, eval_file is needed too")
     try:
-        from launcher.data.templates import check_template
-
-        check_template(spec.template)
+        knowledge.check_template(spec.template)
     except UserError as exc:
         problems.error(("template",), str(exc), prefer_value=True)
 
 
-def _check_data_columns(spec: JobSpec, problems: Problems) -> None:
+def _check_data_columns(spec: JobSpec, problems: Problems, knowledge: InputKnowledge) -> None:
     """``data.columns`` names fields of ``data.format`` (any format's under auto)."""
-    from launcher.data.columns import columns_problems
-
-    for field_name, problem in columns_problems(spec.data.format, spec.data.columns or {}):
+    for field_name, problem in knowledge.columns_problems(spec.data.format, spec.data.columns or {}):
         problems.error(("data", "columns", field_name), problem)
 
 
@@ -347,15 +365,16 @@ def _check_methods(spec: JobSpec, problems: Problems) -> None:
 def _check_resource_block(res: Any, where: KeyPath, problems: Problems) -> None:
     if not isinstance(res, ResourcesSpec):
         return
-    if res.offload_param and res.zero_stage is not None and res.zero_stage != 3:
-        problems.error(
-            (*where, "offload_param"), f"parameter offload needs zero_stage: 3 (got {res.zero_stage})"
-        )
-    if res.offload_optimizer and res.zero_stage == 0:
-        problems.error((*where, "offload_optimizer"), "optimizer offload needs zero_stage 1, 2 or 3 (got 0)")
+    conflicts = offload_conflicts(
+        res.zero_stage, offload_optimizer=res.offload_optimizer, offload_param=res.offload_param
+    )
+    for key, message in sorted(conflicts, reverse=True):  # offload_param first, as always reported
+        problems.error((*where, key), message)
 
 
-def _check_dotted_value(spec: JobSpec, key: str, value: Any, where: KeyPath, problems: Problems) -> None:
+def _check_dotted_value(
+    spec: JobSpec, key: str, value: Any, where: KeyPath, problems: Problems, knowledge: InputKnowledge
+) -> None:
     """Validate one swept/overridden value by applying it and re-validating its section."""
     section = key.split(".", 1)[0]
     try:
@@ -370,9 +389,7 @@ def _check_dotted_value(spec: JobSpec, key: str, value: Any, where: KeyPath, pro
             if not isinstance(value, str):
                 problems.error(where, f"must be a string, got {_show(value)}", prefer_value=True)
                 return
-            from launcher.data.templates import check_template
-
-            check_template(value)
+            knowledge.check_template(value)
         elif section == "resources":
             ResourcesSpec.model_validate({key.split(".", 1)[1]: value})
         else:
@@ -431,7 +448,7 @@ def _check_key(spec: JobSpec, key: str, where: KeyPath, problems: Problems, vali
     return True
 
 
-def _check_sweep(spec: JobSpec, problems: Problems) -> None:
+def _check_sweep(spec: JobSpec, problems: Problems, knowledge: InputKnowledge) -> None:
     valid = valid_dotted_keys()
     sweep = spec.sweep
     for kind in ("grid", "zip"):
@@ -445,7 +462,7 @@ def _check_sweep(spec: JobSpec, problems: Problems) -> None:
             if key == "training.seed" and sweep.seeds:
                 problems.error(where, "training.seed is swept and sweep.seeds is set; keep one")
             for j, value in enumerate(values):
-                _check_dotted_value(spec, key, value, (*where, j), problems)
+                _check_dotted_value(spec, key, value, (*where, j), problems, knowledge)
     both = set(sweep.grid) & set(sweep.zip)
     for key in both:
         problems.error(("sweep", "zip", key), "is also a grid axis; sweep each key in one place")
@@ -472,7 +489,7 @@ def _check_sweep(spec: JobSpec, problems: Problems) -> None:
                 problems.error(
                     where, f"{key} is also swept; an override would make the sweep's runs identical"
                 )
-            _check_dotted_value(spec, key, value, where, problems)
+            _check_dotted_value(spec, key, value, where, problems, knowledge)
 
 
 def resolve_path(value: str | None, base_dir: Path) -> str | None:
@@ -483,7 +500,9 @@ def resolve_path(value: str | None, base_dir: Path) -> str | None:
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
-def _check_paths(spec: JobSpec, base_dir: Path, problems: Problems, check_paths: bool) -> None:
+def _check_paths(
+    spec: JobSpec, base_dir: Path, problems: Problems, check_paths: bool, knowledge: InputKnowledge
+) -> None:
     report = problems.error if check_paths else problems.warn
     checks: list[tuple[KeyPath, str | None, str]] = [
         (("data", "train_file"), spec.data.train_file, "data"),
@@ -498,9 +517,7 @@ def _check_paths(spec: JobSpec, base_dir: Path, problems: Problems, check_paths:
             continue
         path = Path(resolved)
         if kind == "data":
-            from launcher.data.records import data_file_problem
-
-            problem = data_file_problem(path)
+            problem = knowledge.data_file_problem(path)
             if not path.exists():
                 report(where, f"{resolved} does not exist on this machine", prefer_value=True)
             elif problem is not None:  # a directory, an unknown file type: wrong on any machine
@@ -520,16 +537,14 @@ def _check_paths(spec: JobSpec, base_dir: Path, problems: Problems, check_paths:
 
 def _check_logging(spec: JobSpec, problems: Problems) -> None:
     """A configured tracker must be importable here, not found missing on a compute node hours later."""
-    from launcher.train.loggers import missing_tracker_packages
-
     for tracker, hint in missing_tracker_packages(spec.logging):
         problems.error(("logging", tracker), hint)
 
 
-def _check_output_dir(spec: JobSpec, problems: Problems) -> None:
+def _check_output_dir(spec: JobSpec, problems: Problems, knowledge: InputKnowledge) -> None:
     """The experiment directory must be creatable and writable here: found at validate, not as a
     traceback at `plan --write` or submit. Relative output_dir: relative to the current directory."""
-    target = (Path(spec.output_dir).expanduser() / spec.experiment).absolute()
+    target = knowledge.experiment_dir(spec.output_dir, spec.experiment)
     existing = target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -552,19 +567,23 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def check_spec(spec: JobSpec, spec_path: Path, problems: Problems, *, check_paths: bool) -> None:
+def check_spec(
+    spec: JobSpec, spec_path: Path, problems: Problems, *, check_paths: bool, knowledge: InputKnowledge
+) -> None:
     """Semantic checks of a schema-valid spec (the plan's own checks come after, in launcher.plan.planner)."""
     _check_names(spec, problems)
-    _check_output_dir(spec, problems)
-    _check_model_data(spec, problems)
-    _check_data_columns(spec, problems)
+    _check_output_dir(spec, problems, knowledge)
+    _check_model_data(spec, problems, knowledge)
+    _check_data_columns(spec, problems, knowledge)
     _check_methods(spec, problems)
-    _check_sweep(spec, problems)
-    _check_paths(spec, spec_path.resolve().parent, problems, check_paths)
+    _check_sweep(spec, problems, knowledge)
+    _check_paths(spec, spec_path.resolve().parent, problems, check_paths, knowledge)
     _check_logging(spec, problems)
 
 
-def validate_spec(data: Any, spec_path: Path, problems: Problems, *, check_paths: bool) -> JobSpec:
+def validate_spec(
+    data: Any, spec_path: Path, problems: Problems, *, check_paths: bool, knowledge: InputKnowledge
+) -> JobSpec:
     """The loaded YAML as a JobSpec: schema errors raise at once (nothing else can be checked without
     a schema-valid spec); semantic problems are added to ``problems`` for the caller to raise."""
     if not isinstance(data, dict):
@@ -578,5 +597,5 @@ def validate_spec(data: Any, spec_path: Path, problems: Problems, *, check_paths
         translate_errors(exc, data, problems)
         problems.raise_if_errors()
         raise  # unreachable: a ValidationError always has errors
-    check_spec(spec, spec_path, problems, check_paths=check_paths)
+    check_spec(spec, spec_path, problems, check_paths=check_paths, knowledge=knowledge)
     return spec

@@ -1,16 +1,15 @@
-"""The job-spec schema (typed models) and the resolved per-run config that ``run.yaml`` holds.
+"""The job-spec schema: typed field models whose names are the public YAML keys.
 
-The schema only: field names here are the public YAML keys. Loading a spec file, validating it with
-file:line errors (launcher.spec.check) and planning it happen in ``launcher.plan.planner.load_and_plan``;
-``RunConfig`` is what a rank reads from ``run.yaml`` and the only config it sees.
+A leaf: it imports only pydantic and the standard library, so the run directory's ``run.yaml``
+(launcher.rundir.run_config, built from these sections) may use it. Loading a spec file, validating it
+with file:line errors (launcher.spec.check) and planning it happen in
+``launcher.plan.planner.load_and_plan``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -294,55 +293,3 @@ class JobSpec(StrictModel):
     baseline: str | None = None
     """Run name the collector compares against; default: the first run."""
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
-
-
-class ResolvedResources(StrictModel):
-    """What the resource policy chose for one run (all concrete)."""
-
-    nodes: int
-    gpus_per_node: int
-    zero_stage: Literal[0, 1, 2, 3]
-    offload_optimizer: bool
-    offload_param: bool
-    gradient_checkpointing: bool
-    est_mem_gib: float
-    """Estimated peak of allocated tensors per GPU (what ``torch.cuda.max_memory_allocated`` and the
-    result's ``peak_mem_gib`` measure)."""
-    fits: bool
-    est_reserved_gib: float | None = None
-    """Estimated GPU memory as ``nvidia-smi`` shows it: the caching allocator's reserved pool plus the
-    CUDA context; ``fits`` compares this with cluster.gpu_mem_gib."""
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-
-class RunConfig(StrictModel):
-    """Everything one run needs; serialised as ``run.yaml`` in its run directory."""
-
-    experiment: str
-    name: str
-    run_id: str
-    method: MethodSpec
-    swept: dict[str, Any] = Field(default_factory=dict)
-    model: ModelSpec
-    tokenizer: TokenizerSpec
-    data: DataSpec
-    template: str
-    training: TrainingSpec
-    eval: EvalSpec
-    resources: ResolvedResources
-    cluster: ClusterSpec
-    local: LocalSpec = Field(default_factory=LocalSpec)
-    backend: BackendName | None = None
-    hostfile: str | None = None
-    logging: LoggingSpec = Field(default_factory=LoggingSpec)
-
-    def to_yaml(self) -> str:
-        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: ~10x faster for big sweeps
-        return yaml.dump(self.model_dump(mode="json"), Dumper=dumper, sort_keys=False, allow_unicode=True)
-
-    @classmethod
-    def from_yaml_file(cls, path: Path) -> RunConfig:
-        return cls.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))

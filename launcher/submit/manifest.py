@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 
+from launcher.backends.base import SubmittedRun
 from launcher.errors import UserError
 from launcher.rundir.paths import ExperimentPaths, read_json, utc_now, write_json_atomic
 
@@ -59,8 +60,6 @@ class Manifest:
 
     def submitted_runs(self, names: Collection[str] | None = None) -> list[SubmittedRun]:
         """The recorded submissions (of ``names`` only, if given), as the backends take them."""
-        from launcher.backends.base import SubmittedRun
-
         return [
             SubmittedRun(
                 name=e.name,

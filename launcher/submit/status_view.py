@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from launcher.backends.registry import get_backend
 from launcher.errors import UserError
 from launcher.fit_table import ALWAYS, Column, fitted_table
 from launcher.rundir.paths import ExperimentPaths, RunState
+from launcher.submit.manifest import load_manifest
 from launcher.submit.status_row import StatusRow, format_duration, read_status_row
 
 if TYPE_CHECKING:
@@ -48,8 +50,6 @@ def _ask_backends(
     manifest: Manifest, question: str, timeout_s: float, names: set[str] | None
 ) -> dict[str, str]:
     """Run name -> answer of ``backend.<question>(runs)`` from each backend that submitted runs."""
-    from launcher.backends.registry import get_backend
-
     by_backend: dict[str, list[SubmittedRun]] = {}
     for run in manifest.submitted_runs(names):
         by_backend.setdefault(run.backend, []).append(run)
@@ -75,8 +75,6 @@ def query_live_states(
 
 def collect_rows(exp: ExperimentPaths, *, live: bool = True) -> list[StatusRow]:
     """A row for every run directory (submitted or not), in name order."""
-    from launcher.submit.manifest import load_manifest
-
     manifest = load_manifest(exp)
     live_states = query_live_states(manifest) if live else {}
     rows = []
@@ -154,6 +152,7 @@ def resolve_experiment(path_text: str) -> ExperimentPaths:
     """EXP may be the experiment directory or the spec that produced it."""
     path = Path(path_text)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
+        # lazy: `launcher status`, `logs` and `cancel` load the planner only for a spec file
         from launcher.plan.planner import load_and_plan
 
         return load_and_plan(path).exp

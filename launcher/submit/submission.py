@@ -19,18 +19,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher.backends.registry import default_backend_name, get_backend
 from launcher.errors import UserError
+from launcher.plan.planner import load_and_plan, write_run_dirs
 from launcher.rundir.identity import identity_fields, run_id_of
 from launcher.rundir.paths import ExperimentPaths, RunState
-from launcher.rundir.status import read_status
+from launcher.rundir.run_config import RunConfig
+from launcher.rundir.status import read_status, update_status
 from launcher.submit.manifest import load_manifest, locked_manifest, submission_lock
+from launcher.submit.progress import RunsProgress
+from launcher.submit.status_row import merge_state
+from launcher.submit.status_view import query_live_states
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from launcher.backends.base import Backend, SubmittedRun
     from launcher.plan.planner import Plan
-    from launcher.spec.schema import RunConfig
+    from launcher.rundir.run_config import RunConfig
 
 IN_FLIGHT = (RunState.PENDING.value, RunState.STARTING.value, RunState.RUNNING.value)
 CANCEL_WAIT_S = 60.0
@@ -97,8 +103,6 @@ def find_changed_configs(exp: ExperimentPaths, runs: list[RunConfig]) -> dict[st
     """Run name -> what changed, for runs with outputs (submitted, or past PLANNED) whose existing
     run.yaml (or submitted run id) has another identity. A never-submitted PLANNED run dir is simply
     re-planned; a run that only moves elsewhere (backend, cluster) keeps its identity."""
-    from launcher.spec.schema import RunConfig
-
     manifest = load_manifest(exp)
     changed: dict[str, str] = {}
     for run in runs:
@@ -126,9 +130,6 @@ def find_changed_configs(exp: ExperimentPaths, runs: list[RunConfig]) -> dict[st
 def current_states(exp: ExperimentPaths, names: set[str]) -> dict[str, str]:
     """Each run's state: its status.json, refined by the backend's live view (e.g. a dead local
     supervisor, a Slurm job that vanished from the queue)."""
-    from launcher.submit.status_row import merge_state
-    from launcher.submit.status_view import query_live_states
-
     live = query_live_states(load_manifest(exp), names=names)
     states = {}
     for name in names:
@@ -181,8 +182,6 @@ def archive_run_dir(exp: ExperimentPaths, name: str) -> Path | None:
 
 def _cancel_through_backends(exp: ExperimentPaths, names: Collection[str]) -> None:
     """Each run is cancelled by the backend that submitted it (the manifest says which)."""
-    from launcher.backends.registry import get_backend
-
     by_backend: dict[str, list[SubmittedRun]] = {}
     for sub in load_manifest(exp).submitted_runs(names):
         by_backend.setdefault(sub.backend, []).append(sub)
@@ -194,7 +193,6 @@ def _cancel_in_flight(exp: ExperimentPaths, names: set[str]) -> None:
     _cancel_through_backends(exp, names)
     # A cancelled Slurm job may still be writing into its run dir for a moment: the dir is about to
     # be archived and re-created, so wait until the scheduler no longer lists the jobs as live.
-    from launcher.submit.status_view import query_live_states
 
     deadline = time.monotonic() + CANCEL_WAIT_S
     while True:
@@ -226,8 +224,6 @@ def submit_spec(
     """Everything `launcher submit` does; `backend` may be passed ready-made (tests)."""
     from rich.console import Console
 
-    from launcher.plan.planner import load_and_plan
-
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped / CI log: don't fold the tables into 80 columns
@@ -236,10 +232,8 @@ def submit_spec(
     selected = select_runs(plan.runs, only)
     exp = plan.exp
     if backend is None:
-        from launcher.backends.registry import default_backend_name, get_backend
-
         name = backend_name or default_backend_name(plan.spec)
-        backend = get_backend(name, plan.spec, console=console, hostfile=hostfile)
+        backend = get_backend(name, plan.spec, console=console, hostfile=hostfile, progress_view=RunsProgress)
     submission = _Submission(plan, selected, backend)
     if dry_run:
         return _dry_run(submission, console, retry_failed=retry_failed, force=force)
@@ -282,8 +276,6 @@ def _decisions(sub: _Submission, *, retry_failed: bool, force: bool) -> list[Dec
 
 
 def _dry_run(sub: _Submission, console: Console, *, retry_failed: bool, force: bool) -> SubmitOutcome:
-    from launcher.plan.planner import write_run_dirs
-
     decisions = _decisions(sub, retry_failed=retry_failed, force=force)
     outcome = SubmitOutcome(sub.exp, sub.backend.name, decisions)
     # Runs whose outputs would be replaced keep their old run dirs untouched in a dry run.
@@ -297,8 +289,6 @@ def _dry_run(sub: _Submission, console: Console, *, retry_failed: bool, force: b
 
 
 def _submit(sub: _Submission, console: Console, *, retry_failed: bool, force: bool) -> SubmitOutcome:
-    from launcher.plan.planner import write_run_dirs
-
     exp = sub.exp
     decisions = _decisions(sub, retry_failed=retry_failed, force=force)
     outcome = SubmitOutcome(exp, sub.backend.name, decisions)
@@ -371,8 +361,6 @@ def _print_decisions(console: Console, outcome: SubmitOutcome, *, dry_run: bool)
 def cancel_runs(exp: ExperimentPaths, names: list[str] | None = None) -> list[str]:
     """Cancel unfinished runs (all, or `names`) through the backend that submitted them, then record
     CANCELLED in their status.json. Returns the runs cancelled."""
-    from launcher.rundir.status import update_status
-
     wanted = set(names) if names is not None else {p.name for p in exp.run_dirs()}
     states = current_states(exp, wanted)
     cancellable = (*IN_FLIGHT, RunState.PREEMPTED.value)

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from launcher.errors import UserError
-from launcher.plan.archs import layer_list_prefix, linear_module_names, param_numel
+from launcher.model.modules import layer_list_prefix, linear_module_names, param_numel
 from launcher.spec.schema import FreezeMethod, FullMethod, LoraMethod, MethodSpec, PtuningMethod
 
 # Freeze with neither layers nor patterns: train the last 2 blocks (LLaMA-Factory's default).
@@ -111,8 +111,8 @@ def apply_method(
 
 
 def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's list of transformer blocks, found as the planner finds it (``archs.layer_list_prefix``):
-    the numbered module list holding the most parameters."""
+    """The model's list of transformer blocks, found as the planner finds it
+    (``launcher.model.modules.layer_list_prefix``): the numbered module list holding the most parameters."""
     path = layer_list_prefix((name, param_numel(p)) for name, p in model.named_parameters())
     found = model.get_submodule(path) if path is not None else None
     if not isinstance(found, nn.ModuleList) or len(found) == 0:

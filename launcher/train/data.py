@@ -31,7 +31,8 @@ from launcher.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from launcher.spec.schema import DataSpec, ModelSpec, RunConfig
+    from launcher.rundir.run_config import RunConfig
+    from launcher.spec.schema import DataSpec, ModelSpec
 
 __all__ = ["FORMATS", "IGNORE_INDEX", "Example"]
 IGNORE_INDEX = -100

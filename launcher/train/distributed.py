@@ -16,8 +16,6 @@ from typing import Literal
 
 import torch
 
-from launcher.backends.launch_env import free_port
-
 DIST_TIMEOUT_ENV = "LAUNCHER_DIST_TIMEOUT_S"
 DEFAULT_DIST_TIMEOUT_S = 600.0
 """A crashed or killed rank must not hang the others forever: collectives give up after this."""
@@ -62,8 +60,10 @@ def detect_dist_env() -> DistEnv:
             master_port=int(os.environ.get("MASTER_PORT", "29500")),
             source="torchrun",
         )
+    # One process alone: port 0 lets the rendezvous store bind a port the OS picks as it binds, so
+    # there is no port to choose beforehand and none to lose to another process in between.
     return DistEnv(
-        rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), source="single"
+        rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=0, source="single"
     )
 
 

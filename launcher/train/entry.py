@@ -19,8 +19,9 @@ from typing import Any, NoReturn
 
 from launcher.errors import UserError
 from launcher.rundir.paths import RunPaths, RunState, read_json
+from launcher.rundir.run_config import RunConfig
 from launcher.rundir.status import clear_failure, failure_reason, read_status, record_failure
-from launcher.spec.schema import RunConfig
+from launcher.train.signals import PreemptionFlag
 
 PREEMPTED_EXIT_CODE = 3
 FAILED_EXIT_CODE = 1
@@ -106,11 +107,10 @@ def train_run(run_dir: Path) -> str:
     cfg, ds_config = _load_inputs(paths)
     # Take over SIGTERM/SIGUSR2 before the slow imports (a signal during start-up is not lost) and after
     # submitit installed its own handlers: ours must win.
-    from launcher.train.signals import PreemptionFlag
-
     flag = PreemptionFlag()
     flag.install()
 
+    # lazy: torch and deepspeed load after the preemption handler is installed
     from launcher.train.distributed import detect_dist_env, init_distributed, shutdown_distributed
     from launcher.train.loop import run_training
 

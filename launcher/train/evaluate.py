@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.spec.schema import RunConfig
+from launcher.rundir.run_config import RunConfig
 from launcher.train.data import IGNORE_INDEX
 from launcher.train.distributed import all_reduce_sum
 from launcher.train.export import is_zero3_partitioned, unwrap

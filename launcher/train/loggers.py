@@ -12,20 +12,21 @@ The same scalar names go to every tracker: ``train/loss``, ``train/lr``, ``train
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-import sys
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from launcher.errors import UserError
 from launcher.rundir.paths import RunState
+from launcher.spec.trackers import missing_tracker_packages
+from launcher.train.memory import peak_memory
 
 if TYPE_CHECKING:
     from launcher.rundir.paths import RunPaths
-    from launcher.spec.schema import LoggingSpec, MlflowSpec, RunConfig, WandbSpec
+    from launcher.rundir.run_config import RunConfig
+    from launcher.spec.schema import MlflowSpec, WandbSpec
     from launcher.train.result import TrainOutcome
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ TRAIN_TAGS: dict[str, str] = {
     "tokens_per_s": "train/tokens_per_s",
     "epoch": "train/epoch",
 }
-# Optional trackers: spec key -> the module to import (also the name of the pyproject extra).
-TRACKER_MODULES: dict[str, str] = {"wandb": "wandb", "mlflow": "mlflow"}
 
 
 class MetricLogger(Protocol):
@@ -50,22 +49,6 @@ class MetricLogger(Protocol):
 
     def close(self, state: str) -> None:
         """``state``: the run's final RunState value (COMPLETED, PREEMPTED, FAILED)."""
-
-
-def missing_tracker_packages(spec: LoggingSpec) -> list[tuple[str, str]]:
-    """(spec key, message) for every configured tracker whose package this Python cannot import."""
-    missing = []
-    for tracker, module in TRACKER_MODULES.items():
-        if getattr(spec, tracker) is None or importlib.util.find_spec(module) is not None:
-            continue
-        missing.append(
-            (
-                tracker,
-                f"{tracker} is configured but not installed for {sys.executable}; install it with "
-                f"`pip install 'launcher[{tracker}]'`, or remove logging.{tracker}",
-            )
-        )
-    return missing
 
 
 class TensorBoardLogger:
@@ -204,8 +187,6 @@ class MetricLoggers:
 
     def log_train_record(self, record: Mapping[str, Any], step: int) -> None:
         """One metrics.jsonl record, plus rank 0's peak memory so far."""
-        from launcher.train.memory import peak_memory
-
         if not self.loggers:
             return
         scalars = {tag: record.get(key) for key, tag in TRAIN_TAGS.items()}

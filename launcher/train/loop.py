@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from launcher.rundir.paths import RunPaths, RunState, append_jsonl, iter_jsonl, to_json, write_text_atomic
+from launcher.rundir.run_config import RunConfig
 from launcher.rundir.status import failure_reason, record_failure, update_status
-from launcher.spec.schema import RunConfig
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
 from launcher.train.loggers import open_metric_loggers

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import torch
 
+from launcher.train.distributed import all_reduce_max
+
 GIB = 1024**3
 MemKind = Literal["cuda_allocated", "cpu_rss"]
 
@@ -44,8 +46,6 @@ def peak_memory() -> PeakMemory:
 
 def peak_memory_all_ranks(device: torch.device) -> PeakMemory:
     """The max over ranks (every rank must call this: it is a collective)."""
-    from launcher.train.distributed import all_reduce_max
-
     mine = peak_memory()
     reserved = mine.peak_mem_reserved_gib if mine.peak_mem_reserved_gib is not None else -1.0
     peak, peak_reserved = all_reduce_max([mine.peak_mem_gib, reserved], device)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.rundir.paths import RESULT_KEYS, RunPaths, iter_jsonl, write_json_atomic
-from launcher.spec.schema import RunConfig
+from launcher.rundir.run_config import RunConfig
 from launcher.train.memory import PeakMemory
 
 _VERSIONED = ("torch", "transformers", "peft", "deepspeed", "launcher")

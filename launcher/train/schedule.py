@@ -6,6 +6,7 @@ import logging
 import math
 from typing import Any
 
+from launcher.rundir.ds_config import fill_scheduler_auto
 from launcher.spec.schema import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,12 @@ def fill_ds_config(
     ds_config: dict[str, Any], *, total_steps: int, warmup_ratio: float, world_size: int, on_cpu: bool = False
 ) -> dict[str, Any]:
     """A copy of ``ds_config`` with the scheduler's "auto" step counts filled in (the plan's own rule,
-    ``launcher.plan.dsconfig.fill_scheduler_auto``) and the global batch matching the real world size.
+    ``launcher.rundir.ds_config.fill_scheduler_auto``) and the global batch matching the real world size.
 
     ``on_cpu``: use torch's AdamW instead of DeepSpeed's FusedAdam fallback (when the optimizer is not
     offloaded): on CPU the latter's first step after a checkpoint load differs from an uninterrupted
     run in the last bits (measured ~3e-6 in the loss), which breaks exact resume.
     """
-    from launcher.plan.dsconfig import fill_scheduler_auto
-
     filled = fill_scheduler_auto(ds_config, total_steps, warmup_ratio)
     optimizer = filled.get("optimizer")
     offloaded = bool(filled.get("zero_optimization", {}).get("offload_optimizer"))

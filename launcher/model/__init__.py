@@ -1,0 +1,1 @@
+"""Facts read off a loaded (or meta-device) model: what both the planner and the ranks need."""
