@@ -1,7 +1,8 @@
 """A tiny stand-in for `python -m launcher.train RUN_DIR`, used only by the backend tests.
 
-It follows the trainer's contract (status.json, metrics.jsonl, exit 0/3/1, SIGTERM -> checkpoint ->
-PREEMPTED, resume from the newest checkpoint) without torch, so backend tests take seconds. Knobs
+It follows the trainer's contract (status.json through ``update_status``, metrics.jsonl, exit 0/3/1,
+SIGTERM -> checkpoint -> PREEMPTED, resume from the newest checkpoint) without torch, so backend tests
+take seconds. Knobs
 (environment): STAND_IN_STEP_S (seconds per step), STAND_IN_CRASH="RUN:RANK:STEP" (that rank raises;
 the other ranks then block as if inside a collective), and every rank records its environment in
 logs/env{RANK}.json so tests can check what the backend passed.
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from launcher.rundir.paths import RunPaths, RunState
+from launcher.rundir.status import update_status
+
 STOP = {"signal": None}
 
 
@@ -32,9 +36,8 @@ def _write_json(path: Path, obj: object) -> None:
 
 
 def _status(run_dir: Path, state: str, reason: str | None = None, **extra: object) -> None:
-    _write_json(
-        run_dir / "status.json", {"state": state, "updated_at": time.time(), "reason": reason, **extra}
-    )
+    """Through the trainer's own API: merged under the status lock, like every other writer."""
+    update_status(RunPaths(run_dir), RunState(state), reason, **extra)
 
 
 def main() -> int:
