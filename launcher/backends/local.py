@@ -35,6 +35,7 @@ from launcher.backends.container import (
 from launcher.backends.launch_env import TORCHRUN_KEYS, free_port, torchrun_env
 from launcher.errors import UserError
 from launcher.rundir.paths import (
+    RENDEZVOUS_FILE_ENV,
     ExperimentPaths,
     RunPaths,
     RunState,
@@ -356,8 +357,14 @@ class LocalBackend:
         port = free_port(self._ports)
         self._ports.add(port)
         paths.logs.mkdir(parents=True, exist_ok=True)
+        # rank 0 binds its own port and publishes it here (MASTER_PORT stays as a fallback for trainers
+        # that don't read it); an earlier attempt's port is stale
+        paths.rendezvous_port.unlink(missing_ok=True)
         preexec = _pdeathsig_preexec()
-        attempt = {ATTEMPT_ID_ENV: uuid.uuid4().hex}  # failure records of other launches are history
+        attempt = {
+            ATTEMPT_ID_ENV: uuid.uuid4().hex,  # failure records of other launches are history
+            RENDEZVOUS_FILE_ENV: str(paths.rendezvous_port.resolve()),
+        }
         procs: list[RankProcess] = []
         try:
             for rank in range(run.resources.world_size):

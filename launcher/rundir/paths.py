@@ -21,6 +21,11 @@ from typing import Any
 
 from launcher.errors import DiskFullError
 
+RENDEZVOUS_FILE_ENV = "LAUNCHER_RENDEZVOUS_FILE"
+"""Set by a single-node launcher (the local backend): rank 0's store binds a port the OS picks and
+writes it to this file, the other ranks read it there. No port is picked before the bind, so
+concurrent launches on one node cannot take each other's port (EADDRINUSE)."""
+
 
 class RunState(str, Enum):
     PLANNED = "PLANNED"
@@ -96,6 +101,11 @@ class RunPaths:
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
+
+    @property
+    def rendezvous_port(self) -> Path:
+        """Where rank 0 of a single-node launch publishes the port its store bound (RENDEZVOUS_FILE_ENV)."""
+        return self.logs / "rendezvous_port"
 
 
 @dataclass(frozen=True)
