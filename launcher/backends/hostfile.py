@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 from launcher.backends.launch_env import free_port
 from launcher.backends.local import (
-    LocalBackend,
     QueuedRun,
     RankProcess,
+    SupervisedBackend,
     read_supervisor,
     supervisor_file,
 )
@@ -231,7 +231,7 @@ def _stable_port(run_id: str) -> int:
     return 29500 + int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % 1000
 
 
-class HostfileBackend(LocalBackend):
+class HostfileBackend(SupervisedBackend):
     """One `deepspeed --hostfile` process per run, runs one after another."""
 
     name = "hostfile"
@@ -357,5 +357,5 @@ class HostfileBackend(LocalBackend):
     def max_concurrent_runs(self, queue: list[QueuedRun]) -> int:
         return 1  # the hosts are shared by every run of the experiment: one deepspeed job at a time
 
-    def _gpu_pool(self) -> list[str]:
+    def gpu_pool(self) -> list[str]:
         return []  # GPUs are the hosts' business (DeepSpeed sets CUDA_VISIBLE_DEVICES per node)
