@@ -292,11 +292,25 @@ def _load_tokenizer(directory: Path, trust_remote_code: bool) -> Any:
     return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
 
 
+MIN_TOKENIZER_TOKENS = 32
+"""Fewer tokens than this is no real vocabulary (byte-level vocabularies alone have 256)."""
+
+
 def check_tokenizer(tokenizer: Any, template: str, arch: ArchInfo | None) -> list[tuple[str, str]]:
     """(spec key, problem) for a loaded tokenizer: eos, ids within the model's embeddings, template."""
     from launcher.data.templates import resolve_template
 
     out = []
+    if len(tokenizer) < MIN_TOKENIZER_TOKENS:  # transformers builds an empty one from a bare config
+        out.append(
+            (
+                "tokenizer",
+                f"the tokenizer has only {len(tokenizer)} tokens: its directory holds no vocabulary "
+                "(tokenizer.json, tokenizer.model or vocab files); set tokenizer.path to the directory "
+                "that holds the model's tokenizer",
+            )
+        )
+        return out
     if tokenizer.eos_token_id is None:
         out.append(
             ("tokenizer", "the tokenizer has no eos token: set eos_token in its tokenizer_config.json")
@@ -360,6 +374,18 @@ def run_preflight(
     return report
 
 
+def tokenizer_load_problem(directory: Path, exc: BaseException, tokenizer_path: str | None) -> str:
+    """Why a tokenizer does not load, with the key that fixes it: transformers' own message (e.g.
+    "Couldn't instantiate the backend tokenizer from one of: ...") never says where it looked or why."""
+    what = f"the tokenizer in {directory} does not load ({_first_line(exc)})"
+    if tokenizer_path:
+        return f"{what}; tokenizer.path must name a directory with the tokenizer's files"
+    return (
+        f"{what}; the model directory has no usable tokenizer: set tokenizer.path to the directory that "
+        "holds it (tokenizer.json, tokenizer.model or vocab files)"
+    )
+
+
 def _tokenizer_for(
     run: RunConfig,
     directory: Path | None,
@@ -380,9 +406,7 @@ def _tokenizer_for(
             loaded[cache_key] = _load_tokenizer(directory, trust)
         except Exception as exc:
             loaded[cache_key] = False
-            problems.error(
-                key, f"the tokenizer in {directory} does not load ({_first_line(exc)})", prefer_value=True
-            )
+            problems.error(key, tokenizer_load_problem(directory, exc, run.tokenizer.path), prefer_value=True)
     tokenizer = loaded[cache_key]
     checked = ("tokenizer", cache_key, run.template, arch.vocab_size if arch else None)
     if tokenizer is not False and checked not in done:
