@@ -164,6 +164,16 @@ class ExperimentPaths:
             return []
         return [RunPaths(p) for p in sorted(self.runs_dir.iterdir()) if p.is_dir()]
 
+    def run_dirs_in_plan_order(self) -> list[RunPaths]:
+        """Every run directory in plan.json's order, which is the spec's (methods, then sweep values),
+        as `plan` and `collect` show them; run dirs the plan does not name follow by name."""
+        try:
+            planned = read_json(self.plan_json).get("runs") or []
+            position = {str(run["name"]): index for index, run in enumerate(planned)}
+        except (OSError, ValueError, AttributeError, TypeError, KeyError):
+            position = {}  # no plan.json (or a damaged one): name order
+        return sorted(self.run_dirs(), key=lambda p: (position.get(p.name, len(position)), p.name))
+
 
 # The keys of result.json, in the order summary.json shows them (trainer writes, collector reads).
 RESULT_KEYS: tuple[str, ...] = (
