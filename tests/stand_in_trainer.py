@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.rundir.paths import RunPaths, RunState
+from launcher.rundir.paths import RENDEZVOUS_FILE_ENV, RunPaths, RunState
 from launcher.rundir.status import update_status
 
 STOP = {"signal": None}
@@ -51,7 +51,15 @@ def main() -> int:
     total = int(cfg["training"].get("max_steps") or 5)
     step_s = float(os.environ.get("STAND_IN_STEP_S", "0.05"))
     (run_dir / "logs").mkdir(exist_ok=True)
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+    keys = (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES",
+        RENDEZVOUS_FILE_ENV,
+    )
     env = {k: os.environ.get(k) for k in keys}
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
     env["slurm_vars"] = sorted(k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_")))

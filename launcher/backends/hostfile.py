@@ -36,6 +36,7 @@ from launcher.backends.local import (
 )
 from launcher.errors import UserError
 from launcher.rundir.paths import (
+    RENDEZVOUS_FILE_ENV,
     ExperimentPaths,
     RunPaths,
     utc_now,
@@ -337,6 +338,12 @@ class HostfileBackend(SupervisedBackend):
         port = free_port(self._ports) if _is_local_host(hosts[0].host) else None
         argv = self.command(run, paths, port)
         _write_launch_script(paths, argv)  # with the port this attempt really uses
+        rendezvous: dict[str, str] = {}
+        if run.resources.nodes == 1 and port is not None:
+            # one node, this one: rank 0 binds its own port and publishes it (every rank sees the file;
+            # ranks on other hosts would not, so multi-node keeps --master_port)
+            paths.rendezvous_port.unlink(missing_ok=True)
+            rendezvous = {RENDEZVOUS_FILE_ENV: str(paths.rendezvous_port.resolve())}
         log_path = paths.logs / DEEPSPEED_LOG
         log = open(log_path, "ab")  # noqa: SIM115 - closed by the supervisor when the launcher exits
         log.write(f"\n=== launcher hostfile: started {utc_now()} ===\n$ {shlex.join(argv)}\n".encode())
@@ -346,7 +353,7 @@ class HostfileBackend(SupervisedBackend):
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self._child_env({"PYTHONUNBUFFERED": "1", ATTEMPT_ID_ENV: uuid.uuid4().hex}),
+            env=self._child_env({"PYTHONUNBUFFERED": "1", ATTEMPT_ID_ENV: uuid.uuid4().hex, **rendezvous}),
             start_new_session=True,
         )
         info = read_supervisor(paths)
