@@ -270,6 +270,16 @@ def test_a_model_directory_without_a_tokenizer_names_tokenizer_path(
         load_and_plan(write_spec(tmp_path, bare), check_paths=True)
     problem = next(p for p in err.value.problems if "tokenizer" in p)
     assert "set tokenizer.path to the directory" in problem, problem
+    # a rank says the same (a run dir whose model directory changed since it was planned)
+    from backend_helpers import make_run
+
+    from launcher.errors import UserError
+    from launcher.spec.schema import ModelSpec
+    from launcher.train.loop import load_tokenizer
+
+    run = make_run("bare").model_copy(update={"model": ModelSpec(path=str(bare))})
+    with pytest.raises(UserError, match=r"set tokenizer\.path to the directory"):
+        load_tokenizer(run)
 
 
 def test_validate_reads_the_inputs_unless_told_not_to(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.data.tokenizers import MIN_TOKENIZER_TOKENS, empty_tokenizer_problem, tokenizer_load_problem
 from launcher.errors import UserError
 from launcher.plan.archs import ArchInfo
 from launcher.spec.schema import RunConfig
@@ -292,10 +293,6 @@ def _load_tokenizer(directory: Path, trust_remote_code: bool) -> Any:
     return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
 
 
-MIN_TOKENIZER_TOKENS = 32
-"""Fewer tokens than this is no real vocabulary (byte-level vocabularies alone have 256)."""
-
-
 def check_tokenizer(tokenizer: Any, template: str, arch: ArchInfo | None) -> list[tuple[str, str]]:
     """(spec key, problem) for a loaded tokenizer: eos, ids within the model's embeddings, template."""
     from launcher.data.templates import resolve_template
@@ -305,9 +302,7 @@ def check_tokenizer(tokenizer: Any, template: str, arch: ArchInfo | None) -> lis
         out.append(
             (
                 "tokenizer",
-                f"the tokenizer has only {len(tokenizer)} tokens: its directory holds no vocabulary "
-                "(tokenizer.json, tokenizer.model or vocab files); set tokenizer.path to the directory "
-                "that holds the model's tokenizer",
+                empty_tokenizer_problem(len(tokenizer)),
             )
         )
         return out
@@ -372,18 +367,6 @@ def run_preflight(
         _check_run_data(run, tokenizer, tokenizer_dir, problems, done, report)
     report.seconds = time.perf_counter() - started
     return report
-
-
-def tokenizer_load_problem(directory: Path, exc: BaseException, tokenizer_path: str | None) -> str:
-    """Why a tokenizer does not load, with the key that fixes it: transformers' own message (e.g.
-    "Couldn't instantiate the backend tokenizer from one of: ...") never says where it looked or why."""
-    what = f"the tokenizer in {directory} does not load ({_first_line(exc)})"
-    if tokenizer_path:
-        return f"{what}; tokenizer.path must name a directory with the tokenizer's files"
-    return (
-        f"{what}; the model directory has no usable tokenizer: set tokenizer.path to the directory that "
-        "holds it (tokenizer.json, tokenizer.model or vocab files)"
-    )
 
 
 def _tokenizer_for(
