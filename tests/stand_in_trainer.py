@@ -2,10 +2,9 @@
 
 It follows the trainer's contract (status.json through ``update_status``, metrics.jsonl, exit 0/3/1,
 SIGTERM -> checkpoint -> PREEMPTED, resume from the newest checkpoint) without torch, so backend tests
-take seconds. Knobs
-(environment): STAND_IN_STEP_S (seconds per step), STAND_IN_CRASH="RUN:RANK:STEP" (that rank raises;
-the other ranks then block as if inside a collective), and every rank records its environment in
-logs/env{RANK}.json so tests can check what the backend passed.
+take seconds. Knobs (environment): STAND_IN_STEP_S (seconds per step), STAND_IN_CRASH="RUN:RANK:STEP"
+(that rank raises; the other ranks then block as if inside a collective), and every rank records its
+environment in logs/env{RANK}.json so tests can check what the backend passed.
 """
 
 from __future__ import annotations
