@@ -66,13 +66,16 @@ def count_jobs(name: str) -> int:
 
 
 def bench_arrays(directory: Path, runs: int) -> dict[str, float]:
+    from launcher.backends.registry import get_backend
     from launcher.backends.slurm import SlurmBackend, job_name
 
     name = "bench_arrays"
     t0 = time.perf_counter()
     spec, planned, exp = plan(write_spec(directory, name, runs))
     t1 = time.perf_counter()
-    backend = SlurmBackend(spec, hold=True)  # type: ignore[arg-type]
+    backend = get_backend("slurm", spec)  # type: ignore[arg-type]
+    assert isinstance(backend, SlurmBackend)
+    backend.hold = True  # submitted held: 1,000 runs queue without running
     submitted = backend.submit(exp, planned, dry_run=False)  # type: ignore[arg-type]
     t2 = time.perf_counter()
     queued = count_jobs(job_name(name))

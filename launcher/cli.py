@@ -66,9 +66,22 @@ def _closed_pipe_raises() -> None:
     Console.on_broken_pipe = on_broken_pipe  # type: ignore[method-assign]
 
 
+def _take_late_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """KEY=VALUE overrides anywhere on the command line: argparse gives the positional list only the
+    ones before the first option (`submit spec.yaml --backend local training.max_steps=2` would
+    otherwise be "unrecognized arguments"). Anything else left over is still an error (exit 2)."""
+    if not extra:
+        return
+    late = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+    if len(late) != len(extra) or not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*(args.overrides or []), *late]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    _take_late_overrides(parser, args, extra)
     _closed_pipe_raises()
     try:
         code = int(args._run(args) or 0)

@@ -1,10 +1,10 @@
 """A tiny stand-in for `python -m launcher.train RUN_DIR`, used only by the backend tests.
 
-It follows the trainer's contract (status.json, metrics.jsonl, exit 0/3/1, SIGTERM -> checkpoint ->
-PREEMPTED, resume from the newest checkpoint) without torch, so backend tests take seconds. Knobs
-(environment): STAND_IN_STEP_S (seconds per step), STAND_IN_CRASH="RUN:RANK:STEP" (that rank raises;
-the other ranks then block as if inside a collective), and every rank records its environment in
-logs/env{RANK}.json so tests can check what the backend passed.
+It follows the trainer's contract (status.json through ``update_status``, metrics.jsonl, exit 0/3/1,
+SIGTERM -> checkpoint -> PREEMPTED, resume from the newest checkpoint) without torch, so backend tests
+take seconds. Knobs (environment): STAND_IN_STEP_S (seconds per step), STAND_IN_CRASH="RUN:RANK:STEP"
+(that rank raises; the other ranks then block as if inside a collective), and every rank records its
+environment in logs/env{RANK}.json so tests can check what the backend passed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+from launcher.rundir.paths import RENDEZVOUS_FILE_ENV, RunPaths, RunState
+from launcher.rundir.status import update_status
 
 STOP = {"signal": None}
 
@@ -32,9 +35,8 @@ def _write_json(path: Path, obj: object) -> None:
 
 
 def _status(run_dir: Path, state: str, reason: str | None = None, **extra: object) -> None:
-    _write_json(
-        run_dir / "status.json", {"state": state, "updated_at": time.time(), "reason": reason, **extra}
-    )
+    """Through the trainer's own API: merged under the status lock, like every other writer."""
+    update_status(RunPaths(run_dir), RunState(state), reason, **extra)
 
 
 def main() -> int:
@@ -48,7 +50,15 @@ def main() -> int:
     total = int(cfg["training"].get("max_steps") or 5)
     step_s = float(os.environ.get("STAND_IN_STEP_S", "0.05"))
     (run_dir / "logs").mkdir(exist_ok=True)
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+    keys = (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES",
+        RENDEZVOUS_FILE_ENV,
+    )
     env = {k: os.environ.get(k) for k in keys}
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
     env["slurm_vars"] = sorted(k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_")))

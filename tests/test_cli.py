@@ -44,6 +44,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path, command: list[str]) -> None:
     """`launcher status EXP --json | head`: the reader is gone before launcher writes (print or rich);
     no traceback, and the exit code a shell reports for SIGPIPE, not status's "a run FAILED"."""
     exp = write_runs(tmp_path / "exp", [make_run(f"r{i}") for i in range(3)])
+    update_status(exp.run("r0"), RunState.COMPLETED)  # submitted: an unsubmitted one is refused (exit 2)
     target = str(REPO / "jobs" / "demo.yaml") if command[0] == "plan" else str(exp.root)
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher", command[0], target, *command[1:]],

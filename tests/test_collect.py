@@ -204,7 +204,7 @@ def test_failed_run_reason_from_status_then_logs(tmp_path: Path) -> None:
 def test_unreadable_status_json_is_a_warning_not_a_crash(tmp_path: Path) -> None:
     exp = tmp_path / "exp"
     paths = make_run(exp, "x", result=default_result("x"))
-    paths.status_json.write_text("{oops")
+    paths.status_json.write_text("{oops")  # a corrupt status.json on purpose
     row = collect_experiment(exp, write=False).row("x")
     assert row.get("state") == "COMPLETED"  # from result.json
     assert any(w.startswith("status.json: not valid JSON") for w in row.warnings)

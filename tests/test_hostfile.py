@@ -21,7 +21,7 @@ from launcher.backends.hostfile import (
 )
 from launcher.cli import main
 from launcher.errors import UserError
-from launcher.rundir.paths import iter_jsonl, read_json
+from launcher.rundir.paths import RENDEZVOUS_FILE_ENV, iter_jsonl, read_json
 from launcher.rundir.status import read_status
 from launcher.submit.progress import RunsProgress
 
@@ -175,6 +175,8 @@ def test_real_deepspeed_launcher_runs_two_ranks_on_localhost(
     envs = [read_json(exp.run("ds").logs / f"env{r}.json") for r in (0, 1)]
     assert [e["RANK"] for e in envs] == ["0", "1"] and {e["WORLD_SIZE"] for e in envs} == {"2"}
     assert envs[0]["MASTER_ADDR"] == "127.0.0.1" and envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
+    published = str(exp.run("ds").rendezvous_port.resolve())  # one node: rank 0 binds its own port
+    assert [e[RENDEZVOUS_FILE_ENV] for e in envs] == [published, published]
     assert [m["step"] for m in iter_jsonl(exp.run("ds").metrics_jsonl)] == [1, 2, 3, 4]
     log = (exp.run("ds").logs / "deepspeed.log").read_text()
     assert "deepspeed.launcher.launch" in log

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from launcher.backends.local import PREEMPTED_EXIT_CODE, LocalBackend, job_alive, supervisor_job_id
 from launcher.errors import UserError
-from launcher.rundir.paths import ExperimentPaths, iter_jsonl, read_json
+from launcher.rundir.paths import RENDEZVOUS_FILE_ENV, ExperimentPaths, iter_jsonl, read_json
 from launcher.rundir.status import read_status
 from launcher.submit.progress import RunsProgress
 
@@ -59,6 +59,9 @@ def test_two_concurrent_runs_of_two_ranks_complete(tmp_path: Path, monkeypatch: 
         assert envs[0]["state_at_start"] == "STARTING"  # written before rank 0 could say RUNNING
         assert {e["WORLD_SIZE"] for e in envs} == {"2"}
         assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
+        # rank 0 binds its own port and publishes it here; the others read it (no EADDRINUSE race)
+        published = str(exp.run(name).rendezvous_port.resolve())
+        assert [e[RENDEZVOUS_FILE_ENV] for e in envs] == [published, published]
         assert envs[0]["slurm_vars"] == []
         assert "stand-in rank 1/2" in exp.run(name).rank_log(1).read_text()
         assert [m["step"] for m in iter_jsonl(exp.run(name).metrics_jsonl)] == [1, 2, 3, 4, 5, 6]

@@ -163,3 +163,17 @@ def test_an_override_reads_values_as_the_file_does(tmp_path: Path) -> None:
     lr = load_and_plan(plain, overrides=["training.learning_rate=1e-4"]).runs[0].training.learning_rate
     assert lr == 1e-4
     assert parse_value("[0.5, 3, true, null, '7', a b]", 1) == [0.5, 3, True, None, "7", "a b"]
+
+
+def test_null_clears_a_key_that_cannot_be_null() -> None:
+    """`methods.full.overrides=null` removes the full run's overrides (their default, none, applies), so
+    the learning rate can then be swept; a key that may be null is set to null (eval.num_samples: all)."""
+    plan = plan_with(
+        "methods.full.overrides=null",
+        "sweep.grid.training.learning_rate=[1e-4, 2e-4]",
+        "eval.num_samples=null",
+    )
+    full = {r.name: r for r in plan.runs if r.method.method == "full"}
+    assert sorted(full) == ["full-lr1e-4", "full-lr2e-4"]
+    assert [full[n].training.learning_rate for n in sorted(full)] == [1e-4, 2e-4]
+    assert all(r.eval.num_samples is None for r in plan.runs)

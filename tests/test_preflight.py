@@ -251,3 +251,48 @@ def test_missing_inputs_stay_warnings_at_plan(tmp_path: Path, cache: Path) -> No
     plan = load_and_plan(spec, preflight=True)  # planned on a laptop for the cluster: nothing to read
     assert plan.preflight is not None and plan.preflight.records == 0
     assert any("no-train.jsonl does not exist on this machine" in w for w in plan.warnings)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_a_model_directory_without_a_tokenizer_names_tokenizer_path(
+    tmp_path: Path, family_dirs: dict[str, Path], cache: Path, family: str
+) -> None:
+    """A model directory with no tokenizer files: transformers either fails without saying where to
+    look (llama3) or builds an empty tokenizer (qwen2); either way the problem names tokenizer.path."""
+    bare = tmp_path / "model-without-tokenizer"
+    bare.mkdir()
+    for source in family_dirs[family].iterdir():
+        if source.name == "config.json" or source.suffix == ".safetensors":
+            shutil.copy(source, bare / source.name)
+    (tmp_path / "train.jsonl").write_text(record(0) + "\n" + record(1) + "\n", encoding="utf-8")
+    (tmp_path / "eval.jsonl").write_text(record(2) + "\n", encoding="utf-8")
+    with pytest.raises(SpecError) as err:
+        load_and_plan(write_spec(tmp_path, bare), check_paths=True)
+    problem = next(p for p in err.value.problems if "tokenizer" in p)
+    assert "set tokenizer.path to the directory" in problem, problem
+    # a rank says the same (a run dir whose model directory changed since it was planned)
+    from backend_helpers import make_run
+
+    from launcher.errors import UserError
+    from launcher.spec.schema import ModelSpec
+    from launcher.train.loop import load_tokenizer
+
+    run = make_run("bare").model_copy(update={"model": ModelSpec(path=str(bare))})
+    with pytest.raises(UserError, match=r"set tokenizer\.path to the directory"):
+        load_tokenizer(run)
+
+
+def test_validate_reads_the_inputs_unless_told_not_to(
+    tmp_path: Path, family_dirs: dict[str, Path], cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --check-paths, validate still reads the files that are here (a broken line is found at
+    validate, not first at plan); --no-read-inputs skips that and says so."""
+    from launcher.cli import main
+
+    (tmp_path / "train.jsonl").write_text(record(0) + "\n{oops\n", encoding="utf-8")
+    (tmp_path / "eval.jsonl").write_text(record(2) + "\n", encoding="utf-8")
+    spec = write_spec(tmp_path, family_dirs["qwen2"])
+    assert main(["validate", str(spec)]) == 2
+    assert f"{tmp_path / 'train.jsonl'}:2: invalid JSON" in capsys.readouterr().err
+    assert main(["validate", str(spec), "--no-read-inputs"]) == 0
+    assert "data files not read (--no-read-inputs)" in capsys.readouterr().out

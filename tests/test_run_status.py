@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import json
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -30,15 +33,70 @@ def paths(tmp_path: Path) -> RunPaths:
     return RunPaths(tmp_path / "run")
 
 
-def test_status_json_has_one_writer() -> None:
-    """Only launcher/rundir/status.py writes status.json; every other module calls update_status."""
+# A write names the file inside a write/open call, or calls write_text/open on the path itself.
+_STATUS_WRITE = re.compile(
+    r"(write_\w+|open)\([^)]*(status_json|[\"']status\.json[\"'])"
+    r"|(status_json|[\"']status\.json[\"']\))\.(write_text|write_bytes|open)\("
+)
+DELIBERATELY_CORRUPT = "a corrupt status.json on purpose"
+"""The marker a test puts on the line that writes a broken file to test the reader (not a writer)."""
+
+
+def status_writers(root: Path) -> list[str]:
     writers = []
-    for source in LAUNCHER.rglob("*.py"):
+    for source in root.rglob("*.py"):
         text = source.read_text(encoding="utf-8")
-        for line in text.splitlines():
-            if re.search(r"(write_\w+|open)\([^)]*status_json", line):
-                writers.append(f"{source.relative_to(LAUNCHER)}: {line.strip()}")
-    assert writers and all(w.startswith("rundir/status.py") for w in writers), writers
+        for match in _STATUS_WRITE.finditer(text):  # over the whole text: a call may span lines
+            start = text.rfind("\n", 0, match.start()) + 1
+            end = text.find("\n", match.end())
+            call = text[start : end if end >= 0 else None]
+            if DELIBERATELY_CORRUPT not in call:
+                writers.append(f"{source.relative_to(root.parent)}: {' '.join(call.split())}")
+    return writers
+
+
+def test_status_json_has_one_writer() -> None:
+    """Only launcher/rundir/status.py writes status.json; every other module, and every test helper
+    (the stand-in trainer included), calls update_status."""
+    writers = status_writers(LAUNCHER) + status_writers(Path(__file__).parent)
+    assert writers and all(w.startswith("launcher/rundir/status.py") for w in writers), writers
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from launcher.rundir.paths import RunPaths, RunState
+    from launcher.rundir.status import update_status
+
+    run_dir, role, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    while not (run_dir / "go").exists():  # both writers start together
+        time.sleep(0.005)
+    for i in range(count):
+        if role == "rank0":  # the trainer's progress write
+            update_status(RunPaths(run_dir), RunState.RUNNING, step=i + 1, **{f"rank0_{i}": i})
+        else:  # `launcher cancel` on the login node
+            update_status(RunPaths(run_dir), cancel_requested=True, **{f"cancel_{i}": i})
+    """
+)
+
+
+def test_concurrent_writers_lose_nothing(paths: RunPaths) -> None:
+    """Two real processes (rank 0's progress, a login-node cancel) merge into one status.json at the
+    same time: every key either wrote is there at the end (read-merge-write runs under the lock)."""
+    count = 60
+    update_status(paths, RunState.RUNNING, job_id="7")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WRITER, str(paths.root), role, str(count)])
+        for role in ("rank0", "cancel")
+    ]
+    (paths.root / "go").touch()
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+    status = read_status(paths)
+    written = [f"{role}_{i}" for role in ("rank0", "cancel") for i in range(count)]
+    missing = [key for key in written if key not in status]
+    assert not missing, f"lost updates: {missing}"
+    assert status["cancel_requested"] is True and status["step"] == count and status["job_id"] == "7"
 
 
 def test_scheduler_keys_survive_trainer_updates(paths: RunPaths) -> None:

@@ -227,6 +227,18 @@ CASES += [
     ("negative swept seed", BASE + "sweep: {seeds: [1, -2]}\n", 14, ["sweep.seeds[1]", "greater than"]),
     ("infinite swept lr", BASE + "sweep: {grid: {training.learning_rate: [1e-4, .inf]}}\n", 14, ["finite"]),
     (
+        "key in the wrong section",
+        BASE + "learning_rate: 1e-4\n",
+        14,
+        ["did you mean training.learning_rate?"],
+    ),
+    (
+        "top-level key in a section",
+        _training("experiment: x"),
+        8,
+        ["training.experiment", "did you mean experiment (top level)?"],
+    ),
+    (
         "300-character experiment",
         BASE.replace("experiment: t", "experiment: " + "e" * 300),
         1,
@@ -321,3 +333,34 @@ def test_a_read_only_output_dir_is_found_at_validate(tmp_path: Path) -> None:
         spec.write_text(BASE + f"output_dir: {read_only}\n")
         with pytest.raises(SpecError, match=rf"output_dir: cannot write in {read_only} \(a read-only file"):
             load_and_plan(spec)
+
+
+def test_a_long_name_is_refused_cleanly_when_runs_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With runs/ on disk (after `make demo`), checking where the experiment would go used to stat a
+    300-character name: an OSError traceback instead of the name's problem."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(BASE.replace("experiment: t", "experiment: " + "e" * 300))
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "is 300 characters" in err and "Traceback" not in err
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_overrides_after_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """KEY=VALUE anywhere on the line (`validate spec.yaml --check-paths training.max_steps=2`), as
+    before the options; anything else left over is still an error."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(BASE.replace("experiment: t", f"experiment: t\noutput_dir: {tmp_path / 'runs'}"))
+    assert main(["validate", str(spec), "--no-read-inputs", "training.max_steps=2", "methods.lora.r=4"]) == 0
+    assert "with 2 override(s)" in capsys.readouterr().out
+    assert (
+        main(["validate", str(spec), "training.max_steps=2", "--no-read-inputs", "training.max_stepz=3"]) == 2
+    )
+    assert "did you mean training.max_steps?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as leftover:
+        main(["validate", str(spec), "--no-read-inputs", "stray"])
+    assert leftover.value.code == 2

@@ -12,7 +12,7 @@ from backend_helpers import make_run, write_runs
 
 from launcher.backends.base import SubmittedRun
 from launcher.cli import main
-from launcher.rundir.paths import RunState, append_jsonl
+from launcher.rundir.paths import ExperimentPaths, RunState, append_jsonl
 from launcher.rundir.status import read_status, update_status
 from launcher.submit.manifest import locked_manifest
 from launcher.submit.status_row import estimate_eta_s, merge_state, read_status_row, tail_jsonl
@@ -101,7 +101,7 @@ def test_status_cli_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture
     exp = _experiment(tmp_path)
     assert main(["status", str(exp.root), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [d["name"] for d in data] == ["done", "fresh", "orphan"]
+    assert [d["name"] for d in data] == ["done", "fresh", "orphan"]  # no plan.json: name order
     assert {d["name"]: d["state"] for d in data}["orphan"] == "PREEMPTED"
     assert main(["status", str(exp.root)]) == 0
     table = capsys.readouterr().out
@@ -179,3 +179,33 @@ def test_status_shows_slurms_pending_reason(
     assert {d["name"]: d["pending_reason"] for d in json.loads(capsys.readouterr().out)}["b"] == "Resources"
     assert main(["status", str(exp.root), "--wide"]) == 0
     assert "squeue: Priority" in capsys.readouterr().out
+
+
+def test_status_keeps_the_spec_order_and_refuses_an_unsubmitted_spec(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs in the spec's order (plan.json), as plan and collect show them, not by name; a spec whose
+    runs were never submitted gets a message and exit 2, not an empty table with exit 0."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"experiment: order\noutput_dir: {tmp_path / 'runs'}\nmodel: {{builtin: tiny-glm}}\n"
+        "data: {builtin: dialogue}\nmethods:\n  - {method: ptuning}\n  - {method: lora}\n"
+        "  - {method: freeze, trainable_layers: 1}\n"
+    )
+    assert main(["status", str(spec)]) == 2
+    assert "nothing planned or submitted yet; submit first: launcher submit" in capsys.readouterr().err
+    assert main(["plan", str(spec), "--write"]) == 0
+    assert main(["status", str(spec)]) == 2
+    assert "3 run(s) planned, none submitted" in capsys.readouterr().err
+    exp = tmp_path / "runs" / "order"
+    update_status(ExperimentPaths(exp).run("lora"), RunState.COMPLETED)
+    assert main(["status", str(spec), "--json"]) == 0
+    names = [row["name"] for row in json.loads(capsys.readouterr().out)]
+    assert names == ["ptuning", "lora", "freeze"]
+
+
+def test_collect_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = _experiment(tmp_path)
+    assert main(["collect", str(exp.root), "--json", "--no-write"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in (rows if isinstance(rows, list) else rows["rows"])][:1] == ["done"]

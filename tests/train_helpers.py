@@ -18,7 +18,14 @@ from typing import Any
 
 from launcher.backends.launch_env import free_port, torchrun_env
 from launcher.plan.dsconfig import render_ds_config
-from launcher.rundir.paths import RunPaths, RunState, iter_jsonl, write_json_atomic, write_text_atomic
+from launcher.rundir.paths import (
+    RENDEZVOUS_FILE_ENV,
+    RunPaths,
+    RunState,
+    iter_jsonl,
+    write_json_atomic,
+    write_text_atomic,
+)
 from launcher.rundir.run_config import build_run_config, resolved_resources
 from launcher.rundir.status import update_status
 from launcher.spec.schema import ClusterSpec, DataSpec, EvalSpec, ModelSpec, TokenizerSpec, TrainingSpec
@@ -135,8 +142,10 @@ def start_ranks(
     paths: RunPaths, world_size: int, extra_env: dict[str, str] | None = None
 ) -> list[subprocess.Popen[bytes]]:
     """``python -m launcher.train RUN_DIR`` once per rank, each with its own stdout file in logs/."""
-    port = free_port()
+    port = free_port()  # only a fallback: rank 0 binds its own port and publishes it (no EADDRINUSE)
     paths.logs.mkdir(parents=True, exist_ok=True)
+    paths.rendezvous_port.unlink(missing_ok=True)
+    extra_env = {RENDEZVOUS_FILE_ENV: str(paths.rendezvous_port), **(extra_env or {})}
     procs = []
     for rank in range(world_size):
         out = open(paths.logs / f"test-stdout-rank{rank}.txt", "ab")  # noqa: SIM115 - closed with the process

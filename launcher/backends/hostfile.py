@@ -28,14 +28,15 @@ from typing import TYPE_CHECKING
 
 from launcher.backends.launch_env import free_port
 from launcher.backends.local import (
-    LocalBackend,
     QueuedRun,
     RankProcess,
+    SupervisedBackend,
     read_supervisor,
     supervisor_file,
 )
 from launcher.errors import UserError
 from launcher.rundir.paths import (
+    RENDEZVOUS_FILE_ENV,
     ExperimentPaths,
     RunPaths,
     utc_now,
@@ -233,7 +234,7 @@ def _stable_port(run_id: str) -> int:
     return 29500 + int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % 1000
 
 
-class HostfileBackend(LocalBackend):
+class HostfileBackend(SupervisedBackend):
     """One `deepspeed --hostfile` process per run, runs one after another."""
 
     name = "hostfile"
@@ -341,6 +342,12 @@ class HostfileBackend(LocalBackend):
         port = free_port(self._ports) if _is_local_host(hosts[0].host) else None
         argv = self.command(run, paths, port)
         _write_launch_script(paths, argv)  # with the port this attempt really uses
+        rendezvous: dict[str, str] = {}
+        if run.resources.nodes == 1 and port is not None:
+            # one node, this one: rank 0 binds its own port and publishes it (every rank sees the file;
+            # ranks on other hosts would not, so multi-node keeps --master_port)
+            paths.rendezvous_port.unlink(missing_ok=True)
+            rendezvous = {RENDEZVOUS_FILE_ENV: str(paths.rendezvous_port.resolve())}
         log_path = paths.logs / DEEPSPEED_LOG
         log = open(log_path, "ab")  # noqa: SIM115 - closed by the supervisor when the launcher exits
         log.write(f"\n=== launcher hostfile: started {utc_now()} ===\n$ {shlex.join(argv)}\n".encode())
@@ -350,7 +357,7 @@ class HostfileBackend(LocalBackend):
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self._child_env({"PYTHONUNBUFFERED": "1", ATTEMPT_ID_ENV: uuid.uuid4().hex}),
+            env=self._child_env({"PYTHONUNBUFFERED": "1", ATTEMPT_ID_ENV: uuid.uuid4().hex, **rendezvous}),
             start_new_session=True,
         )
         info = read_supervisor(paths)
@@ -361,5 +368,5 @@ class HostfileBackend(LocalBackend):
     def max_concurrent_runs(self, queue: list[QueuedRun]) -> int:
         return 1  # the hosts are shared by every run of the experiment: one deepspeed job at a time
 
-    def _gpu_pool(self) -> list[str]:
+    def gpu_pool(self) -> list[str]:
         return []  # GPUs are the hosts' business (DeepSpeed sets CUDA_VISIBLE_DEVICES per node)

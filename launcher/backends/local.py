@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from launcher.backends.container import (
 from launcher.backends.launch_env import TORCHRUN_KEYS, free_port, torchrun_env
 from launcher.errors import UserError
 from launcher.rundir.paths import (
+    RENDEZVOUS_FILE_ENV,
     ExperimentPaths,
     RunPaths,
     RunState,
@@ -204,10 +206,14 @@ class QueuedRun:
     paths: RunPaths
 
 
-class LocalBackend:
-    """Runs queued runs on this machine with a concurrency limit; `wait()` supervises them to the end."""
+class SupervisedBackend(ABC):
+    """A backend whose runs this process starts and supervises to their end (`wait()`): a queue with
+    a concurrency limit and a GPU pool, cancel, Ctrl-C handling, failure recording. Subclasses say how
+    a run is checked and started through four hooks: ``prepare``, ``launch``, ``gpu_pool`` and
+    ``max_concurrent_runs``. LocalBackend starts the ranks itself; HostfileBackend starts one
+    `deepspeed --hostfile` launcher per run."""
 
-    name = "local"
+    name: str
 
     def __init__(
         self,
@@ -237,6 +243,27 @@ class LocalBackend:
         self._ports: set[int] = set()
         self._gpus: list[str] | None = None
 
+    # --- hooks: what a supervised backend must say -----------------------------------------------
+
+    @abstractmethod
+    def prepare(self, exp: ExperimentPaths, runs: list[RunConfig]) -> dict[str, str]:
+        """Check that every run can start (raise UserError, nothing queued, if one cannot) and write
+        what it needs before queueing; returns run name -> the command it will run (as printed)."""
+
+    @abstractmethod
+    def launch(self, queued: QueuedRun, gpus: list[str]) -> list[RankProcess]:
+        """Start one run with ``gpus`` (from ``gpu_pool``); the processes the supervisor polls. Each
+        must be in its own session, and nothing may outlive a launch that fails half-way."""
+
+    @abstractmethod
+    def gpu_pool(self) -> list[str]:
+        """The GPU ids this machine hands to runs (CUDA_VISIBLE_DEVICES values); [] when runs need
+        none from here (CPU, or the hosts assign them)."""
+
+    @abstractmethod
+    def max_concurrent_runs(self, queue: list[QueuedRun]) -> int:
+        """How many runs of ``queue`` may run at once."""
+
     # --- Backend protocol --------------------------------------------------------------------------
 
     def submit(self, exp: ExperimentPaths, runs: list[RunConfig], *, dry_run: bool) -> list[SubmittedRun]:
@@ -259,22 +286,6 @@ class LocalBackend:
                 SubmittedRun(run.name, run.run_id, self.name, job_id=job_id, command=commands[run.name])
             )
         return submitted
-
-    def prepare(self, exp: ExperimentPaths, runs: list[RunConfig]) -> dict[str, str]:
-        """Check that every run can start here; run name -> the command it will run (as printed)."""
-        gpus = self._gpu_pool()
-        for run in runs:
-            problems = container_problems(run.cluster)
-            problem = local_container_problem(run.cluster)
-            if problems or problem:
-                raise UserError("\n".join(problems or [str(problem)]) + "\nNothing was started.")
-            if gpus and run.resources.world_size > len(gpus):
-                raise UserError(
-                    f"run {run.name!r} needs {run.resources.world_size} GPUs (nodes x gpus_per_node) "
-                    f"but this machine shows {len(gpus)}; lower resources.gpus_per_node / nodes, "
-                    "or use --backend slurm"
-                )
-        return {run.name: self.describe_command(exp.run(run.name), run) for run in runs}
 
     def cancel(self, exp: ExperimentPaths, runs: list[SubmittedRun]) -> None:
         """Ask the supervisor (maybe another process) to stop these runs; SIGTERM their ranks."""
@@ -306,44 +317,6 @@ class LocalBackend:
 
     # --- commands ----------------------------------------------------------------------------------
 
-    def rank_env(self, run: RunConfig, rank: int, port: int, gpus: list[str]) -> dict[str, str]:
-        world_size = run.resources.world_size
-        threads = run.local.cpu_threads_per_rank or max(
-            1, (os.cpu_count() or 1) // max(1, world_size * run.local.max_concurrent_runs)
-        )
-        env = torchrun_env(rank, world_size, port)
-        env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-        return env
-
-    def rank_argv(self, paths: RunPaths, run: RunConfig) -> list[str]:
-        """What one rank runs: the train command (the run's interpreter, in its container) + RUN_DIR."""
-        command = self.train_command or [
-            *interpreter_argv(run.cluster, paths.root.resolve(), [run]),
-            "-u",
-            "-m",
-            "launcher.train",
-        ]
-        return [*command, str(paths.root.resolve())]
-
-    def describe_command(self, paths: RunPaths, run: RunConfig) -> str:
-        """What each rank runs (printed by --dry-run); MASTER_PORT is picked free when the run starts."""
-        lines = []
-        for rank in range(run.resources.world_size):
-            env = self.rank_env(run, rank, 0, [])
-            env["MASTER_PORT"] = "<free port>"
-            env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
-            env.update(host_env(run.cluster, [run]))
-            argv = shlex.join(self.rank_argv(paths, run))
-            lines.append(f"{env_text} {argv} > {shlex.quote(str(paths.rank_log(rank)))} 2>&1")
-        return "\n".join(lines)
-
-    def _gpu_pool(self) -> list[str]:
-        if self._gpus is None:
-            self._gpus = visible_gpus()
-        return self._gpus
-
     def _child_env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {
             k: v
@@ -352,55 +325,6 @@ class LocalBackend:
         }
         env.update(extra)
         return env
-
-    def launch(self, queued: QueuedRun, gpus: list[str]) -> list[RankProcess]:
-        """Start one run's rank processes, each in its own session (Ctrl-C reaches only the supervisor)."""
-        run, paths = queued.run, queued.paths
-        port = free_port(self._ports)
-        self._ports.add(port)
-        paths.logs.mkdir(parents=True, exist_ok=True)
-        preexec = _pdeathsig_preexec()
-        attempt = {ATTEMPT_ID_ENV: uuid.uuid4().hex}  # failure records of other launches are history
-        procs: list[RankProcess] = []
-        try:
-            for rank in range(run.resources.world_size):
-                log_path = paths.rank_log(rank)
-                # append: a resumed run keeps the earlier attempt's log; closed when the rank exits
-                log = open(log_path, "ab")  # noqa: SIM115
-                log.write(f"\n=== launcher local: rank {rank} started {utc_now()} ===\n".encode())
-                log.flush()
-                popen = subprocess.Popen(
-                    self.rank_argv(paths, run),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=self._child_env(
-                        {**self.rank_env(run, rank, port, gpus), **attempt, **host_env(run.cluster, [run])}
-                    ),
-                    start_new_session=True,
-                    preexec_fn=preexec,
-                )
-                procs.append(RankProcess(rank, popen, log_path, log))
-            info = read_supervisor(paths)
-            info.update(
-                {
-                    "supervisor_pid": os.getpid(),
-                    "rank_pids": [p.popen.pid for p in procs],
-                    "master_port": port,
-                    "gpus": gpus,
-                    "started_at": utc_now(),
-                }
-            )
-            write_json_atomic(supervisor_file(paths), info)  # `launcher cancel` finds the ranks here
-        except BaseException:
-            # Ctrl-C, a failed spawn half-way or a full disk: no rank may outlive a half-started run.
-            for proc in procs:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait()
-                proc.log.close()
-            raise
-        return procs
 
     # --- supervision -------------------------------------------------------------------------------
 
@@ -412,7 +336,7 @@ class LocalBackend:
         if not queue:
             return states
         max_concurrent = self.max_concurrent_runs(queue)
-        free_gpus = list(self._gpu_pool())
+        free_gpus = list(self.gpu_pool())
         active: list[ActiveRun] = []
         progress = self.progress_view([q.paths for q in queue], console=self.console, live=self.show_progress)
         previous_sigterm = _raise_on_sigterm()
@@ -453,7 +377,7 @@ class LocalBackend:
                 head.paths, RunState.CANCELLED, "cancelled before it started"
             )
             return False
-        need = head.run.resources.world_size if self._gpu_pool() else 0
+        need = head.run.resources.world_size if self.gpu_pool() else 0
         if need > len(free_gpus):
             return None
         gpus = free_gpus[:need]
@@ -469,11 +393,6 @@ class LocalBackend:
             states[head.run.name] = self._record(head.paths, RunState.FAILED, reason)
             return False
         return ActiveRun(head.run, head.paths, procs, gpus, time.monotonic())
-
-    def max_concurrent_runs(self, queue: list[QueuedRun]) -> int:
-        if self.spec is not None:
-            return self.spec.local.max_concurrent_runs
-        return queue[0].run.local.max_concurrent_runs
 
     def _poll(self, item: ActiveRun) -> bool:
         """Advance one run's bookkeeping; True when all its ranks have exited."""
@@ -598,6 +517,126 @@ class LocalBackend:
             reason = "not started: submit was interrupted"
             states[queued.run.name] = self._record(queued.paths, RunState.PLANNED, reason)
         out("stopped; run the same `launcher submit` again to resume from the checkpoints")
+
+
+class LocalBackend(SupervisedBackend):
+    """Runs queued runs on this machine with a concurrency limit; `wait()` supervises them to the end."""
+
+    name = "local"
+
+    def prepare(self, exp: ExperimentPaths, runs: list[RunConfig]) -> dict[str, str]:
+        """Check that every run can start here; run name -> the command it will run (as printed)."""
+        gpus = self.gpu_pool()
+        for run in runs:
+            problems = container_problems(run.cluster)
+            problem = local_container_problem(run.cluster)
+            if problems or problem:
+                raise UserError("\n".join(problems or [str(problem)]) + "\nNothing was started.")
+            if gpus and run.resources.world_size > len(gpus):
+                raise UserError(
+                    f"run {run.name!r} needs {run.resources.world_size} GPUs (nodes x gpus_per_node) "
+                    f"but this machine shows {len(gpus)}; lower resources.gpus_per_node / nodes, "
+                    "or use --backend slurm"
+                )
+        return {run.name: self.describe_command(exp.run(run.name), run) for run in runs}
+
+    def rank_env(self, run: RunConfig, rank: int, port: int, gpus: list[str]) -> dict[str, str]:
+        world_size = run.resources.world_size
+        threads = run.local.cpu_threads_per_rank or max(
+            1, (os.cpu_count() or 1) // max(1, world_size * run.local.max_concurrent_runs)
+        )
+        env = torchrun_env(rank, world_size, port)
+        env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        return env
+
+    def rank_argv(self, paths: RunPaths, run: RunConfig) -> list[str]:
+        """What one rank runs: the train command (the run's interpreter, in its container) + RUN_DIR."""
+        command = self.train_command or [
+            *interpreter_argv(run.cluster, paths.root.resolve(), [run]),
+            "-u",
+            "-m",
+            "launcher.train",
+        ]
+        return [*command, str(paths.root.resolve())]
+
+    def describe_command(self, paths: RunPaths, run: RunConfig) -> str:
+        """What each rank runs (printed by --dry-run); MASTER_PORT is picked free when the run starts."""
+        lines = []
+        for rank in range(run.resources.world_size):
+            env = self.rank_env(run, rank, 0, [])
+            env["MASTER_PORT"] = "<free port>"
+            env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
+            env.update(host_env(run.cluster, [run]))
+            argv = shlex.join(self.rank_argv(paths, run))
+            lines.append(f"{env_text} {argv} > {shlex.quote(str(paths.rank_log(rank)))} 2>&1")
+        return "\n".join(lines)
+
+    def gpu_pool(self) -> list[str]:
+        if self._gpus is None:
+            self._gpus = visible_gpus()
+        return self._gpus
+
+    def launch(self, queued: QueuedRun, gpus: list[str]) -> list[RankProcess]:
+        """Start one run's rank processes, each in its own session (Ctrl-C reaches only the supervisor)."""
+        run, paths = queued.run, queued.paths
+        port = free_port(self._ports)
+        self._ports.add(port)
+        paths.logs.mkdir(parents=True, exist_ok=True)
+        # rank 0 binds its own port and publishes it here (MASTER_PORT stays as a fallback for trainers
+        # that don't read it); an earlier attempt's port is stale
+        paths.rendezvous_port.unlink(missing_ok=True)
+        preexec = _pdeathsig_preexec()
+        attempt = {
+            ATTEMPT_ID_ENV: uuid.uuid4().hex,  # failure records of other launches are history
+            RENDEZVOUS_FILE_ENV: str(paths.rendezvous_port.resolve()),
+        }
+        procs: list[RankProcess] = []
+        try:
+            for rank in range(run.resources.world_size):
+                log_path = paths.rank_log(rank)
+                # append: a resumed run keeps the earlier attempt's log; closed when the rank exits
+                log = open(log_path, "ab")  # noqa: SIM115
+                log.write(f"\n=== launcher local: rank {rank} started {utc_now()} ===\n".encode())
+                log.flush()
+                popen = subprocess.Popen(
+                    self.rank_argv(paths, run),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self._child_env(
+                        {**self.rank_env(run, rank, port, gpus), **attempt, **host_env(run.cluster, [run])}
+                    ),
+                    start_new_session=True,
+                    preexec_fn=preexec,
+                )
+                procs.append(RankProcess(rank, popen, log_path, log))
+            info = read_supervisor(paths)
+            info.update(
+                {
+                    "supervisor_pid": os.getpid(),
+                    "rank_pids": [p.popen.pid for p in procs],
+                    "master_port": port,
+                    "gpus": gpus,
+                    "started_at": utc_now(),
+                }
+            )
+            write_json_atomic(supervisor_file(paths), info)  # `launcher cancel` finds the ranks here
+        except BaseException:
+            # Ctrl-C, a failed spawn half-way or a full disk: no rank may outlive a half-started run.
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+                proc.log.close()
+            raise
+        return procs
+
+    def max_concurrent_runs(self, queue: list[QueuedRun]) -> int:
+        if self.spec is not None:
+            return self.spec.local.max_concurrent_runs
+        return queue[0].run.local.max_concurrent_runs
 
 
 class _Terminated(KeyboardInterrupt):

@@ -31,6 +31,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--format", choices=FORMATS, default="table", help="what to print (files are always written)"
     )
     parser.add_argument(
+        "--json",
+        dest="format",
+        action="store_const",
+        const="json",
+        help="print the rows as JSON (same as --format json; as plan --json and status --json)",
+    )
+    parser.add_argument(
         "--sort",
         metavar="KEY",
         help="sort the printed rows by a summary.json key, e.g. --sort bleu, or --sort=-bleu for descending",

@@ -7,7 +7,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from launcher.rundir.paths import RunState
+from launcher.errors import UserError
+from launcher.rundir.paths import ExperimentPaths, RunState
 
 if TYPE_CHECKING:
     from launcher.submit.status_row import StatusRow
@@ -32,6 +33,22 @@ def exit_code(rows: list[StatusRow]) -> int:
     return FAILED_EXIT_CODE if any(r.state == RunState.FAILED.value for r in rows) else 0
 
 
+def _refuse_unsubmitted(exp: ExperimentPaths, given: str) -> None:
+    """An experiment nothing of which was submitted has no status to show: say so (exit 2) rather
+    than print an empty or all-PLANNED table that reads as "all is well"."""
+    from launcher.rundir.status import read_status
+    from launcher.submit.manifest import load_manifest
+
+    run_dirs = exp.run_dirs()
+    if load_manifest(exp).entries or any(
+        read_status(paths).get("state") != RunState.PLANNED.value for paths in run_dirs
+    ):
+        return
+    planned = len(run_dirs)
+    what = f"{planned} run(s) planned, none submitted" if planned else "nothing planned or submitted"
+    raise UserError(f"{exp.root}: {what} yet; submit first: launcher submit {given}")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
@@ -41,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from launcher.submit.status_view import STATUS_COLUMNS, collect_rows, render_table, resolve_experiment
 
     exp = resolve_experiment(args.experiment)
+    _refuse_unsubmitted(exp, args.experiment)
     if args.json:
         rows = collect_rows(exp)
         print(json.dumps([row.to_json() for row in rows], indent=2))

@@ -36,6 +36,7 @@ from launcher.data.templates import (
     named_tools_refusal,
     resolve_template,
 )
+from launcher.data.tokenizers import MIN_TOKENIZER_TOKENS, empty_tokenizer_problem, tokenizer_load_problem
 from launcher.errors import UserError
 from launcher.plan.archs import ArchInfo
 from launcher.rundir.paths import write_json_atomic
@@ -297,6 +298,14 @@ def _load_tokenizer(directory: Path, trust_remote_code: bool) -> Any:
 def check_tokenizer(tokenizer: Any, template: str, arch: ArchInfo | None) -> list[tuple[str, str]]:
     """(spec key, problem) for a loaded tokenizer: eos, ids within the model's embeddings, template."""
     out = []
+    if len(tokenizer) < MIN_TOKENIZER_TOKENS:  # transformers builds an empty one from a bare config
+        out.append(
+            (
+                "tokenizer",
+                empty_tokenizer_problem(len(tokenizer)),
+            )
+        )
+        return out
     if tokenizer.eos_token_id is None:
         out.append(
             ("tokenizer", "the tokenizer has no eos token: set eos_token in its tokenizer_config.json")
@@ -380,9 +389,7 @@ def _tokenizer_for(
             loaded[cache_key] = _load_tokenizer(directory, trust)
         except Exception as exc:
             loaded[cache_key] = False
-            problems.error(
-                key, f"the tokenizer in {directory} does not load ({_first_line(exc)})", prefer_value=True
-            )
+            problems.error(key, tokenizer_load_problem(directory, exc, run.tokenizer.path), prefer_value=True)
     tokenizer = loaded[cache_key]
     checked = ("tokenizer", cache_key, run.template, arch.vocab_size if arch else None)
     if tokenizer is not False and checked not in done:

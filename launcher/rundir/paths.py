@@ -21,6 +21,11 @@ from typing import Any
 
 from launcher.errors import DiskFullError
 
+RENDEZVOUS_FILE_ENV = "LAUNCHER_RENDEZVOUS_FILE"
+"""Set by a single-node launcher (the local backend): rank 0's store binds a port the OS picks and
+writes it to this file, the other ranks read it there. No port is picked before the bind, so
+concurrent launches on one node cannot take each other's port (EADDRINUSE)."""
+
 
 class RunState(str, Enum):
     PLANNED = "PLANNED"
@@ -97,6 +102,11 @@ class RunPaths:
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
 
+    @property
+    def rendezvous_port(self) -> Path:
+        """Where rank 0 of a single-node launch publishes the port its store bound (RENDEZVOUS_FILE_ENV)."""
+        return self.logs / "rendezvous_port"
+
 
 def experiment_dir(output_dir: str, experiment: str) -> Path:
     """``<output_dir>/<experiment>``, absolute; a relative output_dir is relative to the current
@@ -159,6 +169,16 @@ class ExperimentPaths:
         if not self.runs_dir.is_dir():
             return []
         return [RunPaths(p) for p in sorted(self.runs_dir.iterdir()) if p.is_dir()]
+
+    def run_dirs_in_plan_order(self) -> list[RunPaths]:
+        """Every run directory in plan.json's order, which is the spec's (methods, then sweep values),
+        as `plan` and `collect` show them; run dirs the plan does not name follow by name."""
+        try:
+            planned = read_json(self.plan_json).get("runs") or []
+            position = {str(run["name"]): index for index, run in enumerate(planned)}
+        except (OSError, ValueError, AttributeError, TypeError, KeyError):
+            position = {}  # no plan.json (or a damaged one): name order
+        return sorted(self.run_dirs(), key=lambda p: (position.get(p.name, len(position)), p.name))
 
 
 # The keys of result.json, in the order summary.json shows them (trainer writes, collector reads).

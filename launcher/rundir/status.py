@@ -2,7 +2,9 @@
 
 Every process that records a run's state calls :func:`update_status`: the trainer's ranks, the Slurm
 task, the local/hostfile supervisor, submit, cancel and the planner. Each call reads the current file,
-merges by the policy below and writes the result atomically. The policy (docs/run_directory.md):
+merges by the policy below and writes the result atomically, all under the run dir's
+``.status.json.lock`` (a file lock): a cancel request written on the login node while rank 0 writes
+its progress is merged, never lost. The policy (docs/run_directory.md):
 
 - **States.** COMPLETED is never left: once a run has completed, later writes merge their keys but
   the state stays COMPLETED (a completed run is only redone in a fresh run dir, `submit --force`).
@@ -26,13 +28,17 @@ their peers vanish.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from launcher.errors import DiskFullError
 from launcher.rundir.paths import RunPaths, RunState, read_json, to_json, utc_now, write_json_atomic
@@ -106,11 +112,42 @@ def merge_status(
     return {"state": new_state.value, "updated_at": utc_now(), "reason": reason, **kept, **fields}
 
 
+STATUS_LOCK_NAME = ".status.json.lock"
+
+
+@contextlib.contextmanager
+def status_lock(paths: RunPaths) -> Iterator[None]:
+    """Hold the run's status lock: read-merge-write sequences of all processes run one at a time.
+
+    Re-entrant within a process (``is_singleton``: one lock object per path), so a caller that reads
+    the status to decide what to write may hold it around ``update_status``. A lock file that cannot
+    be created on a full or read-only disk is skipped: recording the failure matters more then."""
+    lock = FileLock(paths.root / STATUS_LOCK_NAME, is_singleton=True)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        if exc.errno not in (*DiskFullError.ERRNOS, errno.EROFS):
+            raise
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def update_status(
     paths: RunPaths, state: RunState | None = None, reason: str | None = None, **fields: Any
 ) -> dict[str, Any]:
-    """Merge ``state``, ``reason`` and ``fields`` into status.json (policy: module docstring); returns
-    what was written. A new run dir (no status.json yet) starts from nothing."""
+    """Merge ``state``, ``reason`` and ``fields`` into status.json under the status lock (policy:
+    module docstring); returns what was written. A new run dir (no status.json yet) starts from nothing."""
+    with status_lock(paths):
+        return _merge_and_write(paths, state, reason, fields)
+
+
+def _merge_and_write(
+    paths: RunPaths, state: RunState | None, reason: str | None, fields: dict[str, Any]
+) -> dict[str, Any]:
     current = read_status(paths) if paths.status_json.exists() else {"state": RunState.PLANNED.value}
     payload = merge_status(current, state, reason, **fields)
     try:
@@ -215,10 +252,11 @@ def record_failure(paths: RunPaths, rank: int, reason: str) -> FailureRecord | N
         with contextlib.suppress(OSError):  # a full disk: status.json below still gets the reason
             write_json_atomic(path, asdict(mine))
     first = min([*_attempt_failures(paths, attempt), mine], key=lambda r: r.at)
-    status = read_status(paths)
-    if status.get("cancel_requested"):
-        kept = f"; checkpoint kept at step {status['step']}" if status.get("step") else ""
-        update_status(paths, RunState.CANCELLED, f"cancelled by the user{kept}")
-    else:
-        update_status(paths, RunState.FAILED, first.reason, failed_rank=first.rank)
+    with status_lock(paths):  # a cancel request arriving between the read and the write is not missed
+        status = read_status(paths)
+        if status.get("cancel_requested"):
+            kept = f"; checkpoint kept at step {status['step']}" if status.get("step") else ""
+            update_status(paths, RunState.CANCELLED, f"cancelled by the user{kept}")
+        else:
+            update_status(paths, RunState.FAILED, first.reason, failed_rank=first.rank)
     return first

@@ -120,6 +120,19 @@ def model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
     return None
 
 
+def key_homes(key: str, model: type[BaseModel] = JobSpec, prefix: tuple[str, ...] = ()) -> list[str]:
+    """Every dotted path of the spec's sections (not list entries such as methods) that ends in
+    ``key``: a key written in the wrong section gets its section ("did you mean training.learning_rate?")."""
+    homes = []
+    for name, field in model.model_fields.items():
+        if name == key:
+            homes.append(".".join((*prefix, name)) if prefix else f"{name} (top level)")
+        for member in _members(field.annotation):
+            if isinstance(member, type) and issubclass(member, BaseModel) and len(prefix) < 3:
+                homes += key_homes(key, member, (*prefix, name))
+    return homes
+
+
 # --- translating pydantic errors -------------------------------------------------------------------
 
 
@@ -234,7 +247,9 @@ def _report(
         parent = model_at(loc[:-1])
         fields = list(parent.model_fields) if parent else []
         key = path[-1] if path else missing
-        hint = did_you_mean(str(key), fields)
+        here = ".".join(str(p) for p in path[:-1] if isinstance(p, str))
+        homes = [home for home in key_homes(str(key)) if home.rpartition(".")[0] != here]
+        hint = f"; did you mean {' or '.join(homes[:2])}?" if homes else did_you_mean(str(key), fields)
         valid = f" (valid keys: {', '.join(fields)})" if fields else ""
         problems.error(path or [missing], f"unknown key '{key}'{hint}{valid}")
         return
@@ -544,11 +559,17 @@ def _check_logging(spec: JobSpec, problems: Problems) -> None:
 def _check_output_dir(spec: JobSpec, problems: Problems, knowledge: InputKnowledge) -> None:
     """The experiment directory must be creatable and writable here: found at validate, not as a
     traceback at `plan --write` or submit. Relative output_dir: relative to the current directory."""
+    if len(spec.experiment) > MAX_NAME_CHARS:
+        return  # reported by _check_names; statting such a path fails (ENAMETOOLONG)
     target = knowledge.experiment_dir(spec.output_dir, spec.experiment)
     existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     where = problems.first_present(("output_dir",), ("experiment",))
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as exc:  # a name longer than the file system allows (found once the parent exists)
+        problems.error(where, f"{target} cannot be created here ({exc.strerror}); use a shorter name")
+        return
     if not existing.is_dir():
         problems.error(where, f"{existing} is a file, so {target} cannot be created; change output_dir")
     elif not os.access(existing, os.W_OK | os.X_OK):

@@ -9,7 +9,8 @@ at it: ``<override 2>: training.learnin_rate: unknown key 'learnin_rate'; did yo
 - Where the spec holds a mapping with free keys, the rest of the key is one key of it:
   ``sweep.grid.training.learning_rate=[1e-4,2e-4]``, ``methods.full.overrides.training.learning_rate=5e-4``,
   ``cluster.extra_sbatch.reservation=llm``.
-- A value is YAML, read like the file (``1e-4`` is a number, ``[a, b]`` a list, ``null`` clears, an
+- A value is YAML, read like the file (``1e-4`` is a number, ``[a, b]`` a list, ``null`` clears: a
+  key that cannot be null is removed so its default applies, e.g. ``methods.full.overrides=null``; an
   empty value is null); a whole section can be replaced (``resources=auto``).
 """
 
@@ -59,8 +60,9 @@ def _is(tp: Any, container: type) -> bool:
     return any(typing.get_origin(m) is container for m in _members(tp))
 
 
-def resolve_key(data: dict[str, Any], key: str) -> KeyPath:
-    """The data path a dotted override key names (methods by name; free-key mappings take the rest)."""
+def resolve_key(data: dict[str, Any], key: str) -> tuple[KeyPath, Any]:
+    """The data path a dotted override key names (methods by name; free-key mappings take the rest),
+    and the type the schema gives the value there (None where the schema cannot tell)."""
     parts = key.split(".")
     if not all(parts):
         raise OverrideError(f"{key!r} is not a dotted key (an empty part)")
@@ -100,13 +102,13 @@ def resolve_key(data: dict[str, Any], key: str) -> KeyPath:
             path.append(part)
         elif _is(tp, dict):
             path.append(".".join(parts[i:]))  # free keys (sweep axes, extra_sbatch...): the rest is one key
-            return tuple(path)
+            return tuple(path), None
         else:
             raise OverrideError(
                 f"{done} is a single value (or a list), not a section: set it whole, e.g. {done}=[a, b]"
             )
         i += 1
-    return tuple(path)
+    return tuple(path), tp
 
 
 def _set(data: dict[str, Any], path: KeyPath, value: Any) -> None:
@@ -118,6 +120,21 @@ def _set(data: dict[str, Any], path: KeyPath, value: Any) -> None:
             node[part] = child
         node = child
     node[path[-1]] = value
+
+
+def _accepts_null(tp: Any) -> bool:
+    return tp is None or any(member is type(None) or member is Any for member in _members(tp))
+
+
+def _clear(data: dict[str, Any], path: KeyPath) -> None:
+    """Remove ``path`` from the data (absent parents: nothing to remove)."""
+    node: Any = data
+    for part in path[:-1]:
+        node = node[part] if isinstance(part, int) and isinstance(node, list) else (node or {}).get(part)
+        if not isinstance(node, dict | list):
+            return
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
 
 
 def _forget(source: SourceMap, path: KeyPath, where: Mark) -> None:
@@ -152,7 +169,7 @@ def apply_overrides(
             )
             continue
         try:
-            path = resolve_key(data, key)
+            path, value_type = resolve_key(data, key)
             value = parse_value(raw, number)
         except OverrideError as exc:
             problems.errors.append(f"{here}: {key}: {exc}")
@@ -164,6 +181,9 @@ def apply_overrides(
             problems.errors.append(f"{here}: {key}: given twice (also {origin(seen[path])}); keep one")
             continue
         seen[path] = number
-        _set(data, path, value)
+        if value is None and not _accepts_null(value_type):
+            _clear(data, path)  # null clears: the key goes and the schema's default applies
+        else:
+            _set(data, path, value)
         _forget(source, path, Mark(1, 1, origin=here))
     return data

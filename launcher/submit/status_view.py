@@ -74,11 +74,11 @@ def query_live_states(
 
 
 def collect_rows(exp: ExperimentPaths, *, live: bool = True) -> list[StatusRow]:
-    """A row for every run directory (submitted or not), in name order."""
+    """A row for every run directory (submitted or not), in the spec's order (as plan and collect)."""
     manifest = load_manifest(exp)
     live_states = query_live_states(manifest) if live else {}
     rows = []
-    for paths in exp.run_dirs():
+    for paths in exp.run_dirs_in_plan_order():
         found = manifest.by_name(paths.name)
         entry = found[1] if found else None
         rows.append(

@@ -5,16 +5,27 @@ Sources, first match wins:
    (it reads SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and the first host of the node list for us);
 2. torchrun / the DeepSpeed launcher: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
 3. a single process (rank 0 of 1) - a laptop run.
+
+The rendezvous port: a port picked free by the launcher can be taken by another process before rank 0
+binds it (EADDRINUSE on a busy node). So rank 0 binds port 0 itself (the OS picks a free one, nothing
+can take it in between) whenever the other ranks can learn it: always for one rank, and for a
+single-node launch that names a rendezvous file (``RENDEZVOUS_FILE_ENV``), where rank 0 publishes it.
+Multi-node jobs (Slurm, hostfile, torchrun) keep the env:// rendezvous at MASTER_ADDR:MASTER_PORT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Literal
 
 import torch
+
+from launcher.rundir.paths import RENDEZVOUS_FILE_ENV
 
 DIST_TIMEOUT_ENV = "LAUNCHER_DIST_TIMEOUT_S"
 DEFAULT_DIST_TIMEOUT_S = 600.0
@@ -64,7 +75,7 @@ def detect_dist_env() -> DistEnv:
     # there is no port to choose beforehand and none to lose to another process in between.
     return DistEnv(
         rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=0, source="single"
-    )
+    )  # port 0: the store binds whatever port the OS picks (create_process_group)
 
 
 def dist_timeout_s() -> float:
@@ -94,11 +105,63 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def _publish_port(path: Path, port: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(str(port))
+    os.replace(tmp, path)  # atomic: a reader never sees half a number
+
+
+def _published_port(path: Path, timeout_s: float) -> int:
+    """The port rank 0 published (it may still be loading torch: wait for it, up to the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int(path.read_text())
+        time.sleep(0.05)
+    raise TimeoutError(f"rank 0 did not publish its rendezvous port in {path} within {timeout_s:.0f} s")
+
+
+def _own_port_store(env: DistEnv, timeout: timedelta) -> torch.distributed.TCPStore | None:
+    """The rendezvous store on a port rank 0 bound itself, or None where the ranks cannot learn it
+    (multi-node: env:// at MASTER_ADDR:MASTER_PORT)."""
+    published = os.environ.get(RENDEZVOUS_FILE_ENV)
+    if env.world_size > 1 and not published:
+        return None
+    if env.rank == 0:
+        store = torch.distributed.TCPStore(
+            env.master_addr, 0, env.world_size, is_master=True, timeout=timeout, wait_for_workers=False
+        )
+        if published:
+            _publish_port(Path(published), store.port)
+        return store
+    port = _published_port(Path(str(published)), timeout.total_seconds())
+    return torch.distributed.TCPStore(env.master_addr, port, env.world_size, is_master=False, timeout=timeout)
+
+
+def create_process_group(env: DistEnv) -> None:
+    """The torch process group, with the rendezvous above; MASTER_PORT then names the port in use."""
+    if torch.distributed.is_initialized():
+        return
+    timeout = timedelta(seconds=dist_timeout_s())
+    store = _own_port_store(env, timeout)
+    if store is None:
+        torch.distributed.init_process_group(
+            backend_name(), init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout
+        )
+        return
+    os.environ["MASTER_PORT"] = str(store.port)
+    torch.distributed.init_process_group(
+        backend_name(), store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
+    )
+
+
 def init_distributed(env: DistEnv) -> None:
-    """Export the env:// variables DeepSpeed reads and create the process group (also for 1 rank:
-    DeepSpeed needs one)."""
+    """Export the env:// variables DeepSpeed reads, create the process group (also for 1 rank:
+    DeepSpeed needs one) and hand it to DeepSpeed, which wraps an existing group."""
     import deepspeed
 
+    if torch.distributed.is_initialized():
+        return
     os.environ.update(
         {
             "RANK": str(env.rank),
@@ -108,8 +171,7 @@ def init_distributed(env: DistEnv) -> None:
             "MASTER_PORT": str(env.master_port),
         }
     )
-    if torch.distributed.is_initialized():
-        return
+    create_process_group(env)
     deepspeed.init_distributed(
         dist_backend=backend_name(),
         auto_mpi_discovery=False,

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from launcher.data.tokenizers import MIN_TOKENIZER_TOKENS, empty_tokenizer_problem, tokenizer_load_problem
+from launcher.errors import UserError
 from launcher.rundir.paths import RunPaths, RunState, append_jsonl, iter_jsonl, to_json, write_text_atomic
 from launcher.rundir.run_config import RunConfig
 from launcher.rundir.status import failure_reason, record_failure, update_status
@@ -77,7 +79,15 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     from launcher.train.data import resolve_model_dir
 
     tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.path else resolve_model_dir(cfg.model)
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(tokenizer_dir), trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(tokenizer_load_problem(tokenizer_dir, exc, cfg.tokenizer.path)) from exc
+    if len(tokenizer) < MIN_TOKENIZER_TOKENS:
+        raise UserError(empty_tokenizer_problem(len(tokenizer)))
+    return tokenizer
 
 
 @contextlib.contextmanager
