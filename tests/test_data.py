@@ -98,12 +98,23 @@ def test_oldest_whole_turns_are_dropped_first(tokenizer: Any, kept: int) -> None
         )
 
 
-def test_query_alone_too_long_loses_its_beginning(tokenizer: Any) -> None:
+def test_query_alone_too_long_keeps_its_start_by_default(tokenizer: Any) -> None:
     query = "请重复这句话：小猫在河边睡觉。" * 5 + "我的宠物叫什么名字？"
     ex = Example("long", HISTORY, query, "好的。")
     enc = encode_for_training(ex, tokenizer, "chatglm", 40, 16)
     source = _source_text(tokenizer, enc)
-    assert enc.truncated and enc.source_len <= 40
+    assert enc.truncated and enc.query_cut and enc.source_len <= 40
+    assert source.startswith("[Round 0]\n问：请重复这句话：")  # template and the start of the query kept
+    assert source.endswith("\n答：") and "我的宠物" not in source  # the generation prompt stays
+    assert source.count("[Round") == 1  # history gone
+
+
+def test_query_alone_too_long_keeps_its_end_when_asked(tokenizer: Any) -> None:
+    query = "请重复这句话：小猫在河边睡觉。" * 5 + "我的宠物叫什么名字？"
+    ex = Example("long", HISTORY, query, "好的。")
+    enc = encode_for_training(ex, tokenizer, "chatglm", 40, 16, query_truncation="keep_end")
+    source = _source_text(tokenizer, enc)
+    assert enc.truncated and enc.query_cut and enc.source_len <= 40
     assert source.startswith("[Round 0]\n问：")  # template kept, history gone
     assert source.endswith("。我的宠物叫什么名字？\n答：")  # the end of the question survives
     assert HISTORY[-1][0] not in source
@@ -261,7 +272,7 @@ def test_resolve_paths(tmp_path: Path, tiny_model_dir: Path) -> None:
         resolve_data_files(
             DataSpec(train_file=str(tmp_path / "t.jsonl"), eval_file=str(tmp_path / "e.jsonl"))
         )
-    with pytest.raises(UserError, match="both train_file and eval_file"):
+    with pytest.raises(UserError, match="train_file with eval_file or eval_split"):
         resolve_data_files(DataSpec(train_file=str(tmp_path / "t.jsonl")))
     train, evals = resolve_data_files(DataSpec(builtin="spo"))
     assert train.name == "train.jsonl" and evals.is_file()

@@ -165,6 +165,7 @@ def test_every_method_completes_on_the_family(
 ) -> None:
     from transformers import AutoTokenizer
 
+    from launcher.data.templates import model_type_of, resolve_template
     from launcher.rundir.run_config import RunConfig
     from launcher.train.data import Example, encode_prompt, load_examples, resolve_data_files
 
@@ -181,7 +182,8 @@ def test_every_method_completes_on_the_family(
         cfg = RunConfig.from_yaml_file(paths.run_yaml)
         query = load_examples(resolve_data_files(cfg.data)[1], cfg.data.format)[0].query
         original = AutoTokenizer.from_pretrained(cfg.model.path)
-        trained = encode_prompt(Example("e", [], query, ""), original, cfg.template, 4096)
+        template = resolve_template(cfg.template, original, model_type_of(Path(cfg.model.path)))
+        trained = encode_prompt(Example("e", [], query, ""), original, template, 4096)
         exported = AutoTokenizer.from_pretrained(paths.final)
         messages = [{"role": "user", "content": query}]
         assert (

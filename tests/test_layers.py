@@ -80,6 +80,9 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     # collector job, which submitit pickles by reference. Imported inside the task (torch, matplotlib).
     ("launcher.backends.slurm_task", "launcher.train.entry"): "the Slurm task's rank entrypoint",
     ("launcher.backends.slurm_task", "launcher.collect"): "the Slurm collector job",
+    # The plan's truncation shares and eval set must be the rank's own, so it runs the rank's encoding
+    # (imported inside a function, only when the data is on this machine).
+    ("launcher.plan.data_facts", "launcher.train.data"): "the plan encodes the data as the rank does",
 }
 
 TOP_LEVEL_MODULES_MAX = 6

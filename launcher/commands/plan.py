@@ -54,6 +54,16 @@ def _batch(row: dict[str, Any]) -> str:
     return f"{micro}x{accum}x{row['world_size']}={row['train_batch_size']}"
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _eval_set(row: dict[str, Any]) -> str:
+    text = row.get("eval_set") or "-"
+    overlap = row.get("eval_overlap")
+    return f"{text}\n{overlap} in train!" if overlap else text
+
+
 # Priorities pick what a narrow terminal shows (launcher.fit_table): the run, whether it fits, the
 # estimate and the layout first.
 PLAN_COLUMNS: tuple[Column[dict[str, Any]], ...] = (
@@ -68,6 +78,11 @@ PLAN_COLUMNS: tuple[Column[dict[str, Any]], ...] = (
     Column("est GiB/GPU", lambda r: f"{r['est_mem_gib']:.1f}", right=True, priority=1),
     Column("smi GiB", lambda r: f"{r['est_reserved_gib'] or 0:.1f}", right=True, priority=4),
     Column("fits", lambda r: "yes" if r["fits"] else "NO", priority=ALWAYS),
+    # what the model sees (launcher.plan.data_facts); "-" where the data or tokenizer is elsewhere
+    Column("template", lambda r: r["template_used"], priority=4, wrap=True),
+    Column("trunc", lambda r: _share(r.get("truncated_frac")), right=True, priority=5),
+    Column("query cut", lambda r: _share(r.get("query_cut_frac")), right=True, priority=5),
+    Column("eval set", _eval_set, priority=6, wrap=True),
 )
 
 
@@ -81,7 +96,8 @@ def print_table(rows: list[dict[str, Any]], title: str, gpu_mem_gib: float, *, w
         wide=wide,
         title=title,
         caption=f"est GiB/GPU: allocated tensors; smi GiB: reserved + CUDA context (nvidia-smi), "
-        f"checked against cluster.gpu_mem_gib = {gpu_mem_gib:g}",
+        f"checked against cluster.gpu_mem_gib = {gpu_mem_gib:g}; trunc: training examples truncated, "
+        "query cut: their current query cut too (data.query_truncation)",
     )
 
 

@@ -20,6 +20,7 @@ names the record (file:line), the key and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ class Example:
     user turn and its last assistant turn (as text), for eval."""
     tools: list[dict[str, Any]] | None = field(default=None, kw_only=True)
     """The functions offered to the model (rendered by the chat template's ``tools``)."""
+    other_references: tuple[str, ...] = field(default=(), kw_only=True)
+    """Further correct answers of an eval example (BLEU scores against all of them); training learns
+    ``response``, the first one."""
 
 
 class RecordProblem(ValueError):
@@ -129,13 +133,15 @@ def parse_record(
     system = _optional_text(record, cols, "system")
     if fmt == "chatglm":
         history = _pairs(record, cols)
-        prompt, response = _text(record, cols, "prompt", fmt), _text(record, cols, "response", fmt)
-        return Example(ex_id, history, prompt, response, system=system)
+        response, others = _answers(record, cols, "response", fmt)
+        prompt = _text(record, cols, "prompt", fmt)
+        return Example(ex_id, history, prompt, response, system=system, other_references=others)
     if fmt == "alpaca":
         instruction = _text(record, cols, "instruction", fmt)
         extra = _optional_text(record, cols, "input")
         query = f"{instruction}\n{extra}" if extra else instruction
-        return Example(ex_id, _pairs(record, cols), query, _text(record, cols, "output", fmt), system=system)
+        response, others = _answers(record, cols, "output", fmt)
+        return Example(ex_id, _pairs(record, cols), query, response, system=system, other_references=others)
     list_field = "conversations" if fmt == "sharegpt" else "messages"
     key = cols.label(list_field)
     turns = record.get(cols.key(list_field))
@@ -151,8 +157,30 @@ def parse_record(
             raise RecordProblem(f"{key}[0]", f"a system message and a {cols.label('system')!r} key: keep one")
         system = messages.pop(0)[1]["content"]
     if tools or any(m["role"] == "tool" or m.get("tool_calls") for _, m in messages):
-        return _tool_conversation(ex_id, system, messages, key, tools)
-    return _conversation(ex_id, system, [(i, m["role"], m["content"]) for i, m in messages], key)
+        example = _tool_conversation(ex_id, system, messages, key, tools)
+    else:
+        example = _conversation(ex_id, system, [(i, m["role"], m["content"]) for i, m in messages], key)
+    listed = record.get("references")
+    if listed is None:
+        return example
+    if not (isinstance(listed, list) and all(isinstance(r, str) for r in listed)):
+        raise RecordProblem(
+            "references", "must be a list of strings (answers besides the last assistant turn)"
+        )
+    return dataclasses.replace(example, other_references=tuple(listed))
+
+
+def _answers(record: dict[str, Any], cols: Columns, field_name: str, fmt: str) -> tuple[str, tuple[str, ...]]:
+    """(the answer learned, further references): the field holds a string, or a non-empty list of
+    strings (several correct answers of an eval example; training learns the first)."""
+    value = record.get(cols.key(field_name))
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise RecordProblem(
+                cols.label(field_name), "a list of references must be a non-empty list of strings"
+            )
+        return value[0], tuple(value[1:])
+    return _text(record, cols, field_name, fmt), ()
 
 
 def _text(record: dict[str, Any], cols: Columns, field_name: str, fmt: str) -> str:

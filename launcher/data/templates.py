@@ -1,7 +1,9 @@
 """Prompt templates: how a conversation (system, earlier turns, the query, the answer) becomes text and ids.
 
 A spec's ``template`` is one of:
-- ``auto`` (the default): the tokenizer's own chat template when it has one, else ``chatglm``;
+- ``auto`` (the default): the tokenizer's own chat template when it has one; without one, ``chatglm``
+  for a ChatGLM/GLM model (``model_type`` glm or chatglm: the built-in model) and the neutral ``plain``
+  layout for every other model (a Qwen2 or Llama base must not learn ChatGLM's Chinese layout);
 - ``tokenizer``: the tokenizer's chat template, rendered by ``tokenizer.apply_chat_template`` (an error
   when the tokenizer has none);
 - a named template below, or a custom string containing ``{query}`` (and optionally ``{history}``,
@@ -22,10 +24,12 @@ export's ``apply_chat_template`` renders exactly what training saw.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
@@ -35,7 +39,11 @@ HISTORY = "{history}"
 AUTO = "auto"
 TOKENIZER = "tokenizer"
 FALLBACK = "chatglm"
-"""What ``auto`` means for a tokenizer without a chat template (the built-in tiny model's case)."""
+"""What ``auto`` means for a ChatGLM/GLM model whose tokenizer has no chat template (the built-in model)."""
+NEUTRAL = "plain"
+"""What ``auto`` means for any other model whose tokenizer has no chat template."""
+CHATGLM_MODEL_TYPES = ("chatglm", "glm")
+"""config.json ``model_type`` values of the ChatGLM family, whose own scripts use ChatGLM's layout."""
 _PLACEHOLDER = re.compile(r"\{(i|q|a|query|history)\}")
 
 Message = dict[str, Any]
@@ -188,11 +196,30 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def resolve_template(spec: str, tokenizer: Any) -> str:
-    """``auto`` -> ``tokenizer`` when the tokenizer has a chat template, else the fallback; the others
-    stay as they are (``tokenizer`` without a chat template is a UserError)."""
+def auto_fallback(model_type: str | None) -> str:
+    """The named template ``auto`` takes for a tokenizer without a chat template: ChatGLM's layout
+    only for a ChatGLM/GLM model (None: not known, the built-in model's callers), else ``plain``."""
+    if model_type is None or model_type in CHATGLM_MODEL_TYPES:
+        return FALLBACK
+    return NEUTRAL
+
+
+def model_type_of(model_dir: Path | None) -> str | None:
+    """``model_type`` from a model directory's config.json (None when it cannot be read)."""
+    if model_dir is None:
+        return None
+    try:
+        value = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def resolve_template(spec: str, tokenizer: Any, model_type: str | None = None) -> str:
+    """``auto`` -> ``tokenizer`` when the tokenizer has a chat template, else ``auto_fallback``; the
+    others stay as they are (``tokenizer`` without a chat template is a UserError)."""
     if spec == AUTO:
-        return TOKENIZER if has_chat_template(tokenizer) else FALLBACK
+        return TOKENIZER if has_chat_template(tokenizer) else auto_fallback(model_type)
     if spec == TOKENIZER and not has_chat_template(tokenizer):
         raise UserError(
             "template: tokenizer, but the tokenizer has no chat template (no chat_template in its "
@@ -202,6 +229,17 @@ def resolve_template(spec: str, tokenizer: Any) -> str:
     if spec != TOKENIZER:
         get_template(spec)
     return spec
+
+
+def template_used(spec: str, resolved: str) -> str:
+    """What result.json, the plan and the rank log record as ``template_used``: ``tokenizer`` (its
+    chat template), a named template, or ``custom:<hash>``; ``auto`` says what it chose and why."""
+    name = resolved
+    if resolved not in (TOKENIZER, *TEMPLATE_NAMES):
+        name = "custom:" + hashlib.sha256(resolved.encode("utf-8")).hexdigest()[:8]
+    if spec == AUTO and resolved != TOKENIZER:
+        return f"{name} (auto: the tokenizer has no chat template)"
+    return name
 
 
 def conversation(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from launcher.plan.archs import (
     short_module_names,
     tiny_glm_arch,
 )
+from launcher.plan.data_facts import DataFacts, run_data_facts
 from launcher.plan.dsconfig import batch_sizes, render_ds_config
 from launcher.plan.input_knowledge import INPUT_KNOWLEDGE
 from launcher.plan.memory_model import LayoutError, param_layout
@@ -84,6 +85,8 @@ class Plan:
     """The command line's KEY=VALUE overrides applied to the file."""
     effective: dict[str, Any] | None = None
     """The spec data with the overrides applied (what <experiment>/spec.yaml records); None: the file."""
+    data_facts: dict[str, DataFacts] = field(default_factory=dict)
+    """Run name -> template used, truncation and eval-set facts (runs whose data is on this machine)."""
 
     @property
     def exp(self) -> ExperimentPaths:
@@ -91,7 +94,10 @@ class Plan:
 
     def rows(self) -> list[dict[str, Any]]:
         """Every run as ``launcher plan --json`` prints it."""
-        return [plan_row(run, self.archs[run.name]) for run in self.runs]
+        return [
+            {**plan_row(run, self.archs[run.name]), **facts_row(run, self.data_facts.get(run.name))}
+            for run in self.runs
+        ]
 
 
 def load_and_plan(
@@ -122,11 +128,14 @@ def load_and_plan(
     runs: list[RunConfig] = []
     archs: dict[str, ArchInfo] = {}
     report = None
+    facts: dict[str, DataFacts] = {}
     if not problems.errors:  # planning a spec with known problems would only repeat them
         runs, archs = plan_runs(spec, spec_path, problems)
     if (check_paths if preflight is None else preflight) and not problems.errors:
         # the inputs themselves: weights against the config, the tokenizer, every data record rendered
         report = run_preflight(runs, archs, problems)
+        if not problems.errors:  # what the model will see: template, truncation, the eval set
+            facts = run_data_facts(runs, problems)
     problems.raise_if_errors()
     return Plan(
         spec=spec,
@@ -137,6 +146,7 @@ def load_and_plan(
         preflight=report,
         overrides=tuple(overrides),
         effective=data if overrides else None,
+        data_facts=facts,
     )
 
 
@@ -431,6 +441,18 @@ def lora_targets(run: RunConfig, arch: ArchInfo) -> list[str] | None:
     if not isinstance(run.method, LoraMethod):
         return None
     return short_module_names(lin.name for lin in arch.lora_linears(run.method.target_modules))
+
+
+def facts_row(run: RunConfig, facts: DataFacts | None) -> dict[str, Any]:
+    """The plan's data columns of one run: known facts, else what the spec alone says."""
+    if facts is not None:
+        return asdict(facts)
+    from launcher.data.templates import AUTO, template_used
+
+    known = "auto (resolved by the rank)"
+    if run.template != AUTO:
+        known = template_used(run.template, run.template)
+    return asdict(DataFacts(template_used=known))
 
 
 def plan_row(run: RunConfig, arch: ArchInfo) -> dict[str, Any]:

@@ -328,17 +328,7 @@ def _check_model_data(spec: JobSpec, problems: Problems, knowledge: InputKnowled
             f"unknown architecture {m.arch!r}; bundled: {', '.join(names)}{did_you_mean(m.arch, names)}",
             prefer_value=True,
         )
-    d = spec.data
-    files = (d.train_file, d.eval_file)
-    if d.builtin is not None and any(files):
-        problems.error(("data", "builtin"), "set either builtin or train_file + eval_file, not both")
-    elif d.builtin is None:
-        if not any(files):
-            problems.error(("data",), "set builtin (dialogue, spo) or both train_file and eval_file")
-        elif d.train_file is None:
-            problems.error(("data", "train_file"), "missing: eval_file is set, train_file is needed too")
-        elif d.eval_file is None:
-            problems.error(("data", "eval_file"), "missing: train_file is set, eval_file is needed too")
+    _check_data_files(spec, problems)
     try:
         knowledge.check_template(spec.template)
     except UserError as exc:
@@ -507,6 +497,33 @@ def _check_sweep(spec: JobSpec, problems: Problems, knowledge: InputKnowledge) -
             _check_dotted_value(spec, key, value, where, problems, knowledge)
 
 
+def _check_data_files(spec: JobSpec, problems: Problems) -> None:
+    """builtin, or train_file with eval_file or eval_split; eval_file and eval_split exclude each other."""
+    d = spec.data
+    files = (d.train_file, d.eval_file)
+    if d.eval_split is not None and d.eval_file is not None:
+        problems.error(
+            ("data", "eval_split"),
+            "set either eval_file or eval_split (held out of train_file), not both",
+            prefer_value=True,
+        )
+    if d.builtin is not None and any(files):
+        problems.error(("data", "builtin"), "set either builtin or train_file + eval_file, not both")
+    elif d.builtin is None:
+        if not any(files):
+            problems.error(
+                ("data",), "set builtin (dialogue, spo), or train_file with eval_file or eval_split"
+            )
+        elif d.train_file is None:
+            problems.error(("data", "train_file"), "missing: eval_file is set, train_file is needed too")
+        elif d.eval_file is None and d.eval_split is None:
+            problems.error(
+                ("data", "eval_file"),
+                "missing: train_file is set; give an eval_file, or hold part of train_file out with "
+                "eval_split: 0.1 (a fraction) or eval_split: 200 (a count)",
+            )
+
+
 def resolve_path(value: str | None, base_dir: Path) -> str | None:
     """A spec path made absolute against the spec file's directory (``~`` expanded)."""
     if value is None:
@@ -548,6 +565,23 @@ def _check_paths(
                 f"{resolved} {what} on this machine (a Hugging Face model directory)",
                 prefer_value=True,
             )
+
+
+def _check_eval_is_not_train(spec: JobSpec, base_dir: Path, problems: Problems) -> None:
+    """The same path for training and eval is an error unless allowed (the pre-flight also compares
+    contents and counts overlapping examples when the files are on this machine)."""
+    d = spec.data
+    train, evaluation = resolve_path(d.train_file, base_dir), resolve_path(d.eval_file, base_dir)
+    if train is None or evaluation is None or d.allow_eval_overlap:
+        return
+    if Path(train).resolve() == Path(evaluation).resolve():
+        problems.error(
+            ("data", "eval_file"),
+            f"the eval file is the training file ({evaluation}): every eval example was trained on, so eval "
+            "loss and BLEU would measure memory; hold part of it out with data.eval_split: 0.1 (a fraction "
+            "or a count) instead of data.eval_file, or set data.allow_eval_overlap: true if this is intended",
+            prefer_value=True,
+        )
 
 
 def _check_logging(spec: JobSpec, problems: Problems) -> None:
@@ -599,6 +633,7 @@ def check_spec(
     _check_methods(spec, problems)
     _check_sweep(spec, problems, knowledge)
     _check_paths(spec, spec_path.resolve().parent, problems, check_paths, knowledge)
+    _check_eval_is_not_train(spec, spec_path.resolve().parent, problems)
     _check_logging(spec, problems)
 
 

@@ -79,6 +79,14 @@ class DataSpec(StrictModel):
     """Use only the first N training records."""
     max_eval_examples: int | None = Field(default=None, ge=1)
     """Use only the first N eval records."""
+    eval_split: Annotated[float, Field(gt=0, lt=1)] | Annotated[int, Field(ge=1)] | None = None
+    """Hold out a FRACTION (0 < f < 1) or a COUNT of the training file as the eval set (then no
+    eval_file). Chosen by the file's content hash, so every run of an experiment gets the same one."""
+    allow_eval_overlap: bool = False
+    """Accept eval_file = train_file (an error otherwise); overlap is reported either way."""
+    query_truncation: Literal["keep_start", "keep_end"] = "keep_start"
+    """When the current query alone exceeds max_source_length: keep its start (the instruction, as
+    ChatGLM's scripts do) or its end."""
 
 
 class TrainingSpec(StrictModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import shutil
+import sys
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -229,6 +230,8 @@ def submit_spec(
         if not console.is_terminal:  # piped / CI log: don't fold the tables into 80 columns
             console = Console(width=240)
     plan = load_and_plan(spec_path, check_paths=True, overrides=overrides)
+    for warning in plan.warnings:  # e.g. an eval set overlapping the training set, with counts
+        print(f"warning: {warning}", file=sys.stderr)
     selected = select_runs(plan.runs, only)
     exp = plan.exp
     if backend is None:

@@ -11,15 +11,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def sentence_bleu4_chatglm(prediction: str, reference: str) -> float:
-    """One example's character BLEU-4 x100, rounded like ChatGLM's script."""
+def sentence_bleu4_chatglm(prediction: str, reference: str | Sequence[str]) -> float:
+    """One example's character BLEU-4 x100, rounded like ChatGLM's script (several references: nltk's
+    multi-reference sentence BLEU)."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-    score = sentence_bleu([list(reference)], list(prediction), smoothing_function=SmoothingFunction().method3)
+    refs = [reference] if isinstance(reference, str) else list(reference)
+    smoothing = SmoothingFunction().method3
+    score = sentence_bleu([list(r) for r in refs], list(prediction), smoothing_function=smoothing)
     return round(float(score) * 100, 4)
 
 
-def bleu4_chatglm(predictions: Sequence[str], references: Sequence[str]) -> float:
+def bleu4_chatglm(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     """Mean of the per-example scores (0.0 for no examples)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")

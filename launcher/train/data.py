@@ -2,10 +2,13 @@
 (launcher.data.templates), tokenize with the history-truncation rule and the label mask, pad per batch, and
 order batches deterministically across ranks.
 
-Truncation rule: when the rendered source is longer than ``max_source_length``, whole history turns are
-dropped, OLDEST first; the current query is never cut unless it alone does not fit, in which case its
-BEGINNING is cut (the end of a question usually holds the actual ask). Either case marks the example
-``truncated``. A system message is never dropped.
+Truncation rule (the README states the same): when the rendered source is longer than
+``max_source_length``, whole history turns are dropped, OLDEST first; the current query is cut only when
+it alone does not fit. Then, by default (``data.query_truncation: keep_start``), its START is kept and
+its end cut, as ChatGLM's own scripts keep the start of the prompt: an alpaca-style record keeps its
+instruction. ``keep_end`` keeps the end instead. The query is cut as text and rendered again, so the
+template's generation prompt (``答：``, ``<|im_start|>assistant``) always stays. Either case marks the
+example ``truncated``; a cut query also marks it ``query_cut``. A system message is never dropped.
 
 Labels: only the assistant's tokens are learned, i.e. the answer and its end-of-turn token. With a chat
 template they are found by rendering the prompt (``add_generation_prompt``) and the conversation with
@@ -48,6 +51,8 @@ class Encoded:
     truncated: bool
     """True when history turns were dropped or the query was cut to fit ``max_source_length``."""
     source_len: int = 0
+    query_cut: bool = False
+    """True when the current query itself was cut (it alone did not fit)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -98,22 +103,42 @@ def train_on_for(train_on: str | None, fmt: str) -> str:
     return "all" if fmt in CONVERSATION_FORMATS else "last"
 
 
-def resolve_data_files(data: DataSpec) -> tuple[Path, Path]:
-    """(train, eval) files: the built-in set (generated once into the cache) or the spec's files."""
+def resolve_data_files(data: DataSpec) -> tuple[Path, Path | None]:
+    """(train, eval) files: the built-in set (generated once into the cache) or the spec's files; eval
+    is None with ``data.eval_split`` (held out of the training file)."""
     if data.builtin is not None:
         from launcher.builtins.demo_data import ensure_builtin_data
 
-        return ensure_builtin_data(data.builtin)
-    if data.train_file is None or data.eval_file is None:
-        raise UserError("data: set either builtin (dialogue, spo) or both train_file and eval_file")
+        train, evaluation = ensure_builtin_data(data.builtin)
+        return train, None if data.eval_split is not None else evaluation
+    if data.train_file is None or (data.eval_file is None and data.eval_split is None):
+        raise UserError("data: set builtin (dialogue, spo), or train_file with eval_file or eval_split")
     from launcher.data.records import data_file_problem
 
+    if data.eval_file is None:
+        train_only = Path(data.train_file)
+        problem = data_file_problem(train_only)
+        if problem is not None:
+            raise UserError(f"data.train_file: {problem} (paths are relative to the spec file)")
+        return train_only, None
     files = (Path(data.train_file), Path(data.eval_file))
     for key, path in zip(("data.train_file", "data.eval_file"), files, strict=True):
         problem = data_file_problem(path)
         if problem is not None:
             raise UserError(f"{key}: {problem} (paths are relative to the spec file)")
     return files
+
+
+def with_resolved_template(cfg: RunConfig, tokenizer: Any) -> tuple[RunConfig, str]:
+    """(the run's config with ``template: auto`` replaced by what it means for this model and tokenizer,
+    ``template_used`` as result.json and the plan record it). Without a chat template, ``auto`` is
+    ChatGLM's layout only for a ChatGLM/GLM model, else ``plain`` (launcher.data.templates)."""
+    from launcher.data.templates import model_type_of, resolve_template, template_used
+
+    model_type = model_type_of(resolve_model_dir(cfg.model))
+    resolved = resolve_template(cfg.template, tokenizer, model_type)
+    used = template_used(cfg.template, resolved)
+    return (cfg if resolved == cfg.template else cfg.model_copy(update={"template": resolved})), used
 
 
 def resolve_model_dir(model: ModelSpec) -> Path:
@@ -144,13 +169,24 @@ class _Source:
     history: list[tuple[str, str]]
     """The turns kept (the newest ones)."""
     query: str
-    """The query as rendered (its beginning cut when it alone did not fit)."""
+    """The query as rendered (cut when it alone did not fit)."""
     truncated: bool
     rendered: bool = True
     """False when even the cut query did not fit and the ids are the rendering's tail."""
+    query_cut: bool = False
 
 
-def _encode_source(ex: Example, fmt: ChatFormat, budget: float) -> _Source:
+QUERY_TRUNCATION: tuple[str, ...] = ("keep_start", "keep_end")
+
+
+def _cut_query(query: str, keep: int, query_truncation: str) -> str:
+    """The query with ``keep`` of its characters: its start (``keep_start``) or its end."""
+    return query[:keep] if query_truncation == "keep_start" else query[len(query) - keep :]
+
+
+def _encode_source(
+    ex: Example, fmt: ChatFormat, budget: float, query_truncation: str = "keep_start"
+) -> _Source:
     history = list(ex.history)
 
     def render(turns: list[tuple[str, str]], query: str) -> list[int]:
@@ -169,20 +205,25 @@ def _encode_source(ex: Example, fmt: ChatFormat, budget: float) -> _Source:
             else:
                 lo = mid + 1
         return _Source(render(history[lo:], ex.query), history[lo:], ex.query, True)
-    # Even the query alone is too long: cut its beginning (binary search on characters to drop).
-    query = ex.query
-    lo, hi = 1, len(query)
+    # Even the query alone is too long: keep the most characters that fit (binary search), from its
+    # start or its end (query_truncation).
+    if query_truncation not in QUERY_TRUNCATION:
+        raise UserError(
+            f"unknown data.query_truncation {query_truncation!r}: use one of {', '.join(QUERY_TRUNCATION)}"
+        )
+    lo, hi = 0, len(ex.query) - 1
     while lo < hi:
-        mid = (lo + hi) // 2
-        if len(render([], query[mid:])) <= budget:
-            hi = mid
+        mid = (lo + hi + 1) // 2
+        if len(render([], _cut_query(ex.query, mid, query_truncation))) <= budget:
+            lo = mid
         else:
-            lo = mid + 1
-    ids = render([], query[lo:])
+            hi = mid - 1
+    query = _cut_query(ex.query, lo, query_truncation)
+    ids = render([], query)
     if len(ids) <= budget:
-        return _Source(ids, [], query[lo:], True)
+        return _Source(ids, [], query, True, query_cut=True)
     # the template itself does not fit: keep the end, where the answer starts
-    return _Source(ids[len(ids) - int(budget) :], [], query[lo:], True, rendered=False)
+    return _Source(ids[len(ids) - int(budget) :], [], query, True, rendered=False, query_cut=True)
 
 
 def _answer(ex: Example, fmt: ChatFormat, source: _Source) -> tuple[list[int], int]:
@@ -210,14 +251,18 @@ def _answer(ex: Example, fmt: ChatFormat, source: _Source) -> tuple[list[int], i
 
 
 def encode_prompt(
-    ex: Example, tokenizer: Any, template: str | ChatFormat, max_source_length: int
+    ex: Example,
+    tokenizer: Any,
+    template: str | ChatFormat,
+    max_source_length: int,
+    query_truncation: str = "keep_start",
 ) -> list[int]:
     """Source token ids for generation (same rendering and truncation as training)."""
     fmt = _format(template, tokenizer)
     if ex.messages is not None:  # a tool conversation: everything before its last assistant turn
         ids = fmt.ids(ex.messages[:-1], add_generation_prompt=True, tools=ex.tools)
         return ids[-max_source_length:]
-    return _encode_source(ex, fmt, max_source_length).ids
+    return _encode_source(ex, fmt, max_source_length, query_truncation).ids
 
 
 def _encode_tool_conversation(ex: Example, fmt: ChatFormat, limit: int, train_on: str) -> list[Encoded]:
@@ -251,26 +296,32 @@ def _encode_tool_conversation(ex: Example, fmt: ChatFormat, limit: int, train_on
 
 
 def _encode_last(
-    ex: Example, fmt: ChatFormat, max_source_length: int, max_target_length: int, max_length: int | None
+    ex: Example,
+    fmt: ChatFormat,
+    max_source_length: int,
+    max_target_length: int,
+    max_length: int | None,
+    query_truncation: str = "keep_start",
 ) -> tuple[Encoded, _Source]:
     """The response learned after the (truncated) source; the source's budget is ``max_source_length``,
     less what ``max_length`` leaves after the target."""
     budget = max_source_length
     if max_length is None:
-        source = _encode_source(ex, fmt, budget)
+        source = _encode_source(ex, fmt, budget, query_truncation)
         answer, eot = _answer(ex, fmt, source)
     else:  # the target's length sets the source's budget: measure it on the whole conversation first
         whole = _encode_source(ex, fmt, math.inf)
         answer, eot = _answer(ex, fmt, whole)
         target_len = min(len(answer), max_target_length, max_length - 2) + 1  # >= 1 source token
         budget = max(1, min(budget, max_length - target_len))
-        source = whole if len(whole.ids) <= budget else _encode_source(ex, fmt, budget)
+        source = whole if len(whole.ids) <= budget else _encode_source(ex, fmt, budget, query_truncation)
         if source is not whole and fmt.uses_chat_template:  # the kept turns may render the answer anew
             answer, eot = _answer(ex, fmt, source)
         answer = answer[: max(0, max_length - len(source.ids) - 1)]
     target = [*answer[:max_target_length], eot]
     labels = [IGNORE_INDEX] * len(source.ids) + target
-    return Encoded(source.ids + target, labels, source.truncated, len(source.ids)), source
+    encoded = Encoded(source.ids + target, labels, source.truncated, len(source.ids), source.query_cut)
+    return encoded, source
 
 
 def encode_for_training(
@@ -281,6 +332,7 @@ def encode_for_training(
     max_target_length: int,
     *,
     max_length: int | None = None,
+    query_truncation: str = "keep_start",
 ) -> Encoded:
     """Source (truncated by the history rule) + response (cut to ``max_target_length``) + its
     end-of-turn token; only the response and that token are labelled.
@@ -289,7 +341,7 @@ def encode_for_training(
     rather than the response being cut.
     """
     fmt = _format(template, tokenizer)
-    return _encode_last(ex, fmt, max_source_length, max_target_length, max_length)[0]
+    return _encode_last(ex, fmt, max_source_length, max_target_length, max_length, query_truncation)[0]
 
 
 def _history_spans(ex: Example, fmt: ChatFormat, source: _Source) -> list[tuple[int, int]] | None:
@@ -330,6 +382,7 @@ def encode_example(
     *,
     max_length: int | None = None,
     train_on: str = "last",
+    query_truncation: str = "keep_start",
 ) -> list[Encoded]:
     """The training sequences of one example: ``last`` learns the response only (one sequence);
     ``all`` also learns every earlier assistant turn that survives truncation."""
@@ -339,7 +392,7 @@ def encode_example(
     if ex.messages is not None:
         limit = max_length or max_source_length + max_target_length
         return _encode_tool_conversation(ex, fmt, limit, train_on)
-    enc, source = _encode_last(ex, fmt, max_source_length, max_target_length, max_length)
+    enc, source = _encode_last(ex, fmt, max_source_length, max_target_length, max_length, query_truncation)
     if train_on == "last" or not source.history:
         return [enc]
     spans = _history_spans(ex, fmt, source)
@@ -352,6 +405,7 @@ def encode_example(
                 max_source_length,
                 max_target_length,
                 max_length,
+                query_truncation,
             )[0]
             for j, (q, a) in enumerate(turns)
         ]
@@ -359,6 +413,65 @@ def encode_example(
     for start, end in spans:
         enc.labels[start:end] = enc.input_ids[start:end]
     return [enc]
+
+
+@dataclass
+class DataSets:
+    """A run's training and eval examples, as the spec's data section defines them."""
+
+    train: list[Example]
+    eval: list[Example]
+    train_format: str
+    eval_format: str
+    overlapping: int
+    """Eval examples whose prompt and response are also in the training set."""
+    same_file: bool
+    """The eval file is the training file (same path or content)."""
+
+
+def load_datasets(data: DataSpec) -> DataSets:
+    """Train and eval examples: the eval file's, or ``eval_split`` held out of the training file (by its
+    content hash, the same for every run); then the first ``max_train_examples`` /
+    ``max_eval_examples``. The same file for both is a UserError unless ``allow_eval_overlap``."""
+    from launcher.data import eval_set
+
+    train_path, eval_path = resolve_data_files(data)
+    train, train_format = load_data(train_path, data.format)
+    if eval_path is None:
+        assert data.eval_split is not None
+        train, held_out = eval_set.split_eval(train, data.eval_split, eval_set.content_hash(train_path))
+        eval_format, same = train_format, False
+    else:
+        held_out, eval_format = load_data(eval_path, data.format)
+        same = eval_set.same_file(train_path, eval_path)
+        if same and not data.allow_eval_overlap:
+            raise UserError(
+                f"data.eval_file: {eval_path} is the training file {train_path}; {eval_set.SAME_FILE_FIX}"
+            )
+    train, held_out = train[: data.max_train_examples], held_out[: data.max_eval_examples]
+    overlapping = eval_set.overlap_count(train, held_out)
+    return DataSets(train, held_out, train_format, eval_format, overlapping, same)
+
+
+def encode_examples(examples: Sequence[Example], fmt: str, cfg: RunConfig, tokenizer: Any) -> list[Encoded]:
+    """The training sequences of a run's examples (``fmt``: their file's format, for ``train_on``)."""
+    train_on = train_on_for(cfg.data.train_on, fmt)
+    chat = chat_format(cfg.template, tokenizer)
+    t = cfg.training
+    return [
+        enc
+        for ex in examples
+        for enc in encode_example(
+            ex,
+            tokenizer,
+            chat,
+            t.max_source_length,
+            t.max_target_length,
+            max_length=t.max_length,
+            train_on=train_on,
+            query_truncation=cfg.data.query_truncation,
+        )
+    ]
 
 
 def load_and_encode(
@@ -381,6 +494,7 @@ def load_and_encode(
             t.max_target_length,
             max_length=t.max_length,
             train_on=train_on,
+            query_truncation=cfg.data.query_truncation,
         )
     ]
     return examples, features
@@ -389,6 +503,11 @@ def load_and_encode(
 def truncated_fraction(encoded: Sequence[Encoded]) -> float:
     """Share of examples whose source was cut (history dropped or query shortened)."""
     return sum(e.truncated for e in encoded) / len(encoded) if encoded else 0.0
+
+
+def query_cut_fraction(encoded: Sequence[Encoded]) -> float:
+    """Share of examples whose current query itself was cut (it alone exceeded the source budget)."""
+    return sum(e.query_cut for e in encoded) / len(encoded) if encoded else 0.0
 
 
 def collate(features: Sequence[Encoded | dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

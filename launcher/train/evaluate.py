@@ -205,13 +205,17 @@ def generate_samples(
     """
     from transformers import GenerationConfig
 
+    from launcher.data.eval_set import references_of
     from launcher.data.templates import chat_format
     from launcher.train.data import encode_prompt
 
     module = unwrap(model)
     limit = cfg.eval.num_samples
     chosen = list(examples[:limit] if limit is not None else examples)
-    prompts = [encode_prompt(ex, tokenizer, cfg.template, cfg.training.max_source_length) for ex in chosen]
+    prompts = [
+        encode_prompt(ex, tokenizer, cfg.template, cfg.training.max_source_length, cfg.data.query_truncation)
+        for ex in chosen
+    ]
     device = _device_of(model, module)
     zero3 = is_zero3_partitioned(module)
     mine, total = shard_batches([len(p) for p in prompts], cfg.eval.batch_size, rank, world_size)
@@ -290,6 +294,7 @@ def generate_samples(
             "id": ex.id,
             "prompt": tokenizer.decode(prompts[i], skip_special_tokens=True),
             "reference": ex.response,
+            **({"references": references_of(ex)} if len(references_of(ex)) > 1 else {}),
             "prediction": predictions[i],
         }
         for i, ex in enumerate(chosen)
@@ -307,10 +312,25 @@ def _gather_to_rank0(results: list[tuple[int, str]], rank: int, world_size: int)
 # --- scores ------------------------------------------------------------------------------------
 
 
+def sample_references(sample: dict[str, Any]) -> list[str]:
+    """Every reference of a sample: ``references`` (an eval record with several), else ``reference``."""
+    refs = sample.get("references")
+    return [str(r) for r in refs] if isinstance(refs, list) and refs else [str(sample["reference"])]
+
+
+def reference_streams(samples: Sequence[dict[str, Any]]) -> list[list[str | None]]:
+    """sacrebleu's multi-reference layout: stream k holds every sample's k-th reference (None where a
+    sample has fewer, which sacrebleu skips)."""
+    per_sample = [sample_references(s) for s in samples]
+    width = max(len(refs) for refs in per_sample)
+    return [[refs[k] if k < len(refs) else None for refs in per_sample] for k in range(width)]
+
+
 def bleu_scores(
     samples: Sequence[dict[str, Any]], tokenize: str = "zh", *, chatglm_bleu4: bool = True
 ) -> dict[str, Any]:
-    """Corpus BLEU (sacrebleu, ``tokenize``), chrF, and ChatGLM's character BLEU-4 (see bleu_chatglm)."""
+    """Corpus BLEU (sacrebleu, ``tokenize``), chrF, and ChatGLM's character BLEU-4 (see bleu_chatglm),
+    each against every reference of a sample (sacrebleu's multi-reference scoring; nltk's for BLEU-4)."""
     from sacrebleu.metrics import BLEU, CHRF
 
     from launcher.train.bleu_chatglm import bleu4_chatglm
@@ -318,9 +338,11 @@ def bleu_scores(
     if not samples:
         return {"bleu": None, "chrf": None, "bleu4_chatglm": None}
     hyps = [str(s["prediction"]) for s in samples]
-    refs = [str(s["reference"]) for s in samples]
+    streams: Any = reference_streams(samples)
     return {
-        "bleu": float(BLEU(tokenize=tokenize).corpus_score(hyps, [refs]).score),
-        "chrf": float(CHRF().corpus_score(hyps, [refs]).score),
-        "bleu4_chatglm": bleu4_chatglm(hyps, refs) if chatglm_bleu4 else None,
+        "bleu": float(BLEU(tokenize=tokenize).corpus_score(hyps, streams).score),
+        "chrf": float(CHRF().corpus_score(hyps, streams).score),
+        "bleu4_chatglm": (
+            bleu4_chatglm(hyps, [sample_references(s) for s in samples]) if chatglm_bleu4 else None
+        ),
     }

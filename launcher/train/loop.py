@@ -63,6 +63,8 @@ class TrainData:
     """``BatchOrder`` over the training features for this rank."""
     pad_token_id: int
     truncated_frac: float
+    query_cut_frac: float
+    eval_set_hash: str
     make_batch: Callable[[Any], tuple[dict[str, torch.Tensor], int]]
     """One batch of ``order`` as tensors, and its number of real (non-pad) tokens."""
 
@@ -150,17 +152,23 @@ def cast_added_params(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
 
 def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
+    from launcher.data.eval_set import eval_set_hash
     from launcher.train.data import (
         BatchOrder,
         collate,
-        load_and_encode,
-        resolve_data_files,
+        encode_examples,
+        load_datasets,
+        query_cut_fraction,
         truncated_fraction,
     )
 
-    train_path, eval_path = resolve_data_files(cfg.data)
-    _, train_features = load_and_encode(train_path, cfg, tokenizer, cfg.data.max_train_examples)
-    eval_examples, eval_features = load_and_encode(eval_path, cfg, tokenizer, cfg.data.max_eval_examples)
+    sets = load_datasets(cfg.data)
+    if sets.overlapping:
+        log.warning(
+            "eval data: %d of %d eval examples are training examples too", sets.overlapping, len(sets.eval)
+        )
+    train_features = encode_examples(sets.train, sets.train_format, cfg, tokenizer)
+    eval_examples, eval_features = sets.eval, encode_examples(sets.eval, sets.eval_format, cfg, tokenizer)
     t = cfg.training
     order = BatchOrder(
         lengths=[len(f.input_ids) for f in train_features],
@@ -196,6 +204,8 @@ def build_data(cfg: RunConfig, tokenizer: Any, env: DistEnv) -> TrainData:
         order=order,
         pad_token_id=int(pad_id),
         truncated_frac=truncated_fraction(train_features),
+        query_cut_frac=query_cut_fraction(train_features),
+        eval_set_hash=eval_set_hash(eval_examples),
         make_batch=make_batch,
     )
 
@@ -254,6 +264,7 @@ def run_training(
 
     from launcher.data.templates import chat_format
     from launcher.train.adapters import apply_method
+    from launcher.train.data import with_resolved_template
     from launcher.train.evaluate import bleu_scores, eval_loss, generate_samples
     from launcher.train.export import export_final
 
@@ -267,6 +278,8 @@ def run_training(
     # The model comes last: under ZeRO-3 it is built already partitioned, which needs the filled config,
     # which needs the step count, which needs the data.
     tokenizer = load_tokenizer(cfg)
+    cfg, template_used = with_resolved_template(cfg, tokenizer)  # `auto` -> what it is for this model
+    log.info("template: %s", template_used)
     data = build_data(cfg, tokenizer, env)
     batches_per_epoch = int(data.order.num_batches)  # >= 1: BatchOrder refuses fewer examples
     # The accumulation DeepSpeed will use (the planner derives it from global_batch_size when that is set).
@@ -445,6 +458,10 @@ def run_training(
         peak=peak,
         eval_loss=final_eval_loss,
         scores={},
+        template_used=template_used,
+        query_cut_frac=data.query_cut_frac,
+        eval_set_hash=data.eval_set_hash,
+        train_examples=_examples_seen(state.micro_steps, data, t, env.world_size),
     )
     if rank0:
         write_result(paths, build_result(cfg, paths, outcome, RunState.RUNNING.value))
@@ -478,6 +495,14 @@ def run_training(
     barrier()
     engine.destroy()  # drops ZeRO-3's hooks and pending collectives before the process group goes
     return RunState.COMPLETED.value
+
+
+def _examples_seen(micro_steps: int, data: TrainData, t: Any, world_size: int) -> int:
+    """Training examples seen over all ranks: every micro-batch is full (drop_last). Packed rows hold
+    several examples: there it is epochs done x examples per epoch (exact for whole epochs)."""
+    if not t.packing:
+        return micro_steps * t.per_device_batch_size * world_size
+    return round(micro_steps / max(1, data.order.num_batches) * len(data.train_features))
 
 
 def _node_count(env: DistEnv) -> int:

@@ -39,6 +39,12 @@ class TrainOutcome:
     peak: PeakMemory
     eval_loss: float | None
     scores: dict[str, float | None]
+    template_used: str | None = None
+    """The template the run rendered with (launcher.data.templates.template_used)."""
+    query_cut_frac: float | None = None
+    eval_set_hash: str | None = None
+    train_examples: int | None = None
+    """Training examples seen (counted again in every epoch)."""
 
 
 def loss_summary(paths: RunPaths) -> tuple[float | None, float | None]:
@@ -84,6 +90,10 @@ def build_result(
         "offload_param": res.offload_param,
         "gradient_checkpointing": outcome.gradient_checkpointing,
         "truncated_frac": outcome.truncated_frac,
+        "query_cut_frac": outcome.query_cut_frac,
+        "template_used": outcome.template_used,
+        "eval_set_hash": outcome.eval_set_hash,
+        "train_examples": outcome.train_examples,
         "seed": cfg.training.seed,
         "swept": cfg.swept,
         "versions": package_versions(),
