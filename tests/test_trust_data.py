@@ -84,6 +84,7 @@ def test_auto_without_chat_template_gives_qwen2_the_plain_layout(qwen2_without_c
 
 SPEC = """\
 experiment: trust
+output_dir: {out}
 model: {{path: {model}}}
 data: {{train_file: {train}, {eval_key}: {eval_value}{extra}}}
 template: auto
@@ -99,7 +100,14 @@ sweep:
 def _spec(tmp_path: Path, model: Path, train: Path, eval_key: str, eval_value: Any, extra: str = "") -> Path:
     path = tmp_path / "trust.yaml"
     path.write_text(
-        SPEC.format(model=model, train=train, eval_key=eval_key, eval_value=eval_value, extra=extra)
+        SPEC.format(
+            out=tmp_path / "runs",
+            model=model,
+            train=train,
+            eval_key=eval_key,
+            eval_value=eval_value,
+            extra=extra,
+        )
     )
     return path
 
@@ -145,6 +153,8 @@ def test_the_training_file_as_eval_file_is_an_error_unless_allowed(
     assert "12 of 12 eval examples (100%) are also in the training set" in capsys.readouterr().err
     plan = load_and_plan(allowed, preflight=True)
     assert all(row["eval_overlap"] == 12 for row in plan.rows())
+    assert main(["submit", str(allowed), "--dry-run", "--backend", "local"]) == 0
+    assert "12 of 12 eval examples (100%) are also in the training set" in capsys.readouterr().err
 
 
 def test_partial_overlap_is_reported_with_counts(qwen2_without_chat_template: Path, tmp_path: Path) -> None:
