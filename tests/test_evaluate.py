@@ -24,6 +24,7 @@ from launcher.train.evaluate import (
     left_pad,
     shard_batches,
 )
+from launcher.train.rouge_chatglm import ROUGE_KEYS, rouge_chatglm, sentence_rouge_chatglm
 
 torch.set_num_threads(1)
 
@@ -75,11 +76,71 @@ def test_bleu4_chatglm_by_hand() -> None:
 
 
 def test_bleu_scores_without_samples() -> None:
-    assert bleu_scores([], "zh") == {"bleu": None, "chrf": None, "bleu4_chatglm": None}
-    assert (
-        bleu_scores([{"prediction": "好", "reference": "好"}], "zh", chatglm_bleu4=False)["bleu4_chatglm"]
-        is None
+    empty = {
+        "bleu": None,
+        "chrf": None,
+        "bleu4_chatglm": None,
+        "rouge1": None,
+        "rouge2": None,
+        "rougeL": None,
+    }
+    assert bleu_scores([], "zh") == empty
+    without = bleu_scores([{"prediction": "好", "reference": "好"}], "zh", chatglm_bleu4=False)
+    assert [without[k] for k in ("bleu4_chatglm", *ROUGE_KEYS)] == [None] * 4
+
+
+def chatglm_rouge_reference(preds: list[str], labels: list[str]) -> dict[str, float]:
+    """ChatGLM2-6B ptuning/main.py compute_metrics, its ROUGE part, as published (jieba words,
+    rouge_chinese, F x100 rounded to 4 decimals, mean over examples; an empty side scores 0)."""
+    import jieba
+    import numpy as np
+    from rouge_chinese import Rouge
+
+    score_dict: dict[str, list[float]] = {"rouge-1": [], "rouge-2": [], "rouge-l": []}
+    for pred, label in zip(preds, labels, strict=True):
+        hypothesis = list(jieba.cut(pred))
+        reference = list(jieba.cut(label))
+        if len(" ".join(hypothesis).split()) == 0 or len(" ".join(reference).split()) == 0:
+            result = {"rouge-1": {"f": 0.0}, "rouge-2": {"f": 0.0}, "rouge-l": {"f": 0.0}}
+        else:
+            result = Rouge().get_scores(" ".join(hypothesis), " ".join(reference))[0]
+        for k, v in result.items():
+            score_dict[k].append(round(v["f"] * 100, 4))
+    return {k: float(np.mean(v)) for k, v in score_dict.items()}
+
+
+ROUGE_REFS = [
+    "今天天气很好，我们去公园散步。",
+    "我叫小明，住在上海。",
+    "The cat sat on the mat.",
+    "北京是中国的首都",
+]
+ROUGE_HYPS = ["今天天气不错，我们去公园散步吧。", "我叫小明，住在北京。", "A cat was sitting on a mat.", ""]
+
+
+def test_rouge_equals_chatglms_evaluation_on_chinese_and_english() -> None:
+    ours = rouge_chatglm(ROUGE_HYPS, ROUGE_REFS)
+    reference = chatglm_rouge_reference(ROUGE_HYPS, ROUGE_REFS)
+    assert [ours[k] for k in ROUGE_KEYS] == pytest.approx(
+        [reference[k] for k in ("rouge-1", "rouge-2", "rouge-l")]
     )
+    for hyp, ref in zip(ROUGE_HYPS, ROUGE_REFS, strict=True):  # and example by example
+        one = chatglm_rouge_reference([hyp], [ref])
+        assert list(sentence_rouge_chatglm(hyp, ref).values()) == [
+            one["rouge-1"],
+            one["rouge-2"],
+            one["rouge-l"],
+        ]
+    assert 0 < ours["rouge2"] < ours["rouge1"] < 100  # partial overlap: neither trivial value
+    assert sentence_rouge_chatglm("今天天气很好", "今天天气很好") == dict.fromkeys(ROUGE_KEYS, 100.0)
+    scores = bleu_scores(
+        [{"prediction": h, "reference": r} for h, r in zip(ROUGE_HYPS, ROUGE_REFS, strict=True)], "zh"
+    )
+    assert [scores[k] for k in ROUGE_KEYS] == [ours[k] for k in ROUGE_KEYS]
+    # several references: each example scores its best one (the reference itself among them: 100)
+    multi = rouge_chatglm(ROUGE_HYPS[:2], [[ROUGE_REFS[0], ROUGE_HYPS[0]], [ROUGE_REFS[1]]])
+    alone = rouge_chatglm(ROUGE_HYPS[1:2], ROUGE_REFS[1:2])
+    assert [multi[k] for k in ROUGE_KEYS] == pytest.approx([(100 + alone[k]) / 2 for k in ROUGE_KEYS])
 
 
 def test_sharding_and_left_padding() -> None:

@@ -329,20 +329,25 @@ def reference_streams(samples: Sequence[dict[str, Any]]) -> list[list[str | None
 def bleu_scores(
     samples: Sequence[dict[str, Any]], tokenize: str = "zh", *, chatglm_bleu4: bool = True
 ) -> dict[str, Any]:
-    """Corpus BLEU (sacrebleu, ``tokenize``), chrF, and ChatGLM's character BLEU-4 (see bleu_chatglm),
-    each against every reference of a sample (sacrebleu's multi-reference scoring; nltk's for BLEU-4)."""
+    """Corpus BLEU (sacrebleu, ``tokenize``), chrF, and ChatGLM's own metrics: character BLEU-4
+    (bleu_chatglm) and ROUGE-1/2/L on jieba words (rouge_chatglm), both with ``chatglm_bleu4``; each
+    against every reference of a sample (sacrebleu's multi-reference scoring; nltk's for BLEU-4; the
+    best reference per example for ROUGE)."""
     from sacrebleu.metrics import BLEU, CHRF
 
     from launcher.train.bleu_chatglm import bleu4_chatglm
+    from launcher.train.rouge_chatglm import ROUGE_KEYS, rouge_chatglm
 
     if not samples:
-        return {"bleu": None, "chrf": None, "bleu4_chatglm": None}
+        return {"bleu": None, "chrf": None, "bleu4_chatglm": None, **dict.fromkeys(ROUGE_KEYS)}
     hyps = [str(s["prediction"]) for s in samples]
     streams: Any = reference_streams(samples)
+    refs = [sample_references(s) for s in samples]
+    chatglm: dict[str, float | None] = dict.fromkeys(("bleu4_chatglm", *ROUGE_KEYS))
+    if chatglm_bleu4:
+        chatglm = {"bleu4_chatglm": bleu4_chatglm(hyps, refs), **rouge_chatglm(hyps, refs)}
     return {
         "bleu": float(BLEU(tokenize=tokenize).corpus_score(hyps, streams).score),
         "chrf": float(CHRF().corpus_score(hyps, streams).score),
-        "bleu4_chatglm": (
-            bleu4_chatglm(hyps, [sample_references(s) for s in samples]) if chatglm_bleu4 else None
-        ),
+        **chatglm,
     }
