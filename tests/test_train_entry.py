@@ -4,6 +4,7 @@ the small pure parts (step arithmetic, ds_config filling, rank detection, memory
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -41,10 +42,14 @@ CONTRACT_KEYS = [
     "bleu",
     "chrf",
     "bleu4_chatglm",
+    "rouge1",
+    "rouge2",
+    "rougeL",
     "peak_mem_gib",
     "peak_mem_kind",
     "peak_mem_reserved_gib",
     "tokens_per_s",
+    "train_tokens",
     "train_time_s",
     "world_size",
     "nodes",
@@ -172,6 +177,21 @@ def test_result_json(lora_run) -> None:
     assert result["world_size"] == 1 and result["zero_stage"] == 2 and result["offload_optimizer"] is False
     assert 0 <= result["truncated_frac"] <= 1 and result["seed"] == 42
     assert result["versions"]["deepspeed"] and result["versions"]["torch"] and result["versions"]["launcher"]
+    assert result["train_tokens"] == lines[-1]["tokens"]
+    assert all(0 <= result[k] <= 100 for k in ("rouge1", "rouge2", "rougeL"))
+
+
+@pytest.mark.slow
+def test_attempts_record_the_real_wall_time(lora_run) -> None:
+    from launcher.rundir.attempts import wall_time
+
+    records = [json.loads(line) for line in lora_run.attempts_jsonl.read_text().splitlines()]
+    assert [(r["event"], r.get("state")) for r in records] == [("start", None), ("end", "COMPLETED")]
+    assert records[0]["gpus"] == 1 and records[0]["attempt"] == records[1]["attempt"]
+    measured = wall_time(lora_run, last_seen=time.time())
+    assert measured is not None and measured.open_attempts == 0
+    # the process's whole life (imports, model, eval), more than the optimizer steps alone
+    assert measured.seconds > read_json(lora_run.result_json)["train_time_s"] > 0
 
 
 @pytest.mark.slow

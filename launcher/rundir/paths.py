@@ -83,6 +83,11 @@ class RunPaths:
         return self.root / "result.json"
 
     @property
+    def attempts_jsonl(self) -> Path:
+        """One line when an attempt starts and one when it ends (rank 0): the run's real wall time."""
+        return self.root / "attempts.jsonl"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -195,10 +200,14 @@ RESULT_KEYS: tuple[str, ...] = (
     "bleu",
     "chrf",
     "bleu4_chatglm",
+    "rouge1",
+    "rouge2",
+    "rougeL",
     "peak_mem_gib",
     "peak_mem_kind",
     "peak_mem_reserved_gib",
     "tokens_per_s",
+    "train_tokens",
     "train_time_s",
     "world_size",
     "nodes",

@@ -12,15 +12,17 @@ import io
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from launcher.errors import UserError
+from launcher.rundir.attempts import record_attempt_end, record_attempt_start
 from launcher.rundir.paths import RunPaths, RunState, read_json
 from launcher.rundir.run_config import RunConfig
-from launcher.rundir.status import clear_failure, failure_reason, read_status, record_failure
+from launcher.rundir.status import ATTEMPT_ID_ENV, clear_failure, failure_reason, read_status, record_failure
 from launcher.train.signals import PreemptionFlag
 
 PREEMPTED_EXIT_CODE = 3
@@ -122,13 +124,21 @@ def train_run(run_dir: Path) -> str:
         flag.uninstall()
         raise
     log.info("run %s (%s) rank %d/%d via %s", cfg.name, cfg.run_id, env.rank, env.world_size, env.source)
+    attempt = os.environ.get(ATTEMPT_ID_ENV) or f"{os.getpid()}@{time.time():.0f}"
+    if env.rank == 0:  # the run's real wall time (launcher.rundir.attempts); one GPU per rank
+        record_attempt_start(paths, attempt, env.world_size)
+    outcome = RunState.FAILED.value
     try:
         init_distributed(env)
-        return run_training(cfg, ds_config, paths, env, flag)
+        outcome = run_training(cfg, ds_config, paths, env, flag)
+        return outcome
     except BaseException as exc:
         _record_failure(paths, env.rank, exc)
         raise
     finally:
+        if env.rank == 0:
+            with contextlib.suppress(OSError):  # a full disk must not hide the run's own failure
+                record_attempt_end(paths, attempt, outcome)
         flag.uninstall()
         shutdown_distributed()
         _teardown_logging(handlers)

@@ -73,6 +73,9 @@ def build_result(
         "bleu": outcome.scores.get("bleu"),
         "chrf": outcome.scores.get("chrf"),
         "bleu4_chatglm": outcome.scores.get("bleu4_chatglm"),
+        "rouge1": outcome.scores.get("rouge1"),
+        "rouge2": outcome.scores.get("rouge2"),
+        "rougeL": outcome.scores.get("rougeL"),
         "peak_mem_gib": round(outcome.peak.peak_mem_gib, 4),
         "peak_mem_kind": outcome.peak.kind,
         "peak_mem_reserved_gib": (
@@ -81,6 +84,7 @@ def build_result(
             else None
         ),
         "tokens_per_s": (outcome.tokens / outcome.train_time_s) if outcome.train_time_s > 0 else None,
+        "train_tokens": outcome.tokens,
         "train_time_s": round(outcome.train_time_s, 3),
         "world_size": outcome.world_size,
         "nodes": outcome.nodes,
