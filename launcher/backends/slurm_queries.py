@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-from launcher.rundir.paths import RunState
+from launcher.rundir.paths import ExperimentPaths, RunState, read_json
 
 QUERY_TIMEOUT_S = 10.0
 
@@ -184,3 +185,52 @@ def query_job_states(job_ids: Iterable[str], runner: Runner = run_query) -> dict
 def accounting_enabled(runner: Runner = run_query) -> bool:
     """True when sacct answers (slurmdbd configured and reachable)."""
     return runner(["sacct", "--noheader", "--allocations", "--format=JobID", "--starttime=now"]) is not None
+
+
+def sacct_elapsed(job_ids: Iterable[str], runner: Runner = run_query) -> dict[str, float] | None:
+    """{job id: elapsed seconds summed over its attempts} from accounting (``--duplicates`` lists every
+    requeued attempt); None when accounting is disabled or unreachable. Queue time is not elapsed."""
+    wanted = {j for j in job_ids if j}
+    if not wanted:
+        return {}
+    out = runner(
+        [
+            "sacct",
+            "--noheader",
+            "--parsable2",
+            "--allocations",
+            "--duplicates",
+            "--format=JobID,ElapsedRaw",
+            "--jobs",
+            ",".join(sorted(wanted)),
+        ]
+    )
+    if out is None:
+        return None
+    totals: dict[str, float] = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 2 and parts[0] in wanted and parts[1].strip().isdigit():
+            totals[parts[0]] = totals.get(parts[0], 0.0) + float(parts[1])
+    return totals
+
+
+def slurm_elapsed_by_run_dir(exp_roots: Iterable[Path], runner: Runner = run_query) -> dict[str, float]:
+    """Slurm's elapsed seconds of every run the experiments' manifests say went to Slurm, keyed by the
+    run directory (resolved); {} without Slurm runs or accounting (the collector then uses
+    attempts.jsonl). The manifest is read as the file it is (``runs: {run id: {name, backend,
+    job_id}}``)."""
+    job_of: dict[str, str] = {}
+    for root in exp_roots:
+        exp = ExperimentPaths(Path(root))
+        try:
+            runs = read_json(exp.manifest_json).get("runs") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for entry in runs.values() if isinstance(runs, dict) else []:
+            if isinstance(entry, dict) and entry.get("backend") == "slurm" and entry.get("job_id"):
+                job_of[str(exp.run(str(entry["name"])).root.resolve())] = str(entry["job_id"])
+    if not job_of:
+        return {}
+    elapsed = sacct_elapsed(job_of.values(), runner) or {}
+    return {run_dir: elapsed[job] for run_dir, job in job_of.items() if elapsed.get(job)}

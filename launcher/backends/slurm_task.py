@@ -190,8 +190,9 @@ class SlurmTask:
 def collect_task(exp_root: str) -> str:
     """The collector job: the comparison table for everything in the experiment, whatever ended how."""
     # lazy: the compute node's collector job; a named exception in tests/test_layers.py
+    from launcher.backends.slurm_queries import slurm_elapsed_by_run_dir
     from launcher.collect import collect_experiment, print_summary
 
-    collection = collect_experiment(Path(exp_root))
+    collection = collect_experiment(Path(exp_root), elapsed_s=slurm_elapsed_by_run_dir([Path(exp_root)]))
     print_summary(collection)
     return str(exp_root)

@@ -27,6 +27,12 @@ class Collection:
     """Experiment-level problems; each row has its own ``warnings`` too."""
     gpu_mem_gib: float | None = None
     tokenize: str = DEFAULT_TOKENIZE
+    differing_keys: list[str] = field(default_factory=list)
+    """Config keys (dotted, from run.yaml) whose values differ between the runs."""
+    gpu_hour_price: float | None = None
+    """cluster.gpu_hour_price of the (first) spec: the cost column's price per GPU hour."""
+    n_comparisons: int = 0
+    """Runs compared with the baseline: above 1, the p-values that decide * are Holm-adjusted."""
 
     def row(self, name: str) -> RunRow:
         for row in self.rows:

@@ -16,6 +16,7 @@ import yaml
 
 from launcher.collect import plots
 from launcher.collect.collected import DEFAULT_TOKENIZE, Collection
+from launcher.collect.cost import apply_cost
 from launcher.collect.groups import seed_groups
 from launcher.collect.hyperparams import differing_hyperparameters
 from launcher.collect.review import load_reviews
@@ -180,7 +181,7 @@ def _apply_significance(
     fingerprints: dict[str, Any] = {}
     notes: dict[str, list[str]] = {}
     # A cached comparison is reused only for the same files (size, mtime), tokenizer and test settings.
-    test_params = [sig.N_BOOTSTRAP, sig.N_APPROX_RANDOMIZATION, sig.DEFAULT_SEED]
+    test_params = [sig.N_BOOTSTRAP, sig.N_APPROX_RANDOMIZATION, sig.DEFAULT_SEED, "delta_se"]
     for row in candidates:
         paths = row.run_paths()
         fp = {
@@ -220,6 +221,7 @@ def _apply_significance(
         for name, res in results.items():
             new_cache[name] = _cache_entry(res, fingerprints[name], notes[name])
     _write_deltas(new_cache, rows_by_name, base_row, tokenize)
+    _adjust_for_many_comparisons(collection, rows_by_name, new_cache)
     return new_cache
 
 
@@ -231,6 +233,7 @@ def _cache_entry(res: Any, fingerprint: Any, notes: list[str]) -> dict[str, Any]
         "system_bleu": res.system_bleu,
         "delta": res.delta,
         "delta_ci": list(res.delta_ci),
+        "delta_se": res.delta_se,
         "p_bootstrap": res.p_bootstrap,
         "p_ar": res.p_approx_randomization,
         "n": res.n_examples,
@@ -251,6 +254,25 @@ def _write_deltas(
         row.values["n_samples"] = entry["n"]
         _check_bleu(row, entry["system_bleu"], tokenize)
         _check_bleu(base_row, entry["baseline_bleu"], tokenize)
+
+
+def _adjust_for_many_comparisons(
+    collection: Collection, rows_by_name: dict[str, RunRow], entries: dict[str, Any]
+) -> None:
+    """Holm-adjusted p-values over every run compared with the baseline (equal to the raw ones for a
+    single run), which the * uses; and the smallest ΔBLEU each comparison can detect at that level."""
+    from launcher.collect.significance import holm, min_detectable_delta
+
+    collection.n_comparisons = len(entries)
+    if not entries:
+        return
+    for raw_key, key in (("p_bootstrap", "bleu_p_value_holm"), ("p_ar", "bleu_p_value_ar_holm")):
+        for name, adjusted in holm({n: float(e[raw_key]) for n, e in entries.items()}).items():
+            rows_by_name[name].values[key] = adjusted
+    for name, entry in entries.items():
+        row = rows_by_name[name]
+        row.values["bleu_delta_se"] = entry["delta_se"]
+        row.values["bleu_mde"] = min_detectable_delta(entry["delta_se"], len(entries))
 
 
 def _check_bleu(row: RunRow, samples_bleu: float, tokenize: str) -> None:
@@ -328,17 +350,29 @@ def comparison_dir(roots: list[Path]) -> Path:
     return Path(roots[0]).resolve().parent / f"compare_{names}"
 
 
-def collect_experiment(exp_root: Path, baseline: str | None = None, *, write: bool = True) -> Collection:
+def collect_experiment(
+    exp_root: Path,
+    baseline: str | None = None,
+    *,
+    write: bool = True,
+    elapsed_s: dict[str, float] | None = None,
+) -> Collection:
     """One experiment; see ``collect_experiments``."""
-    return collect_experiments([exp_root], baseline, write=write)
+    return collect_experiments([exp_root], baseline, write=write, elapsed_s=elapsed_s)
 
 
 def collect_experiments(
-    exp_roots: list[Path], baseline: str | None = None, *, write: bool = True, out_dir: Path | None = None
+    exp_roots: list[Path],
+    baseline: str | None = None,
+    *,
+    write: bool = True,
+    out_dir: Path | None = None,
+    elapsed_s: dict[str, float] | None = None,
 ) -> Collection:
     """Read every run dir of the experiments; with ``write``, also write summary.{md,csv,json} and the
     plots: into the experiment dir, or for several experiments into ``out_dir`` (default
-    ``comparison_dir``), where each run is named ``EXP/run``.
+    ``comparison_dir``), where each run is named ``EXP/run``. ``elapsed_s``: Slurm's elapsed seconds
+    per run directory (launcher.collect.cost), where the caller could ask sacct.
 
     Never fails on a damaged run dir (its row says what is known, warnings say what was skipped);
     raises UserError for a missing experiment or an unknown ``baseline``.
@@ -384,7 +418,10 @@ def collect_experiments(
         collection.gpu_mem_gib = float(value) if isinstance(value, int | float) else DEFAULT_GPU_MEM_GIB
     for row in rows:
         row.values["baseline"] = row.name == collection.baseline
-    differing_hyperparameters(rows, warnings)
+    price = _nested(spec, "cluster", "gpu_hour_price")
+    collection.gpu_hour_price = float(price) if isinstance(price, int | float) and price > 0 else None
+    apply_cost(rows, gpu_hour_price=collection.gpu_hour_price, elapsed_s=elapsed_s)
+    collection.differing_keys = differing_hyperparameters(rows, warnings)
 
     # .collect_cache.json: significance results and the plots' input hash of the last collect. Only
     # reused for identical inputs; deleting it is always safe.

@@ -22,6 +22,15 @@ from launcher.rundir.paths import RESULT_KEYS, RunPaths, RunState, iter_jsonl, t
 # libyaml is ~10x faster than the pure-Python loader; run.yaml is read for every unfinished run.
 _YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
+# What the run trained and was evaluated on (template, truncation, eval set, examples): read from
+# result.json when there (older trainers did not write them), compared by launcher.collect.notes.
+DATA_KEYS: tuple[str, ...] = tuple(
+    k
+    for k in ("template_used", "query_cut_frac", "eval_set_hash", "train_examples", "train_tokens")
+    if k not in RESULT_KEYS
+)
+_READ_KEYS = RESULT_KEYS + DATA_KEYS
+
 # Added by the collector (significance against the baseline, seed groups, human review).
 SUMMARY_EXTRA_KEYS: tuple[str, ...] = (
     "experiment",
@@ -30,14 +39,22 @@ SUMMARY_EXTRA_KEYS: tuple[str, ...] = (
     "bleu_delta_ci",
     "bleu_p_value",
     "bleu_p_value_ar",
+    "bleu_p_value_holm",
+    "bleu_p_value_ar_holm",
+    "bleu_delta_se",
+    "bleu_mde",
     "n_samples",
     "no_delta_reason",
+    "wall_time_s",
+    "gpu_hours",
+    "cost",
+    "wall_source",
     "hyperparameters",
     "group",
     "review",
     "warnings",
 )
-SUMMARY_KEYS: tuple[str, ...] = RESULT_KEYS + SUMMARY_EXTRA_KEYS
+SUMMARY_KEYS: tuple[str, ...] = _READ_KEYS + SUMMARY_EXTRA_KEYS
 
 _FLOAT_KEYS = frozenset(
     {
@@ -48,16 +65,24 @@ _FLOAT_KEYS = frozenset(
         "bleu",
         "chrf",
         "bleu4_chatglm",
+        "rouge1",
+        "rouge2",
+        "rougeL",
         "peak_mem_gib",
         "peak_mem_reserved_gib",
         "tokens_per_s",
         "train_time_s",
         "truncated_frac",
+        "query_cut_frac",
     }
 )
-_INT_KEYS = frozenset({"steps", "world_size", "nodes", "gpus_per_node", "zero_stage", "seed"})
+_INT_KEYS = frozenset(
+    {"steps", "world_size", "nodes", "gpus_per_node", "zero_stage", "seed", "train_examples", "train_tokens"}
+)
 _BOOL_KEYS = frozenset({"offload_optimizer", "offload_param", "gradient_checkpointing"})
-_STR_KEYS = frozenset({"run_id", "name", "method", "state", "peak_mem_kind", "reason"})
+_STR_KEYS = frozenset(
+    {"run_id", "name", "method", "state", "peak_mem_kind", "reason", "template_used", "eval_set_hash"}
+)
 _DICT_KEYS = frozenset({"swept", "versions"})
 
 SEED_KEYS = frozenset({"training.seed", "seed"})
@@ -340,7 +365,7 @@ def read_row(paths: RunPaths, plan_entry: dict[str, Any] | None = None) -> RunRo
     result = _read_json_object(os.path.join(root, _RESULT_JSON), warnings, "result.json")
 
     if result is not None:
-        for key in RESULT_KEYS:
+        for key in _READ_KEYS:
             if key in result:
                 values[key] = clean_value(key, result[key], "result.json", warnings)
         values["name"] = name  # the directory is the run's identity, whatever the file says

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.collect.groups import SeedGroup
 from launcher.collect.hyperparams import fmt_hyperparameters
+from launcher.collect.notes import degenerate_bootstrap, table_notes
 from launcher.collect.rows import SUMMARY_KEYS, RunRow
 from launcher.fit_table import ALWAYS, Column, print_fitted
 from launcher.rundir.paths import to_json, write_text_atomic
@@ -59,13 +60,23 @@ def fmt_ci(row: RunRow) -> str:
     return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
+def _p_values(row: RunRow) -> tuple[Any, Any]:
+    """The p-values that decide *: Holm-adjusted over the runs compared (the raw ones for one run)."""
+    p_bs = row.get("bleu_p_value_holm")
+    if p_bs is None:
+        return row.get("bleu_p_value"), row.get("bleu_p_value_ar")
+    return p_bs, row.get("bleu_p_value_ar_holm")
+
+
 def _significant(row: RunRow) -> bool:
-    p_bs, p_ar = row.get("bleu_p_value"), row.get("bleu_p_value_ar")
+    p_bs, p_ar = _p_values(row)
+    if degenerate_bootstrap(row):
+        return False
     return p_bs is not None and p_bs < SIGNIFICANCE_LEVEL and (p_ar is None or p_ar < SIGNIFICANCE_LEVEL)
 
 
 def fmt_p(row: RunRow) -> str:
-    p_bs, p_ar = row.get("bleu_p_value"), row.get("bleu_p_value_ar")
+    p_bs, p_ar = _p_values(row)
     if p_bs is None:
         return "-"
     star = "*" if _significant(row) else ""
@@ -109,6 +120,13 @@ def fmt_zero(row: RunRow) -> str:
 
 def fmt_frac(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, int | float) else "-"
+
+
+def fmt_rouge(row: RunRow) -> str:
+    values = [row.get(k) for k in ("rouge1", "rouge2", "rougeL")]
+    if all(v is None for v in values):
+        return "-"
+    return "/".join(fmt_num(v, 1) for v in values)
 
 
 def fmt_review(row: RunRow) -> str:
@@ -157,15 +175,22 @@ COLUMNS: tuple[Column[RunRow], ...] = (
         right=True,
         priority=6,
     ),
-    Column("wall", lambda r: fmt_duration(r.get("train_time_s")), right=True, priority=9),
+    # Real time of all attempts, queue excluded; the training loop's own time is "train".
+    Column("wall", lambda r: fmt_duration(r.get("wall_time_s")), right=True, priority=6),
+    Column("train", lambda r: fmt_duration(r.get("train_time_s")), right=True, priority=10),
+    Column("GPU h", lambda r: fmt_num(r.get("gpu_hours"), 2), right=True, priority=6),
     Column("trunc", lambda r: fmt_frac(r.get("truncated_frac")), right=True, priority=9),
+    Column("ROUGE-1/2/L", fmt_rouge, right=True, priority=8),
 )
+COST_COLUMN: Column[RunRow] = Column("cost", lambda r: fmt_num(r.get("cost"), 2), right=True, priority=5)
 REVIEW_COLUMN = Column("review W/T/L", fmt_review, priority=5, wrap=True)
 NOTE_COLUMN = Column("reason / notes", fmt_note, priority=4, wrap=True)
 
 
 def columns_for(collection: Collection) -> list[Column[RunRow]]:
     cols = list(COLUMNS)
+    if collection.gpu_hour_price is not None:
+        cols.insert(cols.index(next(c for c in cols if c.header == "GPU h")) + 1, COST_COLUMN)
     if collection.reviews:
         cols.append(REVIEW_COLUMN)
     if any(fmt_note(row) for row in collection.rows):
@@ -201,11 +226,21 @@ _STATE_STYLE = {
     "CANCELLED": "red",
 }
 
-LEGEND = (
-    "ΔBLEU: run minus baseline on the same examples (sacrebleu); 95% CI from paired bootstrap resampling. "
-    "p bs/ar: paired bootstrap / approximate randomization p-values; * (also on ΔBLEU) = both < 0.05. "
-    "Without *, the runs' BLEU cannot be told apart on this eval set."
-)
+
+def legend(collection: Collection) -> str:
+    """The footnote: what ΔBLEU, its CI, the p-values and * mean for this table."""
+    many = collection.n_comparisons > 1
+    p_text = (
+        "p bs/ar: paired bootstrap / approximate randomization p-values, Holm-adjusted over the "
+        f"{collection.n_comparisons} runs compared with the baseline (raw ones in summary.json); "
+        "* (also on ΔBLEU) = both adjusted p < 0.05"
+        if many
+        else "p bs/ar: paired bootstrap / approximate randomization p-values; * (also on ΔBLEU) = both < 0.05"
+    )
+    return (
+        "ΔBLEU: run minus baseline on the same examples (sacrebleu); 95% CI from paired bootstrap "
+        f"resampling. {p_text}. Without *, the runs' BLEU cannot be told apart on this eval set."
+    )
 
 
 def print_summary(
@@ -231,7 +266,12 @@ def print_summary(
         title=f"{collection.exp.root.name}: {len(rows)} run(s), baseline {collection.baseline or '-'}",
         row_style=lambda r: "bold" if r.get("baseline") else None,
     )
-    console.print(f"[dim]{LEGEND}[/]")
+    console.print(f"[dim]{escape(legend(collection))}[/]")
+    notes = table_notes(collection)
+    if notes:
+        console.print("Notes:")
+        for note in notes:
+            console.print(f"  - {escape(note)}", highlight=False)
     if collection.groups:
         groups = Table(title="Seed groups: mean ± std over seeds", header_style="bold")
         for header, _ in GROUP_COLUMNS:
@@ -271,7 +311,10 @@ def render_markdown(collection: Collection, rows: list[RunRow] | None = None) ->
     ]
     for row in rows:
         lines.append("| " + " | ".join(_md_cell(c.cell(row)) for c in cols) + " |")
-    lines += ["", LEGEND, ""]
+    lines += ["", legend(collection), ""]
+    notes = table_notes(collection)
+    if notes:
+        lines += ["Notes:", ""] + [f"- {_md_cell(n)}" for n in notes] + [""]
     if collection.groups:
         lines += ["## Seed groups (mean ± std)", ""]
         lines.append("| " + " | ".join(h for h, _ in GROUP_COLUMNS) + " |")

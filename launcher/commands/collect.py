@@ -55,13 +55,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: every command module is imported to build the parser; this loads when the command runs
+    from launcher.backends.slurm_queries import slurm_elapsed_by_run_dir
     from launcher.collect import collect_experiments, print_summary, sort_rows
     from launcher.collect.table import render_csv, render_json, render_markdown
     from launcher.submit.status_view import resolve_experiment
 
     # A spec names its experiment dir as for status/logs/cancel; a directory keeps collect's own errors.
     roots = [resolve_experiment(t).root if Path(t).is_file() else Path(t) for t in args.experiments]
-    collection = collect_experiments(roots, args.baseline, write=not args.no_write, out_dir=args.out)
+    collection = collect_experiments(
+        roots,
+        args.baseline,
+        write=not args.no_write,
+        out_dir=args.out,
+        elapsed_s=slurm_elapsed_by_run_dir(roots),  # Slurm's elapsed time where sacct has it
+    )
     rows = sort_rows(collection.rows, args.sort) if args.sort else collection.rows
     if args.format == "table":
         print_summary(collection, rows=rows, wide=args.wide)

@@ -132,7 +132,8 @@ class EvalSpec(StrictModel):
     do_sample: bool = False
     """Greedy by default so BLEU is reproducible."""
     chatglm_bleu4: bool = True
-    """Also report ChatGLM's character BLEU-4 (nltk-style, smoothing method 3) as ``bleu4_chatglm``."""
+    """Also report ChatGLM's own metrics: character BLEU-4 (nltk-style, smoothing method 3) as
+    ``bleu4_chatglm`` and ROUGE-1/2/L on jieba words as ``rouge1``, ``rouge2``, ``rougeL``."""
 
 
 class ResourcesSpec(StrictModel):
@@ -226,6 +227,8 @@ class ClusterSpec(StrictModel):
     """CPUs per rank (one rank per GPU); auto: what the partition's nodes have per GPU (sinfo, at submit)."""
     gpu_mem_gib: float = Field(default=80, gt=0)
     """GPU memory of the partition's cards; the plan checks each run fits in it."""
+    gpu_hour_price: float | None = Field(default=None, gt=0)
+    """Price of one GPU hour (any currency): the comparison table gets a cost column (GPU hours x price)."""
     max_gpus_per_node: int = Field(default=8, ge=1)
     """GPUs per node of the partition: ``resources: auto`` fills a node before it uses a second one."""
     exclusive: bool = False
