@@ -408,6 +408,9 @@ def test_collects_a_real_tiny_training_run(
     ):
         assert row.get(key) == result[key], key
     assert row.get("peak_mem_kind") == "cpu_rss" and row.get("steps") == 4
+    # wall: the rank's real time from attempts.jsonl (load, train, eval), not the optimizer steps alone
+    assert row.get("wall_source") == "attempts" and row.get("wall_time_s") > row.get("train_time_s") > 0
+    assert row.get("gpu_hours") == pytest.approx(row.get("wall_time_s") / 3600)
     recs = list(iter_jsonl(paths.samples_jsonl))
     expected = sacrebleu.corpus_bleu(
         [r["prediction"] for r in recs], [[r["reference"] for r in recs]], tokenize="zh"

@@ -179,6 +179,16 @@ def test_wall_time_and_gpu_hours_sum_every_attempt_without_the_queue(tmp_path: P
     assert summary["full"]["gpu_hours"] == pytest.approx(3.0) and summary["full"]["wall_source"] == "attempts"
 
 
+def test_gpu_hour_price_is_a_positive_number_in_the_spec() -> None:
+    from pydantic import ValidationError
+
+    from launcher.spec.schema import ClusterSpec
+
+    assert ClusterSpec(gpu_hour_price=2.5).gpu_hour_price == 2.5 and ClusterSpec().gpu_hour_price is None
+    with pytest.raises(ValidationError, match="gpu_hour_price"):
+        ClusterSpec(gpu_hour_price=0)
+
+
 def test_no_price_no_cost_column(tmp_path: Path) -> None:
     exp = tmp_path / "exp"
     make_run(exp, "lora", result=default_result("lora"))

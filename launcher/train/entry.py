@@ -126,7 +126,8 @@ def train_run(run_dir: Path) -> str:
     log.info("run %s (%s) rank %d/%d via %s", cfg.name, cfg.run_id, env.rank, env.world_size, env.source)
     attempt = os.environ.get(ATTEMPT_ID_ENV) or f"{os.getpid()}@{time.time():.0f}"
     if env.rank == 0:  # the run's real wall time (launcher.rundir.attempts); one GPU per rank
-        record_attempt_start(paths, attempt, env.world_size)
+        with contextlib.suppress(OSError):  # bookkeeping: a full disk fails the run where it writes results
+            record_attempt_start(paths, attempt, env.world_size)
     outcome = RunState.FAILED.value
     try:
         init_distributed(env)

@@ -5,9 +5,9 @@ runs/EXP`` shows all runs of an experiment). ``logging.wandb`` / ``logging.mlflo
 those trackers; their packages are optional extras, imported only when configured.
 
 The same scalar names go to every tracker: ``train/loss``, ``train/lr``, ``train/tokens_per_s``,
-``train/epoch``, ``eval/loss``, ``eval/bleu``, ``eval/chrf``, ``eval/bleu4_chatglm``,
-``memory/peak_gib`` (the run's peak over all ranks, logged at the end) and ``memory/rank0_peak_gib``
-(rank 0's peak so far, logged with each training record).
+``train/epoch``, ``eval/loss``, ``eval/bleu``, ``eval/chrf``, ``eval/bleu4_chatglm``, ``eval/rouge1``,
+``eval/rouge2``, ``eval/rougeL``, ``memory/peak_gib`` (the run's peak over all ranks, logged at the
+end) and ``memory/rank0_peak_gib`` (rank 0's peak so far, logged with each training record).
 """
 
 from __future__ import annotations
