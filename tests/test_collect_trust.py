@@ -105,7 +105,7 @@ def test_a_tiny_eval_set_is_called_too_small_to_tell(tmp_path: Path) -> None:
     )
     collection = collect_experiment(exp, write=False)
     notes = render_markdown(collection)
-    assert "only 8 examples: too small to tell runs apart" in notes
+    assert "only 8 examples, fewer than 100: too small to tell runs apart" in notes
     assert collection.n_comparisons == 1 and "Holm" not in legend(collection)
 
 
@@ -119,6 +119,11 @@ def test_a_zero_spread_bootstrap_gets_no_star(tmp_path: Path) -> None:
     assert row.get("bleu_p_value") < 0.05  # sacrebleu's verdict on a degenerate distribution
     assert not _cells(collection, "lora")["ΔBLEU"].endswith("*")
     assert "zero spread" in render_markdown(collection)
+    # A zero-width 95% CI with some spread in the tails is as degenerate: no * either.
+    row.values["bleu_delta_se"] = 0.5
+    assert not _cells(collection, "lora")["ΔBLEU"].endswith("*")
+    row.values["bleu_delta_ci"] = [row.get("bleu_delta") - 1, row.get("bleu_delta") + 1]
+    assert _cells(collection, "lora")["ΔBLEU"].endswith("*")
 
 
 def test_identical_outputs_still_give_p_one_after_adjustment(tmp_path: Path) -> None:

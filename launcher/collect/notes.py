@@ -25,9 +25,13 @@ _NO_SPREAD = 1e-6  # BLEU points: float noise of equal resampled differences
 
 
 def degenerate_bootstrap(row: RunRow) -> bool:
-    """Every resample gave the same nonzero ΔBLEU: the test has nothing to judge by (tiny eval sets)."""
-    se, delta = row.get("bleu_delta_se"), row.get("bleu_delta")
-    return se is not None and se < _NO_SPREAD and delta is not None and abs(delta) >= _NO_SPREAD
+    """Every resample (or all but the tails beyond the 95% CI) gave the same nonzero ΔBLEU, as in
+    ``+1.22* [+1.22, +1.22]`` on 8 examples: the test has nothing to judge by."""
+    se, delta, ci = row.get("bleu_delta_se"), row.get("bleu_delta"), row.get("bleu_delta_ci")
+    if delta is None or abs(delta) < _NO_SPREAD:
+        return False
+    flat_ci = isinstance(ci, list | tuple) and len(ci) == 2 and None not in ci and ci[1] - ci[0] < _NO_SPREAD
+    return (se is not None and se < _NO_SPREAD) or flat_ci
 
 
 def significance_notes(collection: Collection) -> list[str]:
@@ -46,14 +50,15 @@ def significance_notes(collection: Collection) -> list[str]:
     )
     if n < MIN_EVAL_EXAMPLES:
         notes.append(
-            f"The eval set has only {n} examples: too small to tell runs apart (the paired bootstrap needs "
-            f"about {MIN_EVAL_EXAMPLES} or more); do not read * or the CI as evidence. Generate on more "
-            "examples: eval.num_samples and a larger eval file."
+            f"The eval set has only {n} examples, fewer than {MIN_EVAL_EXAMPLES}: too small to tell runs "
+            "apart unless they differ by far more than the smallest detectable ΔBLEU; the bootstrap's "
+            "p-values and CI are rough at this size. Generate on more examples: eval.num_samples and a "
+            "larger eval file."
         )
     flat = [r.name for r in compared if degenerate_bootstrap(r)]
     if flat:
         notes.append(
-            f"{_names(flat)}: every bootstrap resample gave the same ΔBLEU (zero spread), so the test "
+            f"{_names(flat)}: the bootstrap resamples give one ΔBLEU (zero spread or a zero-width CI), so the test "
             "cannot judge it: no * however small p is."
         )
     return notes
