@@ -58,8 +58,8 @@ def significance_notes(collection: Collection) -> list[str]:
     flat = [r.name for r in compared if degenerate_bootstrap(r)]
     if flat:
         notes.append(
-            f"{_names(flat)}: the bootstrap resamples give one ΔBLEU (zero spread or a zero-width CI), so the test "
-            "cannot judge it: no * however small p is."
+            f"{_names(flat)}: the bootstrap resamples give one ΔBLEU (zero spread or a zero-width CI), "
+            "so the test cannot judge it: no * however small p is."
         )
     return notes
 
