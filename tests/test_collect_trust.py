@@ -205,7 +205,10 @@ def test_no_price_no_cost_column(tmp_path: Path) -> None:
 def test_slurms_elapsed_time_wins_where_sacct_has_it(tmp_path: Path) -> None:
     exp = tmp_path / "exp"
     paths = make_run(exp, "full", result=default_result("full", world_size=4))
-    _attempts(paths, [("9:0", 1000.0, 1100.0, 4)])
+    # A first submission (raw job 70, since replaced in the manifest by --retry-failed), then 77_3 (raw 80).
+    record_attempt_start(paths, "70:0", 4, at=1000.0, job_id="70")
+    record_attempt_end(paths, "70:0", "FAILED", at=1100.0)
+    record_attempt_start(paths, "80:0", 4, at=2000.0, job_id="80")
     make_run(exp, "local", result=default_result("local"))
     manifest = {
         "version": 1,
@@ -217,15 +220,22 @@ def test_slurms_elapsed_time_wins_where_sacct_has_it(tmp_path: Path) -> None:
     (exp / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     calls: list[list[str]] = []
 
-    def sacct(cmd: list[str]) -> str:  # the subprocess boundary: two requeued attempts of 77_3
+    def sacct(cmd: list[str]) -> str:  # the subprocess boundary
         calls.append(cmd)
-        return "77_3|1200\n77_3|600\n77_4|5\n"
+        return (
+            "70|70|2026-01-01T10:00:00|300\n"  # the first job
+            "77_3|80|2026-01-01T11:00:00|1200\n"  # 77_3, preempted and requeued
+            "77_3|80|2026-01-01T11:30:00|600\n"
+            "77_3|80|2026-01-01T11:30:00|600\n"  # the same allocation again (named twice): once
+            "77_4|81|2026-01-01T11:00:00|5\n"  # another run's
+        )
 
     elapsed = slurm_elapsed_by_run_dir([exp], runner=sacct)
-    assert "--duplicates" in calls[0] and calls[0][-1] == "77_3"
+    assert "--duplicates" in calls[0] and calls[0][-1] == "70,77_3,80"
     row = collect_experiment(exp, write=False, elapsed_s=elapsed).row("full")
-    assert row.get("wall_time_s") == 1800 and row.get("gpu_hours") == pytest.approx(2.0)
+    assert row.get("wall_time_s") == 2100 and row.get("gpu_hours") == pytest.approx(4 * 2100 / 3600)
     assert row.get("wall_source") == "sacct"
+    assert collect_experiment(exp, write=False, elapsed_s=elapsed).row("local").get("wall_source") is None
     assert slurm_elapsed_by_run_dir([exp], runner=lambda cmd: None) == {}  # no accounting
 
 

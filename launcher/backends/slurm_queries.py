@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from launcher.rundir.attempts import attempt_job_ids
 from launcher.rundir.paths import ExperimentPaths, RunState, read_json
 
 QUERY_TIMEOUT_S = 10.0
@@ -187,12 +188,14 @@ def accounting_enabled(runner: Runner = run_query) -> bool:
     return runner(["sacct", "--noheader", "--allocations", "--format=JobID", "--starttime=now"]) is not None
 
 
-def sacct_elapsed(job_ids: Iterable[str], runner: Runner = run_query) -> dict[str, float] | None:
-    """{job id: elapsed seconds summed over its attempts} from accounting (``--duplicates`` lists every
-    requeued attempt); None when accounting is disabled or unreachable. Queue time is not elapsed."""
-    wanted = {j for j in job_ids if j}
+def sacct_elapsed(job_ids: Iterable[str], runner: Runner = run_query) -> list[tuple[str, str, float]] | None:
+    """Every allocation of the jobs as (JobID, JobIDRaw, elapsed seconds), requeued attempts included
+    (``--duplicates``), each once even when two of the ids name it; None when accounting is disabled
+    or unreachable. Queue time is not elapsed. An array task is ``1234_3`` as JobID and its own number
+    as JobIDRaw (SLURM_JOB_ID in the task)."""
+    wanted = sorted({j for j in job_ids if j})
     if not wanted:
-        return {}
+        return []
     out = runner(
         [
             "sacct",
@@ -200,37 +203,53 @@ def sacct_elapsed(job_ids: Iterable[str], runner: Runner = run_query) -> dict[st
             "--parsable2",
             "--allocations",
             "--duplicates",
-            "--format=JobID,ElapsedRaw",
+            "--format=JobID,JobIDRaw,Start,ElapsedRaw",
             "--jobs",
-            ",".join(sorted(wanted)),
+            ",".join(wanted),
         ]
     )
     if out is None:
         return None
-    totals: dict[str, float] = {}
+    records: dict[tuple[str, str], tuple[str, str, float]] = {}
     for line in out.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) >= 2 and parts[0] in wanted and parts[1].strip().isdigit():
-            totals[parts[0]] = totals.get(parts[0], 0.0) + float(parts[1])
-    return totals
+        parts = [part.strip() for part in line.strip().split("|")]
+        if len(parts) >= 4 and parts[3].isdigit():  # an attempt is its raw id and its start
+            records[(parts[1], parts[2])] = (parts[0], parts[1], float(parts[3]))
+    return list(records.values())
+
+
+def _slurm_job_ids(exp: ExperimentPaths) -> dict[str, set[str]]:
+    """{run dir: every Slurm job id it had}: the manifest's (as ``1234_3``) and those its attempts
+    recorded (SLURM_JOB_ID), so a run resubmitted with --retry-failed counts its earlier jobs too. The
+    manifest is read as the file it is (``runs: {run id: {name, backend, job_id}}``)."""
+    try:
+        runs = read_json(exp.manifest_json).get("runs") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    out: dict[str, set[str]] = {}
+    for entry in runs.values() if isinstance(runs, dict) else []:
+        if not isinstance(entry, dict) or entry.get("backend") != "slurm" or not entry.get("name"):
+            continue
+        paths = exp.run(str(entry["name"]))
+        ids = {str(entry["job_id"])} if entry.get("job_id") else set()
+        out[str(paths.root.resolve())] = ids | set(attempt_job_ids(paths))
+    return out
 
 
 def slurm_elapsed_by_run_dir(exp_roots: Iterable[Path], runner: Runner = run_query) -> dict[str, float]:
-    """Slurm's elapsed seconds of every run the experiments' manifests say went to Slurm, keyed by the
-    run directory (resolved); {} without Slurm runs or accounting (the collector then uses
-    attempts.jsonl). The manifest is read as the file it is (``runs: {run id: {name, backend,
-    job_id}}``)."""
-    job_of: dict[str, str] = {}
+    """Slurm's elapsed seconds of every job of every run that went to Slurm, summed per run directory
+    (resolved); {} without Slurm runs or accounting (the collector then uses attempts.jsonl)."""
+    job_ids: dict[str, set[str]] = {}
     for root in exp_roots:
-        exp = ExperimentPaths(Path(root))
-        try:
-            runs = read_json(exp.manifest_json).get("runs") or {}
-        except (OSError, ValueError, AttributeError):
-            continue
-        for entry in runs.values() if isinstance(runs, dict) else []:
-            if isinstance(entry, dict) and entry.get("backend") == "slurm" and entry.get("job_id"):
-                job_of[str(exp.run(str(entry["name"])).root.resolve())] = str(entry["job_id"])
-    if not job_of:
+        job_ids.update(_slurm_job_ids(ExperimentPaths(Path(root))))
+    wanted = set().union(*job_ids.values()) if job_ids else set()
+    records = sacct_elapsed(wanted, runner) if wanted else None
+    if not records:
         return {}
-    elapsed = sacct_elapsed(job_of.values(), runner) or {}
-    return {run_dir: elapsed[job] for run_dir, job in job_of.items() if elapsed.get(job)}
+    totals: dict[str, float] = {}
+    for run_dir, ids in job_ids.items():
+        # each allocation once, whether the run knows it as 1234_3 or by its raw id
+        seconds = sum(elapsed for job, raw, elapsed in records if job in ids or raw in ids)
+        if seconds > 0:
+            totals[run_dir] = seconds
+    return totals

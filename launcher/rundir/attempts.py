@@ -26,16 +26,30 @@ def process_start_time() -> float:
         return time.time()
 
 
-def record_attempt_start(paths: RunPaths, attempt: str, gpus: int, at: float | None = None) -> None:
-    append_jsonl(
-        paths.attempts_jsonl,
-        {
-            "attempt": attempt,
-            "event": "start",
-            "at": process_start_time() if at is None else at,
-            "gpus": gpus,
-        },
+def record_attempt_start(
+    paths: RunPaths, attempt: str, gpus: int, at: float | None = None, job_id: str | None = None
+) -> None:
+    """``job_id``: the scheduler's (SLURM_JOB_ID), so accounting can be asked about every job the run
+    ever had, also those of earlier submissions the manifest no longer names."""
+    record: dict[str, object] = {
+        "attempt": attempt,
+        "event": "start",
+        "at": process_start_time() if at is None else at,
+        "gpus": gpus,
+    }
+    if job_id:
+        record["job_id"] = job_id
+    append_jsonl(paths.attempts_jsonl, record)
+
+
+def attempt_job_ids(paths: RunPaths) -> list[str]:
+    """The scheduler job ids the run's attempts recorded, in order, each once."""
+    ids = (
+        str(r["job_id"])
+        for r in iter_jsonl(paths.attempts_jsonl)
+        if r.get("event") == "start" and r.get("job_id")
     )
+    return list(dict.fromkeys(ids))
 
 
 def record_attempt_end(paths: RunPaths, attempt: str, state: str, at: float | None = None) -> None:

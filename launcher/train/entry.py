@@ -127,7 +127,7 @@ def train_run(run_dir: Path) -> str:
     attempt = os.environ.get(ATTEMPT_ID_ENV) or f"{os.getpid()}@{time.time():.0f}"
     if env.rank == 0:  # the run's real wall time (launcher.rundir.attempts); one GPU per rank
         with contextlib.suppress(OSError):  # bookkeeping: a full disk fails the run where it writes results
-            record_attempt_start(paths, attempt, env.world_size)
+            record_attempt_start(paths, attempt, env.world_size, job_id=os.environ.get("SLURM_JOB_ID"))
     outcome = RunState.FAILED.value
     try:
         init_distributed(env)
