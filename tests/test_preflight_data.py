@@ -70,7 +70,7 @@ def test_fewer_records_than_one_global_batch(
 def test_columns_reach_the_preflight(tmp_path: Path, family_dirs: dict[str, Path], cache: Path) -> None:  # noqa: F811
     advertisegen = [{"content": "类型#上衣", "summary": "简约的上衣"}]
     _write(tmp_path / "train.jsonl", advertisegen)
-    _write(tmp_path / "eval.jsonl", advertisegen)
+    _write(tmp_path / "eval.jsonl", [{"content": "类型#裤子", "summary": "宽松的裤子"}])
     with pytest.raises(SpecError, match=r"set data.format and map them with data.columns"):
         load_and_plan(write_spec(tmp_path, family_dirs["qwen2"]), check_paths=True)
     data = (

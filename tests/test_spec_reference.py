@@ -47,14 +47,21 @@ def test_the_readme_path_from_a_model_directory_and_a_jsonl_file(
     (tmp_path / "mine.yaml").write_text(
         spec_text.replace(model.group(1), str(family_dirs["qwen2"])), encoding="utf-8"
     )
-    record = {
-        "messages": [{"role": "user", "content": "3加5等于几？"}, {"role": "assistant", "content": "等于8。"}]
-    }
-    for name in ("train.jsonl", "eval.jsonl"):
-        (tmp_path / name).write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": f"3加{n}等于几？"},
+                {"role": "assistant", "content": f"等于{3 + n}。"},
+            ]
+        }
+        for n in range(20)
+    ]
+    (tmp_path / "mine.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
     plan = load_and_plan(tmp_path / "mine.yaml", check_paths=True)
     assert [run.name for run in plan.runs] == ["lora"]
-    assert plan.preflight is not None and plan.preflight.records == 2
+    assert plan.preflight is not None and plan.preflight.records == 20
     for command in (
         "launcher plan    mine.yaml",
         "launcher submit  mine.yaml --backend local",

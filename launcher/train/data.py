@@ -436,13 +436,13 @@ def load_datasets(data: DataSpec) -> DataSets:
     from launcher.data import eval_set
 
     train_path, eval_path = resolve_data_files(data)
-    train, train_format = load_data(train_path, data.format)
+    train, train_format = load_data(train_path, data.format, data.columns)
     if eval_path is None:
         assert data.eval_split is not None
         train, held_out = eval_set.split_eval(train, data.eval_split, eval_set.content_hash(train_path))
         eval_format, same = train_format, False
     else:
-        held_out, eval_format = load_data(eval_path, data.format)
+        held_out, eval_format = load_data(eval_path, data.format, data.columns)
         same = eval_set.same_file(train_path, eval_path)
         if same and not data.allow_eval_overlap:
             raise UserError(
