@@ -43,6 +43,8 @@ MAX_SOURCE, MAX_TARGET = 256, 64
 METHODS: dict[str, dict[str, Any]] = {
     "freeze": {"method": "freeze", "trainable_layers": 1},
     "lora": {"method": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05},
+    "dora": {"method": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "use_dora": True},
+    "rslora": {"method": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "use_rslora": True},
     "ptuning-v1": {"method": "ptuning", "version": "v1", "pre_seq_len": 16},
     "ptuning-v2": {"method": "ptuning", "version": "v2", "pre_seq_len": 16},
     "full": {"method": "full"},
@@ -79,6 +81,7 @@ def all_cases() -> list[Case]:
         for zero in ZERO
         for gc in (False, True)
         if not (gc and method == "ptuning-v2")  # prefix tuning cannot recompute its cache (peft refuses)
+        and not (method == "dora" and zero.startswith("z3"))  # DoRA needs whole weights (the plan refuses)
     ]
     # bf16: 2-byte weights, activations and buckets, fp32 master and Adam states
     return [*cases, Case("full", "z2", False, 2, "bf16"), Case("lora", "z3", True, 2, "bf16")]

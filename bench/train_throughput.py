@@ -58,6 +58,11 @@ from launcher.backends.launch_env import free_port, torchrun_env
 MAX_SOURCE, MAX_TARGET = 256, 64
 TRAINER_VARIANTS = ("pad-max", "dynamic", "dynamic+group")
 OUR_VARIANTS = ("dynamic+group", "packed")
+# --lora-variants: our entrypoint only, LoRA r8 on every linear layer against its variants
+LORA_VARIANTS: dict[str, dict[str, Any]] = {
+    "lora": {"method": "lora", "r": 8, "lora_alpha": 16},
+    "dora": {"method": "lora", "r": 8, "lora_alpha": 16, "use_dora": True},
+}
 
 
 # --- set-up (parent process) ---------------------------------------------------------------------
@@ -85,7 +90,13 @@ def fixed_length_data(
 
 
 def _spec(
-    root: Path, name: str, data: dict[str, Any], args: argparse.Namespace, precision: str, packing: bool
+    root: Path,
+    name: str,
+    data: dict[str, Any],
+    args: argparse.Namespace,
+    precision: str,
+    packing: bool,
+    method: dict[str, Any] | None = None,
 ) -> Path:
     spec: dict[str, Any] = {
         "experiment": f"bench-{name}",
@@ -108,7 +119,7 @@ def _spec(
             "seed": 42,
         },
         "eval": {"num_samples": 2, "max_new_tokens": 4, "batch_size": 2},
-        "methods": [{"method": "full"}],
+        "methods": [method or {"method": "full"}],
         "resources": {
             "nodes": 1,
             "gpus_per_node": 1,
@@ -369,6 +380,21 @@ def print_report(results: list[dict[str, Any]], datasets: list[str]) -> None:
         )
 
 
+def print_lora_report(results: list[dict[str, Any]], datasets: list[str]) -> None:
+    """Each LoRA variant against plain LoRA: throughput and peak memory ratios (medians)."""
+    print(f"{'data':<9} {'variant':<8} {'tok/s':>8} {'vs lora':>8} {'cpu':>6} {'peak GiB':>9} {'mem':>6}")
+    for data_name in datasets:
+        base = _medians(results, data_name, "ours", "lora")
+        for variant in LORA_VARIANTS:
+            one = _medians(results, data_name, "ours", variant)
+            print(
+                f"{data_name:<9} {variant:<8} {one['tokens_per_s']:>8.0f} "
+                f"{one['tokens_per_s'] / base['tokens_per_s']:>7.2f}x "
+                f"{one['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:>5.2f}x "
+                f"{one['peak_mem_gib']:>9.3f} {one['peak_mem_gib'] / base['peak_mem_gib']:>5.2f}x"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -386,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         help="print the table from earlier --json files (repeats run as separate invocations) and exit",
+    )
+    parser.add_argument(
+        "--lora-variants",
+        action="store_true",
+        help="instead: our entrypoint, LoRA against DoRA (same data, steps, micro-batch): what DoRA costs",
     )
     parser.add_argument("--worker", choices=("ours", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -443,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.data != "both":
             datasets = {args.data: datasets[args.data]}
         configs = [("ours", v) for v in OUR_VARIANTS] + [("trainer", v) for v in TRAINER_VARIANTS]
+        if args.lora_variants:
+            configs = [("ours", v) for v in LORA_VARIANTS]
         # Interleaved (A B C D A B C D ...) so a slow phase of the machine hits every configuration.
         for data_name, data, repeat, (kind, variant) in (
             (d, data, r, c) for d, data in datasets.items() for r in range(args.repeats) for c in configs
@@ -450,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
             repeat_root = root / f"repeat{repeat}"
             repeat_root.mkdir(exist_ok=True)
             name = f"{data_name}-{kind}-{variant.replace('+', '-')}"
-            spec = _spec(repeat_root, name, data, args, precision, packing=variant == "packed")
+            method = LORA_VARIANTS.get(variant) if args.lora_variants else None
+            spec = _spec(repeat_root, name, data, args, precision, variant == "packed", method)
             run_dir = _plan_run_dir(spec)
             out = _run_worker(kind, run_dir, variant, args.warmup, log_dir)
             out.update(data=data_name, runner=kind, variant=variant, repeat=repeat)
@@ -471,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         f"({args.warmup} warm-up excluded), ZeRO-2, full fine-tuning of the tiny GLM; "
         f"total {time.perf_counter() - started:.0f} s"
     )
-    print_report(results, list(datasets))
+    if args.lora_variants:
+        print_lora_report(results, list(datasets))
+    else:
+        print_report(results, list(datasets))
     if args.json:
         args.json.write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")
     return 0

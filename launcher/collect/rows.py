@@ -17,6 +17,7 @@ from typing import Any, TypeGuard
 
 import yaml
 
+from launcher.rundir.method_label import method_label
 from launcher.rundir.paths import RESULT_KEYS, RunPaths, RunState, iter_jsonl, tail_lines
 
 # libyaml is ~10x faster than the pure-Python loader; run.yaml is read for every unfinished run.
@@ -217,7 +218,7 @@ def values_from_run_yaml(config: dict[str, Any]) -> dict[str, Any]:
     nodes, gpus = resources.get("nodes"), resources.get("gpus_per_node")
     return {
         "run_id": config.get("run_id"),
-        "method": method.get("method"),
+        "method": method_label(method) if method.get("method") else None,
         "swept": config.get("swept") if isinstance(config.get("swept"), dict) else {},
         "nodes": nodes,
         "gpus_per_node": gpus,

@@ -70,9 +70,15 @@ class ParamLayout:
     """The linear layers LoRA wraps in every transformer layer."""
     lora_r: int = 0
     lora_dropout: float = 0.0
+    dora: bool = False
+    """DoRA: a trained magnitude per output feature, and per token each target's base and LoRA outputs
+    kept for the magnitude's gradient."""
     top_trains: bool = False
     """A weight near the output trains (the last layer, the head, LoRA everywhere): its gradients arrive at
     the start of backward, so ZeRO-2's reduce buckets exist during the activation peak."""
+    quantized_elems: int = 0
+    """QLoRA: frozen elements held quantized (the layers' linear weights), at ``quantized_bits`` each."""
+    quantized_bits: float = 0.0
     prefix_tokens: int = 0
     """P-Tuning v2 prefix length added to every layer's keys and values."""
     input_tokens: int = 0
@@ -85,6 +91,23 @@ class ParamLayout:
     @property
     def total_params(self) -> int:
         return sum(self.trainable) + sum(self.frozen)
+
+
+QUANTIZED_BITS = {"4bit": 4 + 8 / 64 + 32 / (64 * 256), "8bit": 8.0}
+"""Bits per quantized weight: NF4 with double quantization (an 8-bit absmax per block of 64, an fp32
+scale per 256 of those), LLM.int8() (its per-row fp32 scale is negligible)."""
+
+
+def quantize_layout(layout: ParamLayout, arch: ArchInfo, quantization: str | None) -> ParamLayout:
+    """QLoRA: bitsandbytes quantizes every linear weight of the transformer layers (transformers leaves the
+    LM head, embeddings, norms and biases in the load dtype)."""
+    if quantization is None:
+        return layout
+    layout.quantized_elems = arch.num_layers * sum(
+        lin.in_features * lin.out_features for lin in arch.layer_linears
+    )
+    layout.quantized_bits = QUANTIZED_BITS[quantization]
+    return layout
 
 
 def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
@@ -149,8 +172,11 @@ def param_layout(arch: ArchInfo, method: MethodSpec) -> ParamLayout:
         for _ in range(arch.num_layers):
             for lin in per_layer:
                 layout.trainable += [method.r * lin.in_features, lin.out_features * method.r]
+                if method.use_dora:  # the magnitude vector
+                    layout.trainable.append(lin.out_features)
         layout.lora_targets = tuple(per_layer)
         layout.lora_r, layout.lora_dropout = method.r, method.lora_dropout
+        layout.dora = method.use_dora
         layout.top_trains = True
         return layout
     assert isinstance(method, PtuningMethod)
@@ -324,7 +350,8 @@ def model_state_bytes(
         shard = _partitioned(layout.trainable, n)
         grads_elems = shard
     else:
-        params = total * d
+        quantized = layout.quantized_elems  # QLoRA (never ZeRO-3): those frozen weights at a few bits
+        params = (total - quantized) * d + math.ceil(quantized * layout.quantized_bits / 8)
         shard = math.ceil(trainable / n)
         grads_elems = zero2_grad_elems(layout.trainable, n, rank) if zero_stage == 2 else trainable
     optim_elems = shard if zero_stage >= 1 else trainable
@@ -402,7 +429,19 @@ def lora_extra_per_token(layout: ParamLayout, d: int, on_cpu: bool, inputs_kept:
     if (not dropout or on_cpu) and not inputs_kept:
         shared = {lin.in_features for lin in targets if not _is_output_projection(lin)}
         extra += sum(shared) + sum(lin.in_features for lin in targets if _is_output_projection(lin))
+    if layout.dora:  # (m / ||W + BA|| - 1) * base_out + m / ||..|| * lora_out: both outputs kept
+        extra += 2 * sum(lin.out_features for lin in targets)
     return extra
+
+
+def dora_norm_temp_bytes(layout: ParamLayout, precision: Precision) -> int:
+    """DoRA's weight norm, computed in every forward of every target: peft builds B A through an
+    identity matrix (in x in), then W + s B A (out x in, twice). Freed after each target; the largest
+    target's is the transient at the forward's end."""
+    if not layout.dora or not layout.lora_targets:
+        return 0
+    d = dtype_bytes(precision)
+    return max(lin.in_features * (lin.in_features + 3 * lin.out_features) for lin in layout.lora_targets) * d
 
 
 def per_token_layer_elems(
@@ -688,8 +727,10 @@ def estimate(
         logits=logits_bytes(
             arch, micro_batch=micro_batch, positions=positions, precision=precision, own_loss=own_loss
         ),
-        backward_temp=backward_temp_bytes(
-            arch, layout, micro_batch=micro_batch, seq_len=seq_len, precision=precision
+        # the forward's last transient (DoRA's norm) or backward's first gradients, whichever is larger
+        backward_temp=max(
+            backward_temp_bytes(arch, layout, micro_batch=micro_batch, seq_len=seq_len, precision=precision),
+            dora_norm_temp_bytes(layout, precision),
         ),
         buffers=buffer_bytes(
             arch, layout, zero_stage=zero_stage, world_size=world_size, precision=precision, settings=settings

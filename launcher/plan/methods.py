@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from launcher.rundir.method_label import lora_variant_labels
 from launcher.spec.schema import FreezeMethod, FullMethod, LoraMethod, MethodSpec, PtuningMethod
 
 
@@ -66,10 +67,12 @@ def supports_gradient_checkpointing(method: MethodSpec) -> bool:
 
 
 def describe(method: MethodSpec) -> str:
-    """A short label for tables: ``lora r16/a64``, ``ptuning v2 p16``, ``freeze last 4``."""
+    """A short label for tables: ``lora r16/a64``, ``lora r8/a32 dora pissa``, ``ptuning v2 p16``,
+    ``freeze last 4``."""
     if isinstance(method, LoraMethod):
         alpha = f"{method.lora_alpha:g}"
-        return f"lora r{method.r}/a{alpha}"
+        variants = lora_variant_labels(method.model_dump(mode="json"))
+        return " ".join([f"lora r{method.r}/a{alpha}", *variants])
     if isinstance(method, PtuningMethod):
         return f"ptuning {method.version} p{method.pre_seq_len}"
     if isinstance(method, FreezeMethod):

@@ -35,12 +35,14 @@ from launcher.plan.archs import (
 from launcher.plan.data_facts import DataFacts, run_data_facts
 from launcher.plan.dsconfig import batch_sizes, render_ds_config
 from launcher.plan.input_knowledge import INPUT_KNOWLEDGE
-from launcher.plan.memory_model import LayoutError, param_layout
+from launcher.plan.lora_variants import check_lora_variant
+from launcher.plan.memory_model import LayoutError, param_layout, quantize_layout
 from launcher.plan.methods import describe
 from launcher.plan.preflight import PreflightReport, run_preflight
 from launcher.plan.resources import ResourceProblem, resolve_resources
 from launcher.plan.sweep import RunPlan, expand
 from launcher.rundir.identity import run_id_of
+from launcher.rundir.method_label import method_label
 from launcher.rundir.paths import (
     ExperimentPaths,
     RunState,
@@ -311,7 +313,7 @@ def _arch_of(model: ModelSpec, base_dir: Path, cache: ArchCache, problems: Probl
 def _resources_of(
     spec: JobSpec,
     plan: RunPlan,
-    training: TrainingSpec,
+    sections: _Sections,
     arch: ArchInfo,
     problems: Problems,
     per_run: _RunProblems,
@@ -319,20 +321,22 @@ def _resources_of(
     """What the resource policy chooses for the run; None (with the problem) if it cannot."""
     where_method: tuple[str | int, ...] = ("methods", plan.method_index)
     try:
-        layout = param_layout(arch, plan.method)
+        layout = quantize_layout(param_layout(arch, plan.method), arch, sections.model.quantization)
     except LayoutError as exc:
         per_run.add(problems.first_present((*where_method, exc.key), where_method), plan.name, str(exc))
         return None
     try:
-        return resolve_resources(
+        resources = resolve_resources(
             method=plan.method,
             explicit=plan.resources,
             auto=plan.auto,
-            training=training,
+            training=sections.training,
             cluster=spec.cluster,
             arch=arch,
             layout=layout,
         )
+        check_lora_variant(plan.method, resources, sections.model)  # LoRA variants, QLoRA
+        return resources
     except ResourceProblem as exc:
         per_run.add(_resource_key_path(problems, plan, exc.key), plan.name, str(exc))
         return None
@@ -399,7 +403,7 @@ def plan_runs(
         arch = _arch_of(sections.model, base_dir, arch_cache, problems)
         if arch is None:
             continue
-        resources = _resources_of(spec, plan, sections.training, arch, problems, per_run)
+        resources = _resources_of(spec, plan, sections, arch, problems, per_run)
         if resources is None or not _name_is_free(plan, seen, problems):
             continue
         run = build_run_config(
@@ -463,7 +467,7 @@ def plan_row(run: RunConfig, arch: ArchInfo) -> dict[str, Any]:
     return {
         "name": run.name,
         "run_id": run.run_id,
-        "method": run.method.method,
+        "method": method_label(run.method.model_dump(mode="json")),  # the table's: lora r8 dora
         "method_label": describe(run.method),
         "lora_targets": lora_targets(run, arch),
         "swept": run.swept,

@@ -96,6 +96,12 @@ class RunPaths:
         return self.root / "final"
 
     @property
+    def lora_init(self) -> Path:
+        """The LoRA adapter as PiSSA/OLoRA initialised it, before training: the export subtracts it so
+        that final/ loads on the original base model."""
+        return self.root / "lora_init"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 

@@ -590,6 +590,19 @@ def _check_logging(spec: JobSpec, problems: Problems) -> None:
         problems.error(("logging", tracker), hint)
 
 
+def _check_quantization(spec: JobSpec, problems: Problems) -> None:
+    """QLoRA needs bitsandbytes here (it runs 4-bit and 8-bit on CPU as well as CUDA), not a failure in
+    the job: the same rule as the trackers above."""
+    import importlib.util
+
+    if spec.model.quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
+        problems.error(
+            ("model", "quantization"),
+            f"{spec.model.quantization} loading needs bitsandbytes, which is not installed here: "
+            "pip install 'launcher[qlora]' (or drop model.quantization)",
+        )
+
+
 def _check_output_dir(spec: JobSpec, problems: Problems, knowledge: InputKnowledge) -> None:
     """The experiment directory must be creatable and writable here: found at validate, not as a
     traceback at `plan --write` or submit. Relative output_dir: relative to the current directory."""
@@ -635,6 +648,7 @@ def check_spec(
     _check_paths(spec, spec_path.resolve().parent, problems, check_paths, knowledge)
     _check_eval_is_not_train(spec, spec_path.resolve().parent, problems)
     _check_logging(spec, problems)
+    _check_quantization(spec, problems)
 
 
 def validate_spec(

@@ -18,6 +18,10 @@ BuiltinData = Literal["dialogue", "spo"]
 DataFormat = Literal["auto", "chatglm", "alpaca", "sharegpt", "messages"]
 BackendName = Literal["slurm", "local", "hostfile"]
 METHOD_NAMES: tuple[str, ...] = ("freeze", "ptuning", "lora", "full")
+LoraInit = Literal[True, "gaussian", "pissa", "olora"]
+MUTATING_LORA_INITS: tuple[str, ...] = ("pissa", "olora")
+"""Initialisations that move the adapter's start value out of the base weights (W_res = W - B0 A0)."""
+Quantization = Literal["4bit", "8bit"]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 """What numpy and torch accept as a seed."""
 
@@ -47,6 +51,8 @@ class ModelSpec(StrictModel):
     trust_remote_code: bool = False
     dtype: Precision | None = None
     """Dtype the weights are loaded in; defaults to training.precision."""
+    quantization: Quantization | None = Field(default=None, exclude_if=lambda v: v is None)
+    """QLoRA: load the frozen base in 4-bit (NF4) or 8-bit through bitsandbytes; LoRA methods only."""
 
 
 class TokenizerSpec(StrictModel):
@@ -183,6 +189,17 @@ class LoraMethod(MethodBase):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     merge: bool = False
     """Also export the LoRA weights merged into the base model."""
+    # The variants keep peft's names. A field at its default is left out of run.yaml and the run id, so
+    # plain LoRA runs keep the ids they had before the variants existed.
+    use_dora: bool = Field(default=False, exclude_if=lambda v: v is False)
+    """DoRA: a trained magnitude per output feature on top of the low-rank direction update."""
+    use_rslora: bool = Field(default=False, exclude_if=lambda v: v is False)
+    """rsLoRA: scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r."""
+    init_lora_weights: LoraInit = Field(default=True, exclude_if=lambda v: v is True)
+    """true (B = 0, A Kaiming), gaussian (A Gaussian), pissa (A and B from the weight's top singular
+    vectors, the rest stays in the base) or olora (from its QR decomposition)."""
+    loraplus_lr_ratio: float | None = Field(default=None, gt=0, exclude_if=lambda v: v is None)
+    """LoRA+: the B matrices train at this many times training.learning_rate (the paper uses 16)."""
 
 
 class FullMethod(MethodBase):

@@ -17,7 +17,14 @@ from torch import nn
 
 from launcher.errors import UserError
 from launcher.model.modules import layer_list_prefix, linear_module_names, param_numel
-from launcher.spec.schema import FreezeMethod, FullMethod, LoraMethod, MethodSpec, PtuningMethod
+from launcher.spec.schema import (
+    MUTATING_LORA_INITS,
+    FreezeMethod,
+    FullMethod,
+    LoraMethod,
+    MethodSpec,
+    PtuningMethod,
+)
 
 # Freeze with neither layers nor patterns: train the last 2 blocks (LLaMA-Factory's default).
 _NAMES_SHOWN = 12
@@ -200,11 +207,45 @@ def _apply_lora(model: nn.Module, method: LoraMethod) -> nn.Module:
         lora_alpha=method.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
         lora_dropout=method.lora_dropout,
         target_modules=targets,
+        use_dora=method.use_dora,
+        use_rslora=method.use_rslora,
+        init_lora_weights=method.init_lora_weights,
     )
+    if method.init_lora_weights in MUTATING_LORA_INITS and is_quantized(model):
+        raise UserError(
+            f"lora: init_lora_weights: {method.init_lora_weights} rewrites the base weights, which a "
+            "quantized base (model.quantization) cannot hold; use init_lora_weights: true"
+        )
+    if is_quantized(model):
+        from launcher.train.quantization import keep_training_layout
+
+        keep_training_layout(model)
     wrapped = get_peft_model(model, config)  # type: ignore[arg-type]
     names = {name.rsplit(".", 1)[-1] for name in wrapped.targeted_module_names}
     log.info("lora wraps %d modules: %s", len(wrapped.targeted_module_names), ", ".join(sorted(names)))
     return wrapped
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
+def optimizer_param_groups(
+    model: nn.Module, method: MethodSpec, learning_rate: float
+) -> tuple[list[dict[str, Any]], list[float]]:
+    """The trainable parameters as optimizer groups, and each group's share of the learning rate.
+
+    One group at the learning rate, except for LoRA+ (``loraplus_lr_ratio``): its B matrices form a
+    second group at ratio x the rate, as peft's ``create_loraplus_optimizer`` does (Hayou et al., 2024)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ratio = method.loraplus_lr_ratio if isinstance(method, LoraMethod) else None
+    if ratio is None:
+        return [{"params": [p for _, p in named]}], [1.0]
+    b_params = [p for n, p in named if ".lora_B." in n]
+    rest = [p for n, p in named if ".lora_B." not in n]
+    groups = [{"params": rest, "lr": learning_rate}, {"params": b_params, "lr": learning_rate * ratio}]
+    log.info("LoRA+: %d B matrices at %g x the learning rate", len(b_params), ratio)
+    return groups, [1.0, float(ratio)]
 
 
 # --- P-Tuning ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from launcher.data.templates import ChatFormat
-from launcher.spec.schema import LoraMethod, MethodSpec
+from launcher.spec.schema import MUTATING_LORA_INITS, LoraMethod, MethodSpec
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,12 @@ def export_final(
     zero_stage: int,
     is_rank0: bool,
     chat: ChatFormat | None = None,
+    initial_adapter: Path | None = None,
 ) -> None:
     """Save the trained model or adapter to ``out_dir`` (every rank calls this; rank 0 writes).
+
+    ``initial_adapter``: where :func:`save_initial_adapter` put a PiSSA/OLoRA adapter before training;
+    the export is then the difference to it, a plain LoRA adapter of rank 2r on the original base.
 
     ``chat``: the run's prompt format. The exported tokenizer then carries it as its chat template and
     ``generation_config.json`` stops at its end-of-turn token, so ``apply_chat_template`` and
@@ -130,7 +135,8 @@ def export_final(
     error: BaseException | None = None
     try:
         if _is_peft(module):
-            _save_adapter(module, tmp, zero3=zero3, is_rank0=is_rank0)
+            conversion = initial_adapter if mutates_base(method) else None
+            _save_adapter(module, tmp, zero3=zero3, is_rank0=is_rank0, initial_adapter=conversion)
         else:
             state = gather_state_dict(module, zero3=zero3, is_rank0=is_rank0)
             if is_rank0:
@@ -163,7 +169,27 @@ def _is_peft(module: nn.Module) -> bool:
     return isinstance(module, PeftModel)
 
 
-def _save_adapter(module: Any, tmp: Path, *, zero3: bool, is_rank0: bool) -> None:
+def mutates_base(method: MethodSpec) -> bool:
+    """PiSSA and OLoRA move the adapter's initial value out of the base weights (W_res = W - B0 A0)."""
+    return isinstance(method, LoraMethod) and method.init_lora_weights in MUTATING_LORA_INITS
+
+
+def save_initial_adapter(model: Any, method: MethodSpec, out_dir: Path, *, is_rank0: bool) -> None:
+    """Before training (and before DeepSpeed wraps the model): keep the PiSSA/OLoRA adapter as it was
+    initialised, which the export needs (peft's ``path_initial_model_for_weight_conversion``). The
+    initialisation is deterministic (SVD or QR of the base weights), so a resumed attempt writes the same
+    adapter again."""
+    if not (is_rank0 and mutates_base(method)):
+        return
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_pretrained(str(tmp))  # type: ignore[operator]
+    _publish(tmp, out_dir)
+
+
+def _save_adapter(
+    module: Any, tmp: Path, *, zero3: bool, is_rank0: bool, initial_adapter: Path | None = None
+) -> None:
     trainable = [p for p in module.parameters() if p.requires_grad]
     adapter = module.active_adapter
     config = module.peft_config[adapter]
@@ -191,7 +217,14 @@ def _save_adapter(module: Any, tmp: Path, *, zero3: bool, is_rank0: bool) -> Non
             module.prompt_encoder[adapter] = encoder
         return
     with gathered(trainable, zero3):
-        if is_rank0:
+        if is_rank0 and initial_adapter is not None:
+            # peft rewrites the initial adapter's config and loads it as an adapter named after its
+            # directory (no dots allowed): a scratch copy keeps the run's own intact.
+            with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".lora-init-") as scratch_root:
+                scratch = Path(scratch_root) / "initial"
+                shutil.copytree(initial_adapter, scratch)
+                module.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=str(scratch))
+        elif is_rank0:
             module.save_pretrained(str(tmp))
     if is_rank0:
         from peft.utils import load_peft_weights

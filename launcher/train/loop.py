@@ -32,8 +32,9 @@ from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
 from launcher.train.loggers import open_metric_loggers
 from launcher.train.memory import combine_peaks, peak_memory_all_ranks, reset_peak_memory
+from launcher.train.quantization import quantized_loading
 from launcher.train.result import TrainOutcome, build_result, write_result
-from launcher.train.schedule import fill_ds_config, total_optimizer_steps
+from launcher.train.schedule import fill_ds_config, scale_group_lrs, total_optimizer_steps
 from launcher.train.signals import PreemptionFlag
 from launcher.train.target_loss import TargetOnlyLoss
 
@@ -118,9 +119,13 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> torch.nn.Module:
     from launcher.train.data import resolve_model_dir
 
     dtype = _DTYPES[cfg.model.dtype or cfg.training.precision]
+    quantized = quantized_loading(cfg.model, _DTYPES[cfg.training.precision])  # QLoRA; {} otherwise
     with zero3_partitioned_loading(ds_config):
         model = AutoModelForCausalLM.from_pretrained(
-            str(resolve_model_dir(cfg.model)), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+            str(resolve_model_dir(cfg.model)),
+            dtype=dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            **quantized,
         )
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training (generation turns it on per call)
@@ -263,10 +268,10 @@ def run_training(
     import deepspeed
 
     from launcher.data.templates import chat_format
-    from launcher.train.adapters import apply_method
+    from launcher.train.adapters import apply_method, optimizer_param_groups
     from launcher.train.data import with_resolved_template
     from launcher.train.evaluate import bleu_scores, eval_loss, generate_samples
-    from launcher.train.export import export_final
+    from launcher.train.export import export_final, save_initial_adapter
 
     t = cfg.training
     rank0 = env.is_rank0
@@ -301,11 +306,13 @@ def run_training(
 
         prepare_model(model, cfg.method)  # P-Tuning lays packed batches out per example
     log.info("%s: %s", cfg.method.method, counts.describe())
+    save_initial_adapter(model, cfg.method, paths.lora_init, is_rank0=rank0)  # PiSSA / OLoRA only
     cast_added_params(model, _DTYPES[t.precision])
     loss_fn = TargetOnlyLoss(model)  # hooks the LM head; must see the model before DeepSpeed wraps it
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
+    groups, lr_multipliers = optimizer_param_groups(model, cfg.method, t.learning_rate)  # LoRA+: 2 groups
+    ds = scale_group_lrs(ds, lr_multipliers)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
     exclude_frozen = cfg.method.method != "full"  # frozen weights come back from the base model
 
     # --- resume --------------------------------------------------------------------------------
@@ -445,6 +452,7 @@ def run_training(
         zero_stage=cfg.resources.zero_stage,
         is_rank0=rank0,
         chat=chat,
+        initial_adapter=paths.lora_init,
     )
     outcome = TrainOutcome(
         steps=state.global_step,

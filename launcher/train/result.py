@@ -7,6 +7,7 @@ import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
+from launcher.rundir.method_label import method_label
 from launcher.rundir.paths import RESULT_KEYS, RunPaths, iter_jsonl, write_json_atomic
 from launcher.rundir.run_config import RunConfig
 from launcher.train.memory import PeakMemory
@@ -63,7 +64,7 @@ def build_result(
     result: dict[str, Any] = {
         "run_id": cfg.run_id,
         "name": cfg.name,
-        "method": cfg.method.method,
+        "method": method_label(cfg.method.model_dump(mode="json")),  # lora r8 dora for a variant
         "state": state,
         "steps": outcome.steps,
         "epochs": round(outcome.epochs, 4),

@@ -78,3 +78,16 @@ def _auto_keys(value: Any, prefix: str = "") -> list[str]:
     elif value == "auto":
         found.append(prefix)
     return found
+
+
+def scale_group_lrs(ds_config: dict[str, Any], multipliers: list[float]) -> dict[str, Any]:
+    """Per-group learning rates (LoRA+) in the scheduler: DeepSpeed's WarmupLR and WarmupDecayLR set one
+    rate for every group unless their bounds are lists, one value per group (WarmupCosineLR scales each
+    group's own rate and needs nothing)."""
+    if len(multipliers) == 1:
+        return ds_config
+    params = ds_config.get("scheduler", {}).get("params", {})
+    for key in ("warmup_min_lr", "warmup_max_lr"):
+        if isinstance(params.get(key), int | float):
+            params[key] = [params[key] * m for m in multipliers]
+    return ds_config
