@@ -63,6 +63,8 @@ class Run:
     """None: the check's --steps."""
     trainer: bool = False
     """Also run Hugging Face Trainer on this run directory."""
+    quantization: str | None = None
+    """QLoRA: model.quantization (bitsandbytes)."""
 
 
 RUNS = (
@@ -72,6 +74,8 @@ RUNS = (
     Run("full-z2-packed", {"method": "full"}, packing=True),
     Run("lora", {"method": "lora", "r": 16, "lora_alpha": 32}),
     Run("lora-packed", {"method": "lora", "r": 16, "lora_alpha": 32}, packing=True),
+    Run("dora", {"method": "lora", "r": 16, "lora_alpha": 32, "use_dora": True}),
+    Run("qlora-4bit", {"method": "lora", "r": 16, "lora_alpha": 32}, quantization="4bit"),
     Run("freeze", {"method": "freeze", "trainable_layers": 4}),
     Run("ptuning-v1", {"method": "ptuning", "version": "v1", "pre_seq_len": 16}),
     Run("ptuning-v2", {"method": "ptuning", "version": "v2", "pre_seq_len": 16}),
@@ -120,7 +124,7 @@ def write_spec(settings: Settings, run: Run, root: Path) -> Path:
     spec = {
         "experiment": f"gpu-check-{run.name}",
         "output_dir": str(root / "runs"),
-        "model": settings.model,
+        "model": {**settings.model, **({"quantization": run.quantization} if run.quantization else {})},
         "data": {"builtin": "dialogue", "max_eval_examples": 16},
         "template": "chatglm",
         "training": {

@@ -29,7 +29,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
     platforms+=(--platform "$p")
 done
 pins=()
-for name in submitit pydantic pydantic_core annotated-types typing-inspection nltk hjson; do
+for name in submitit pydantic pydantic_core annotated-types typing-inspection nltk hjson bitsandbytes; do
     pins+=("$name==$(version "$name")")
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -96,6 +96,8 @@ def _scheduler(run: RunConfig) -> dict[str, Any]:
 def render_ds_config(run: RunConfig, hidden_size: int) -> dict[str, Any]:
     """The concrete DeepSpeed config of one run (only the scheduler's step counts stay "auto")."""
     r, t = run.resources, run.training
+    if r.deepspeed is not None:
+        return _render_from_user_file(run, hidden_size, Path(r.deepspeed))
     cfg = copy.deepcopy(load_template(template_name(r.zero_stage, r.offload_optimizer, r.offload_param)))
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     train_batch, micro, accum = batch_sizes(run)
@@ -133,6 +135,29 @@ def render_ds_config(run: RunConfig, hidden_size: int) -> dict[str, Any]:
     if leftover:
         raise UserError(f"template values left as 'auto': {leftover}")
     return cfg
+
+
+def _render_from_user_file(run: RunConfig, hidden_size: int, path: Path) -> dict[str, Any]:
+    from launcher.plan.user_dsconfig import read_user_ds_config, render_user_ds_config
+
+    bucket = bucket_elements(hidden_size)
+    t = run.training
+    return render_user_ds_config(
+        read_user_ds_config(path),
+        path,
+        batch=batch_sizes(run),
+        precision=t.precision,
+        max_grad_norm=t.max_grad_norm,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        scheduler=_scheduler(run),
+        buckets={
+            "allgather_bucket_size": bucket,
+            "reduce_bucket_size": bucket,
+            "stage3_prefetch_bucket_size": int(0.9 * bucket),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+        },
+    )
 
 
 def _auto_paths(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

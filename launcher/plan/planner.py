@@ -41,6 +41,7 @@ from launcher.plan.methods import describe
 from launcher.plan.preflight import PreflightReport, run_preflight
 from launcher.plan.resources import ResourceProblem, resolve_resources
 from launcher.plan.sweep import RunPlan, expand
+from launcher.plan.user_dsconfig import merge_file_resources, read_user_ds_config
 from launcher.rundir.identity import run_id_of
 from launcher.rundir.method_label import method_label
 from launcher.rundir.paths import (
@@ -317,6 +318,7 @@ def _resources_of(
     arch: ArchInfo,
     problems: Problems,
     per_run: _RunProblems,
+    base_dir: Path,
 ) -> ResolvedResources | None:
     """What the resource policy chooses for the run; None (with the problem) if it cannot."""
     where_method: tuple[str | int, ...] = ("methods", plan.method_index)
@@ -325,10 +327,16 @@ def _resources_of(
     except LayoutError as exc:
         per_run.add(problems.first_present((*where_method, exc.key), where_method), plan.name, str(exc))
         return None
+    explicit = dict(plan.resources)
+    user_ds = explicit.pop("deepspeed", None)
     try:
+        user_ds_path = None
+        if user_ds is not None:  # a user's DeepSpeed JSON: its ZeRO stage and offload become the run's
+            user_ds_path = Path(resolve_path(user_ds, base_dir) or user_ds)
+            explicit = merge_file_resources(explicit, read_user_ds_config(user_ds_path), user_ds_path)
         resources = resolve_resources(
             method=plan.method,
-            explicit=plan.resources,
+            explicit=explicit,
             auto=plan.auto,
             training=sections.training,
             cluster=spec.cluster,
@@ -336,9 +344,14 @@ def _resources_of(
             layout=layout,
         )
         check_lora_variant(plan.method, resources, sections.model)  # LoRA variants, QLoRA
+        if user_ds_path is not None:
+            resources.deepspeed = str(user_ds_path)
         return resources
     except ResourceProblem as exc:
         per_run.add(_resource_key_path(problems, plan, exc.key), plan.name, str(exc))
+        return None
+    except UserError as exc:  # the user's DeepSpeed JSON cannot be read
+        per_run.add(_resource_key_path(problems, plan, "resources.deepspeed"), plan.name, str(exc))
         return None
 
 
@@ -403,7 +416,7 @@ def plan_runs(
         arch = _arch_of(sections.model, base_dir, arch_cache, problems)
         if arch is None:
             continue
-        resources = _resources_of(spec, plan, sections, arch, problems, per_run)
+        resources = _resources_of(spec, plan, sections, arch, problems, per_run, base_dir)
         if resources is None or not _name_is_free(plan, seen, problems):
             continue
         run = build_run_config(
@@ -427,6 +440,12 @@ def plan_runs(
         if (problem := _batch_problem(spec, plan, run, problems)) is not None:
             per_run.add(problem[0], plan.name, problem[1])
             continue
+        if resources.deepspeed is not None:  # its "auto" values and conflicts, found now, not at write
+            try:
+                render_ds_config(run, arch.hidden_size)
+            except UserError as exc:
+                per_run.add(_resource_key_path(problems, plan, "resources.deepspeed"), plan.name, str(exc))
+                continue
         run.run_id = run_id_of(run)
         runs.append(run)
         archs[run.name] = arch

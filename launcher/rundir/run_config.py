@@ -40,6 +40,8 @@ class ResolvedResources(StrictModel):
     offload_optimizer: bool
     offload_param: bool
     gradient_checkpointing: bool
+    deepspeed: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    """The user's DeepSpeed JSON the run's ds_config.json was rendered from (absolute path)."""
     est_mem_gib: float
     """Estimated peak of allocated tensors per GPU (what ``torch.cuda.max_memory_allocated`` and the
     result's ``peak_mem_gib`` measure)."""

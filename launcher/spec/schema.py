@@ -151,6 +151,9 @@ class ResourcesSpec(StrictModel):
     offload_optimizer: bool | None = None
     offload_param: bool | None = None
     gradient_checkpointing: bool | None = None
+    deepspeed: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    """Your own DeepSpeed JSON (relative to the spec file): its "auto" values are filled from the spec,
+    its ZeRO stage and offload are the run's; a value that contradicts the spec is an error."""
 
 
 ResourcesField = Literal["auto"] | ResourcesSpec
