@@ -100,7 +100,11 @@ def test_variants_are_told_apart_in_plan_and_table(tmp_path: Path) -> None:
             {"model": {"quantization": "8bit"}},
             "cannot be partitioned by ZeRO-3",
         ),
-        ({"method": "lora", "init_lora_weights": "svd"}, {}, "init_lora_weights"),
+        (
+            {"method": "lora", "init_lora_weights": "svd"},
+            {},
+            "init_lora_weights: 'svd' is not valid; choose one of: true, gaussian, pissa, olora",
+        ),
         ({"method": "lora", "loraplus_lr_ratio": 0}, {}, "loraplus_lr_ratio"),
     ],
     ids=[

@@ -180,8 +180,9 @@ def _branch_label(tag: str) -> str:
 
 def _expected_choices(expected: str) -> list[str]:
     quoted = re.findall(r"'([^']*)'", expected)
-    if quoted:
-        return quoted
+    if quoted:  # with bare choices too (Literal[True, "pissa"]: "True, 'pissa'"), as YAML spells them
+        bare = [c.strip() for c in re.split(r",| or ", re.sub(r"'[^']*'", "", expected)) if c.strip()]
+        return [{"True": "true", "False": "false"}.get(c, c) for c in bare] + quoted
     return [c.strip() for c in re.split(r",| or ", expected) if c.strip()]
 
 
