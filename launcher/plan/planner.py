@@ -41,7 +41,7 @@ from launcher.plan.methods import describe
 from launcher.plan.preflight import PreflightReport, run_preflight
 from launcher.plan.resources import ResourceProblem, resolve_resources
 from launcher.plan.sweep import RunPlan, expand
-from launcher.plan.user_dsconfig import merge_file_resources, read_user_ds_config
+from launcher.plan.user_dsconfig import FileResourceConflict, merge_file_resources, read_user_ds_config
 from launcher.rundir.identity import run_id_of
 from launcher.rundir.method_label import method_label
 from launcher.rundir.paths import (
@@ -347,7 +347,7 @@ def _resources_of(
         if user_ds_path is not None:
             resources.deepspeed = str(user_ds_path)
         return resources
-    except ResourceProblem as exc:
+    except (ResourceProblem, FileResourceConflict) as exc:
         per_run.add(_resource_key_path(problems, plan, exc.key), plan.name, str(exc))
         return None
     except UserError as exc:  # the user's DeepSpeed JSON cannot be read

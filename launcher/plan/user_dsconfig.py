@@ -19,9 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.plan.resources import ResourceProblem
 
 AUTO = "auto"
+
+
+class FileResourceConflict(ValueError):
+    """The spec's resources contradict the file's ZeRO settings; ``key`` is the spec key to drop."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 DEFAULT_BETAS = [0.9, 0.999]  # TrainingArguments' adam_beta1 / adam_beta2
 DEFAULT_EPS = 1e-8
 
@@ -59,13 +68,13 @@ def file_resources(user: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge_file_resources(explicit: dict[str, Any], user: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The spec's explicit resources with the file's ZeRO settings; a contradiction is a ResourceProblem."""
+    """The spec's explicit resources with the file's ZeRO settings (a contradiction: FileResourceConflict)."""
     merged = dict(explicit)
     for key, value in file_resources(user).items():
         given = explicit.get(key)
         if given is not None and given != value:
             source = "zero_optimization.stage" if key == "zero_stage" else f"zero_optimization.{key}"
-            raise ResourceProblem(
+            raise FileResourceConflict(
                 f"resources.{key}",
                 f"{given} contradicts {path.name}'s {source} ({value}); drop resources.{key} to use the "
                 f"file's, or edit the file",
