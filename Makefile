@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# constraints.txt: the tested versions of everything else (see its header).
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# Once per environment, so no run waits for it: the built-in model and DeepSpeed's CPU ops.
+	$(BIN)/python -m launcher.builtins.prebuild
 	touch $(STAMP)
 
 install: $(STAMP)
