@@ -96,6 +96,7 @@ def default_result(name: str, **overrides: Any) -> dict[str, Any]:
         "peak_mem_reserved_gib": 14.0,
         "tokens_per_s": 1234.5,
         "train_time_s": 3725.0,
+        "startup_s": 95.0,
         "world_size": 2,
         "nodes": 1,
         "gpus_per_node": 2,

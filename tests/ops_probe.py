@@ -25,7 +25,14 @@ def main() -> None:
     source = src_dir / "probe.cpp"
     if not source.exists():
         source.write_text(SOURCE, encoding="utf-8")
-    module = load(name="launcher_ops_probe", sources=[str(source)])
+    from launcher.builtins.ops_cache import use_environment_ops_dir
+    from launcher.builtins.prebuild import build_under_lock
+
+    module = build_under_lock(
+        use_environment_ops_dir(),
+        "launcher_ops_probe",
+        lambda: load(name="launcher_ops_probe", sources=[str(source)]),
+    )
     library = Path(str(module.__file__))
     print(
         json.dumps(

@@ -30,7 +30,7 @@ from launcher.rundir.paths import RunState, write_json_atomic
 CONTRACT_KEYS = {
     *("run_id", "name", "method", "state", "steps", "epochs", "train_loss_final", "train_loss_min"),
     *("eval_loss", "bleu", "chrf", "bleu4_chatglm", "peak_mem_gib", "peak_mem_kind", "peak_mem_reserved_gib"),
-    *("tokens_per_s", "train_time_s", "world_size", "nodes", "gpus_per_node", "zero_stage"),
+    *("tokens_per_s", "train_time_s", "startup_s", "world_size", "nodes", "gpus_per_node", "zero_stage"),
     *("offload_optimizer", "offload_param", "gradient_checkpointing", "truncated_frac", "seed", "swept"),
     *("versions", "reason", "bleu_delta", "bleu_delta_ci", "bleu_p_value"),
 }
@@ -60,6 +60,7 @@ def test_completed_run_shows_result_values(tmp_path: Path) -> None:
     assert c["ZeRO"] == "3 off:opt gc"
     assert c["tok/s"] == "1234" or c["tok/s"] == "1235"
     assert c["train"] == "1h02m" and c["wall"] == "-"  # no attempts.jsonl: real wall time unknown
+    assert c["start-up"] == "1m35s"
     assert c["trunc"] == "12.5%"
 
 

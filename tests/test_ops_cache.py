@@ -38,7 +38,7 @@ def _make_venv(path: Path) -> Path:
     return path / "bin" / "python"
 
 
-def _start(python: Path, src: Path, cache_home: Path) -> dict[str, object]:
+def _start(python: Path, src: Path, cache_home: Path, timeout_s: float = 600) -> dict[str, object]:
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "PYTHONPATH": str(REPO)}
     for key in ("TORCH_EXTENSIONS_DIR", "LAUNCHER_OPS_DIR_SET"):
         env.pop(key, None)
@@ -47,7 +47,7 @@ def _start(python: Path, src: Path, cache_home: Path) -> dict[str, object]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout_s,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,3 +65,24 @@ def test_two_venvs_alternately_build_nothing_the_second_time(tmp_path: Path) -> 
     assert second_a["mtime_ns"] == first_a["mtime_ns"], "the second start-up in venv A rebuilt its op"
     assert second_a["ops_dir"] == first_a["ops_dir"] != first_b["ops_dir"]
     assert str(first_a["ops_dir"]).startswith(str(cache_home / "torch_extensions"))
+
+
+def test_a_lock_left_by_a_killed_builder_does_not_block_later_runs(tmp_path: Path) -> None:
+    """torch's lock file outlives a builder killed mid-build (time-out, Ctrl-C); plain torch would then
+    wait on it forever. Our build holds a kernel lock too, so the next run sees the file is stale."""
+    cache_home = tmp_path / "cache"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    env.pop("TORCH_EXTENSIONS_DIR", None)
+    env.pop("LAUNCHER_OPS_DIR_SET", None)
+    ops_dir = subprocess.run(
+        [sys.executable, "-c", "import launcher.builtins.ops_cache as o; print(o.use_environment_ops_dir())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    stale = Path(ops_dir) / "launcher_ops_probe" / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    result = _start(Path(sys.executable), tmp_path / "src", cache_home, timeout_s=120)
+    assert Path(str(result["library"])).is_file() and not stale.exists()

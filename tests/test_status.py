@@ -72,6 +72,43 @@ def test_run_row_from_files(tmp_path: Path) -> None:
     assert failed.state == "FAILED" and "5_0" in (failed.reason or "") and failed.eta_s is None
 
 
+def test_a_starting_run_says_what_it_is_doing(tmp_path: Path) -> None:
+    """status and the live view show the start-up phase rank 0 reports, until the run is RUNNING."""
+    import io
+
+    from rich.console import Console
+
+    from launcher.rundir.startup import report_startup_phase, startup_reporting
+    from launcher.submit.progress import RunsProgress
+
+    exp = write_runs(tmp_path / "exp", [make_run("r")])
+    paths = exp.run("r")
+    update_status(paths, RunState.STARTING)
+    out = io.StringIO()
+    with RunsProgress([paths], console=Console(file=out, width=200), live=False) as view:
+        for phase in ("building the built-in model (once, ~1 min)", "building DeepSpeed ops (cpu_adam)"):
+            with startup_reporting(paths, writes_status=True):
+                report_startup_phase(phase)
+            row = read_status_row(paths)
+            assert (row.state, row.reason) == ("STARTING", phase)
+            view.update()
+        with startup_reporting(paths, writes_status=False):  # ranks other than 0 write nothing
+            report_startup_phase("loading weights")
+        assert read_status_row(paths).reason == "building DeepSpeed ops (cpu_adam)"
+        update_status(paths, RunState.RUNNING, step=0, total_steps=5)
+        view.update()
+    assert "startup" not in read_status(paths)
+    assert read_status_row(paths).reason is None
+    assert out.getvalue().splitlines() == [
+        "r: STARTING (building the built-in model (once, ~1 min))",
+        "r: STARTING (building DeepSpeed ops (cpu_adam))",
+        "r: RUNNING",
+    ]
+    # A job the scheduler runs while the files still say PENDING: STARTING, with the phase if any.
+    update_status(paths, RunState.PENDING)
+    assert read_status_row(paths, live_state="RUNNING").reason is None
+
+
 def test_a_hanging_scheduler_query_does_not_hang_status() -> None:
     start = time.monotonic()
     assert call_with_timeout(lambda: time.sleep(30) or {"x": "RUNNING"}, 0.3, {}) == {}

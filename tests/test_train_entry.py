@@ -51,6 +51,7 @@ CONTRACT_KEYS = [
     "tokens_per_s",
     "train_tokens",
     "train_time_s",
+    "startup_s",
     "world_size",
     "nodes",
     "gpus_per_node",
@@ -179,6 +180,13 @@ def test_result_json(lora_run) -> None:
     assert result["versions"]["deepspeed"] and result["versions"]["torch"] and result["versions"]["launcher"]
     assert result["train_tokens"] == lines[-1]["tokens"]
     assert all(0 <= result[k] <= 100 for k in ("rouge1", "rouge2", "rougeL"))
+    # Process start to the first optimizer step: imports, data, weights and engine, but not the 12 steps.
+    assert 0 < result["startup_s"] < 300
+    log = lora_run.rank_log(0).read_text()
+    phases = [line.split("start-up: ", 1)[1] for line in log.splitlines() if "start-up: " in line]
+    engine = ["loading the tokenizer and data", "loading weights", "starting the DeepSpeed engine"]
+    assert phases[-3:] == engine
+    assert "starting the process group" in phases
 
 
 @pytest.mark.slow

@@ -1,37 +1,58 @@
-"""``python -m launcher.builtins.prebuild`` (run by ``make install``): build once what the default paths
-need, so that no run waits for it later: the built-in tiny model and, on CPU, the DeepSpeed ops a run
-JIT-compiles (cpu_adam, fused_adam, deepspeed_shm_comm) into this environment's ops directory.
+"""Build DeepSpeed's CPU ops into this environment's ops directory, safely, and ``python -m
+launcher.builtins.prebuild`` (run by ``make install``): build once what the default paths need, so
+that no run waits for it later (the built-in tiny model, cpu_adam, fused_adam, deepspeed_shm_comm).
 
 Running it again builds nothing: the model is cached, and torch's ninja build finds every op up to date.
+
+torch guards a build with a plain lock file that only its builder removes: a rank killed while it
+compiles (a time-out, Ctrl-C, a preemption) leaves it behind, and every later run then waits on it
+forever. Here each build also holds a kernel lock (flock, released when its holder dies, however it
+dies); whoever holds that lock and still finds torch's lock file knows its builder is gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
 
-from launcher.builtins.ops_cache import DEEPSPEED_CPU_OPS, use_environment_ops_dir
+from launcher.builtins.ops_cache import CPU_OP_BUILDERS, op_is_built, use_environment_ops_dir
+
+T = TypeVar("T")
 
 
-def build_deepspeed_ops(builders: Sequence[str] = DEEPSPEED_CPU_OPS) -> list[str]:
-    """Load (building where needed) each op for this machine's accelerator; returns the ops' names.
-    Only the CPU accelerator's ops: CUDA ops are compiled with nvcc on a GPU node, not at install."""
+def build_ops(op_names: Sequence[str]) -> list[str]:
+    """Load each op (building it where needed) for this machine's accelerator; returns the ops loaded.
+    Only the CPU accelerator's ops: CUDA ops are compiled with nvcc on a GPU node, at the first run."""
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
-        print(f"prebuild: accelerator {accelerator.device_name()!r}: ops are built at the first run there")
         return []
-    names = []
-    for class_name in builders:
-        builder = accelerator.create_op_builder(class_name)
-        started = time.perf_counter()
-        builder.load(verbose=False)
-        names.append(builder.name)
-        print(f"prebuild: op {builder.name} ready ({time.perf_counter() - started:.1f} s)")
-    return names
+    root = use_environment_ops_dir()
+    loaded = []
+    for name in op_names:
+        builder = accelerator.create_op_builder(CPU_OP_BUILDERS[name])
+        # DeepSpeed keeps the loaded module: its own load of the op later in this process reuses it.
+        build_under_lock(root, name, functools.partial(builder.load, verbose=False))
+        loaded.append(name)
+    return loaded
+
+
+def build_under_lock(root: Path, name: str, load: Callable[[], T]) -> T:
+    """``load()`` (torch's JIT build of op ``name`` in ``root``) while holding ``root/.name.flock``."""
+    from filelock import FileLock
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / f".{name}.flock"):
+        stale = root / name / "lock"
+        if stale.exists():  # we hold the flock every builder holds: torch's lock outlived its builder
+            stale.unlink()
+        return load()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = ensure_tiny_model()
         print(f"prebuild: built-in model ready at {path} ({time.perf_counter() - started:.1f} s)")
     if not args.no_ops:
-        build_deepspeed_ops()
+        for name in CPU_OP_BUILDERS:
+            started = time.perf_counter()
+            was_built = op_is_built(name)
+            if build_ops([name]):
+                what = "already built" if was_built else "built"
+                print(f"prebuild: op {name} {what} ({time.perf_counter() - started:.1f} s)")
     return 0
 
 

@@ -283,6 +283,10 @@ def ensure_tiny_model(cache_dir: Path | None = None, cfg: TinyConfig = DEFAULT_C
 def _build_with_notice(out_dir: Path, cfg: TinyConfig) -> None:
     import sys
 
+    from launcher.rundir.startup import report_startup_phase
+
+    report_startup_phase("building the built-in model (once, ~1 min)")
+
     print(
         f"building the built-in tiny model (once, ~1 min on one CPU thread) -> {out_dir.parent}",
         file=sys.stderr,

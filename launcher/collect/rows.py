@@ -73,6 +73,7 @@ _FLOAT_KEYS = frozenset(
         "peak_mem_reserved_gib",
         "tokens_per_s",
         "train_time_s",
+        "startup_s",
         "truncated_frac",
         "query_cut_frac",
     }

@@ -179,6 +179,7 @@ COLUMNS: tuple[Column[RunRow], ...] = (
     Column("wall", lambda r: fmt_duration(r.get("wall_time_s")), right=True, priority=6),
     Column("train", lambda r: fmt_duration(r.get("train_time_s")), right=True, priority=10),
     Column("GPU h", lambda r: fmt_num(r.get("gpu_hours"), 2), right=True, priority=6),
+    Column("start-up", lambda r: fmt_duration(r.get("startup_s")), right=True, priority=10),
     Column("trunc", lambda r: fmt_frac(r.get("truncated_frac")), right=True, priority=9),
     Column("ROUGE-1/2/L", fmt_rouge, right=True, priority=8),
 )

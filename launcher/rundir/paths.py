@@ -215,6 +215,7 @@ RESULT_KEYS: tuple[str, ...] = (
     "tokens_per_s",
     "train_tokens",
     "train_time_s",
+    "startup_s",
     "world_size",
     "nodes",
     "gpus_per_node",

@@ -18,7 +18,8 @@ its progress is merged, never lost. The policy (docs/run_directory.md):
   erases it. A new submission (PENDING) drops the previous submission's bookkeeping.
 - **Progress** (``step``, ``total_steps``) survives every update that does not name it.
 - **Outcome details** (``OUTCOME_KEYS``: failed_rank, exit codes, requeued) describe the state they
-  were written with and are dropped when the state changes.
+  were written with and are dropped when the state changes; so is the start-up phase (``startup``,
+  what a STARTING run is doing: launcher/rundir/startup.py).
 
 A failing rank writes one failure record (``FailureRecord``); status.json then names the EARLIEST
 failure of the current attempt: the rank that died first has the real cause, the others only see
@@ -55,6 +56,8 @@ SUBMISSION_KEYS = (
 )
 PROGRESS_KEYS = ("step", "total_steps")
 OUTCOME_KEYS = ("failed_rank", "exit_codes", "requeued")
+PHASE_KEYS = ("startup",)
+"""What a STARTING run is doing (launcher/rundir/startup.py); meaningless once the state changes."""
 
 # The attempt every rank of one launch shares (set by the backends): failure records of other
 # attempts are history, not this attempt's cause.
@@ -104,7 +107,7 @@ def merge_status(
         fields = {k: v for k, v in fields.items() if k not in OUTCOME_KEYS}
     kept = {k: v for k, v in current.items() if k not in HEADER_KEYS}
     if changed:
-        kept = {k: v for k, v in kept.items() if k not in OUTCOME_KEYS}
+        kept = {k: v for k, v in kept.items() if k not in OUTCOME_KEYS + PHASE_KEYS}
     if changed and new_state == RunState.PENDING:
         kept = {k: v for k, v in kept.items() if k not in SUBMISSION_KEYS}
     if reason is None and not changed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.rundir.paths import RunPaths, RunState
-from launcher.submit.status_row import format_duration, read_status_row
+from launcher.submit.status_row import StatusRow, format_duration, read_status_row
 
 
 class RunsProgress:
@@ -63,16 +63,23 @@ class RunsProgress:
                     total=row.total_steps,
                     completed=row.step or 0,
                     step="-" if row.step is None else f"{row.step}/{row.total_steps or '?'}",
-                    state=row.state,
+                    state=_state_cell(row),
                     loss="-" if row.loss is None else f"{row.loss:.4f}",
                     tps="-" if row.tokens_per_s is None else f"{row.tokens_per_s:,.0f}",
                     eta=format_duration(row.eta_s),
                 )
-            elif self._states.get(paths.name) != row.state:
+            elif self._states.get(paths.name) != _state_cell(row):
                 detail = f" ({row.reason})" if row.reason and row.state != RunState.RUNNING.value else ""
                 self.console.print(
                     f"{paths.name}: {row.state}{detail}", highlight=False, markup=False, soft_wrap=True
                 )
-            self._states[paths.name] = row.state
+            self._states[paths.name] = _state_cell(row)
         if self._progress is not None:
             self._progress.refresh()
+
+
+def _state_cell(row: StatusRow) -> str:
+    """STARTING says what it is doing (building ops, loading weights...); other states stand alone."""
+    if row.state == RunState.STARTING.value and row.reason:
+        return f"{row.state}: {row.reason}"
+    return row.state

@@ -137,6 +137,8 @@ def read_status_row(
             if merged == RunState.STARTING.value
             else (f"the {backend or 'scheduler'} backend reports {merged} (job {job_id})")
         )
+    if state == RunState.STARTING.value and status.get("startup"):
+        reason = str(status["startup"])  # what the ranks are doing: building ops, loading weights...
     step = _as_int(status.get("step"))
     metrics_step = _as_int(last.get("step"))
     if metrics_step is not None and (step is None or metrics_step > step):

@@ -22,6 +22,7 @@ from launcher.errors import UserError
 from launcher.rundir.attempts import record_attempt_end, record_attempt_start
 from launcher.rundir.paths import RunPaths, RunState, read_json
 from launcher.rundir.run_config import RunConfig
+from launcher.rundir.startup import startup_reporting
 from launcher.rundir.status import ATTEMPT_ID_ENV, clear_failure, failure_reason, read_status, record_failure
 from launcher.train.signals import PreemptionFlag
 
@@ -113,8 +114,11 @@ def train_run(run_dir: Path) -> str:
     flag.install()
 
     # lazy: torch and deepspeed load after the preemption handler is installed
+    from launcher.train import startup
     from launcher.train.distributed import detect_dist_env, init_distributed, shutdown_distributed
     from launcher.train.loop import run_training
+
+    startup.begin_run()
 
     try:
         env = detect_dist_env()
@@ -130,8 +134,11 @@ def train_run(run_dir: Path) -> str:
             record_attempt_start(paths, attempt, env.world_size, job_id=os.environ.get("SLURM_JOB_ID"))
     outcome = RunState.FAILED.value
     try:
-        init_distributed(env)
-        outcome = run_training(cfg, ds_config, paths, env, flag)
+        with startup_reporting(paths, writes_status=env.is_rank0):
+            startup.prepare_ops(ds_config, on_cpu=not _cuda_available())
+            startup.report_rendezvous_phase(env.world_size)
+            init_distributed(env)
+            outcome = run_training(cfg, ds_config, paths, env, flag)
         return outcome
     except BaseException as exc:
         _record_failure(paths, env.rank, exc)
@@ -143,6 +150,12 @@ def train_run(run_dir: Path) -> str:
         flag.uninstall()
         shutdown_distributed()
         _teardown_logging(handlers)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def exit_code_for(state: str) -> int:

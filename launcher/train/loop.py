@@ -27,6 +27,7 @@ from launcher.data.tokenizers import MIN_TOKENIZER_TOKENS, empty_tokenizer_probl
 from launcher.errors import UserError
 from launcher.rundir.paths import RunPaths, RunState, append_jsonl, iter_jsonl, to_json, write_text_atomic
 from launcher.rundir.run_config import RunConfig
+from launcher.rundir.startup import report_startup_phase
 from launcher.rundir.status import failure_reason, record_failure, update_status
 from launcher.train import checkpoint as ckpt
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
@@ -36,6 +37,7 @@ from launcher.train.quantization import quantized_loading
 from launcher.train.result import TrainOutcome, build_result, write_result
 from launcher.train.schedule import fill_ds_config, scale_group_lrs, total_optimizer_steps
 from launcher.train.signals import PreemptionFlag
+from launcher.train.startup import record_first_optimizer_step, startup_s
 from launcher.train.target_loss import TargetOnlyLoss
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ def load_tokenizer(cfg: RunConfig) -> Any:
 
     from launcher.train.data import resolve_model_dir
 
+    report_startup_phase("loading the tokenizer and data")
     tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.path else resolve_model_dir(cfg.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -120,6 +123,7 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> torch.nn.Module:
 
     dtype = _DTYPES[cfg.model.dtype or cfg.training.precision]
     quantized = quantized_loading(cfg.model, _DTYPES[cfg.training.precision])  # QLoRA; {} otherwise
+    report_startup_phase("loading weights")
     with zero3_partitioned_loading(ds_config):
         model = AutoModelForCausalLM.from_pretrained(
             str(resolve_model_dir(cfg.model)),
@@ -312,6 +316,7 @@ def run_training(
 
     groups, lr_multipliers = optimizer_param_groups(model, cfg.method, t.learning_rate)  # LoRA+: 2 groups
     ds = scale_group_lrs(ds, lr_multipliers)
+    report_startup_phase("starting the DeepSpeed engine")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
     exclude_frozen = cfg.method.method != "full"  # frozen weights come back from the base model
 
@@ -382,6 +387,7 @@ def run_training(
 
         # One optimizer step done: agree on loss, tokens and "stop now" across ranks.
         state.global_step += 1
+        record_first_optimizer_step()
         loss_sum, micro_sum, tokens_sum, stop_votes = all_reduce_sum(
             [float(window_loss.item()), window_micro, window_tokens, 1.0 if flag.requested else 0.0], device
         )
@@ -470,6 +476,7 @@ def run_training(
         query_cut_frac=data.query_cut_frac,
         eval_set_hash=data.eval_set_hash,
         train_examples=_examples_seen(state.micro_steps, data, t, env.world_size),
+        startup_s=startup_s(),
     )
     if rank0:
         write_result(paths, build_result(cfg, paths, outcome, RunState.RUNNING.value))

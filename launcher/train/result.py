@@ -46,6 +46,8 @@ class TrainOutcome:
     eval_set_hash: str | None = None
     train_examples: int | None = None
     """Training examples seen (counted again in every epoch)."""
+    startup_s: float | None = None
+    """Process start to the first optimizer step of this attempt (rank 0), None without a step."""
 
 
 def loss_summary(paths: RunPaths) -> tuple[float | None, float | None]:
@@ -87,6 +89,7 @@ def build_result(
         "tokens_per_s": (outcome.tokens / outcome.train_time_s) if outcome.train_time_s > 0 else None,
         "train_tokens": outcome.tokens,
         "train_time_s": round(outcome.train_time_s, 3),
+        "startup_s": outcome.startup_s,
         "world_size": outcome.world_size,
         "nodes": outcome.nodes,
         "gpus_per_node": max(1, outcome.world_size // max(1, outcome.nodes)),
