@@ -65,8 +65,15 @@ class Run:
     """Also run Hugging Face Trainer on this run directory."""
     quantization: str | None = None
     """QLoRA: model.quantization (bitsandbytes)."""
+    attn: str = "auto"
+    """training.attn_implementation (auto: flash_attention_2 where flash-attn is installed, else sdpa)."""
+    liger: bool = False
+    """training.liger_kernel."""
+    needs: str | None = None
+    """A module the run needs (flash_attn, liger_kernel); skipped, with the reason, where it is missing."""
 
 
+LORA = {"method": "lora", "r": 16, "lora_alpha": 32}
 RUNS = (
     Run("full-z3", {"method": "full"}, zero_stage=3),
     Run("full-z3-offload", {"method": "full"}, zero_stage=3, offload=True, steps=10),
@@ -79,11 +86,18 @@ RUNS = (
     Run("freeze", {"method": "freeze", "trainable_layers": 4}),
     Run("ptuning-v1", {"method": "ptuning", "version": "v1", "pre_seq_len": 16}),
     Run("ptuning-v2", {"method": "ptuning", "version": "v2", "pre_seq_len": 16}),
+    # The speed options (README "GPU speed options"): the same LoRA run per attention kernel, and Liger.
+    Run("lora-sdpa", LORA, attn="sdpa"),
+    Run("lora-eager", LORA, attn="eager"),
+    Run("lora-fa2", LORA, attn="flash_attention_2", needs="flash_attn"),
+    Run("lora-liger", LORA, liger=True, needs="liger_kernel"),
+    Run("full-z2-liger", {"method": "full"}, liger=True, needs="liger_kernel"),
 )
 SMOKE_RUNS = (
     Run("full-z3", {"method": "full"}, zero_stage=3),
     Run("lora", {"method": "lora", "r": 4}, trainer=True),
     Run("lora-packed", {"method": "lora", "r": 4}, packing=True),
+    Run("ptuning-v2-eager", {"method": "ptuning", "version": "v2", "pre_seq_len": 4}, attn="eager"),
 )
 
 
@@ -136,6 +150,8 @@ def write_spec(settings: Settings, run: Run, root: Path) -> Path:
             "max_target_length": settings.max_target,
             "group_by_length": True,
             "packing": run.packing,
+            "attn_implementation": run.attn,
+            "liger_kernel": run.liger,
             "logging_steps": 1,
             "save_steps": 1_000_000,
             "seed": 42,
@@ -286,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(args.steps, args.warmup, 4, 1024, 256, {"path": str(model_dir)})
         runs = RUNS
     runs = tuple(r for r in runs if not args.only or any(s in r.name for s in args.only))
+    import importlib.util
+
+    for run in runs:
+        if run.needs and importlib.util.find_spec(run.needs) is None:
+            print(f"{run.name}: skipped, {run.needs} is not installed here", flush=True)
+    runs = tuple(r for r in runs if not r.needs or importlib.util.find_spec(r.needs) is not None)
     from launcher.plan.planner import resolve_arch
     from launcher.spec.schema import ModelSpec
 

@@ -34,6 +34,11 @@ for name in submitit pydantic pydantic_core annotated-types typing-inspection nl
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d "$DEST" "${pins[@]}"
+# Liger's Triton kernels (training.liger_kernel; pure Python, Triton comes with the image's torch). flash-attn is
+# not carried: PyPI has only its source, which compiles against the image's CUDA torch for hours; the check runs
+# flash_attention_2 where the image has it.
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" -d "$DEST" "liger-kernel==0.8.5"
 
 # The built-in model's character tokenizer: the GPU run's ~1B model is built from a config there.
 "$PY" - "$DEST/tokenizer" <<'EOF'

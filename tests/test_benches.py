@@ -44,7 +44,10 @@ def test_gpu_check_runs_in_cpu_smoke_mode(tmp_path: Path, tiny_model_dir: Path) 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     runners = {(r["run"], r["runner"]) for r in report["rows"]}
-    assert runners == {("full-z3", "ours"), ("lora", "ours"), ("lora", "hf-trainer"), ("lora-packed", "ours")}
+    assert runners == {
+        *(("full-z3", "ours"), ("lora", "ours"), ("lora", "hf-trainer"), ("lora-packed", "ours")),
+        ("ptuning-v2-eager", "ours"),
+    }
     assert all(r["state"] == "COMPLETED" and r["tokens_per_s"] > 0 for r in report["rows"])
     assert all(r["est_allocated_gib"] > 0 for r in report["rows"])
     assert "| lora-packed | ours | on |" in (tmp_path / "gpu_check.md").read_text()

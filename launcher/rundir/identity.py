@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 EXCLUDED_KEYS: tuple[str, ...] = ("run_id", "backend", "hostfile", "cluster", "local", "logging")
 ESTIMATE_KEYS: tuple[str, ...] = ("est_mem_gib", "est_reserved_gib", "fits")
 RUN_ID_CHARS = 12
+# Options added after runs existed: left out at their default, so those runs keep their ids.
+OMITTED_AT_DEFAULT: dict[tuple[str, str], Any] = {
+    ("training", "attn_implementation"): "auto",
+    ("training", "liger_kernel"): False,
+}
 
 
 def identity_fields(run: RunConfig) -> dict[str, Any]:
@@ -29,6 +34,9 @@ def identity_fields(run: RunConfig) -> dict[str, Any]:
     data = run.model_dump(mode="json", exclude=set(EXCLUDED_KEYS))
     for key in ESTIMATE_KEYS:
         data["resources"].pop(key, None)
+    for (section, key), default in OMITTED_AT_DEFAULT.items():
+        if data.get(section, {}).get(key, default) == default:
+            data.get(section, {}).pop(key, None)
     return data
 
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from launcher.errors import UserError
 from launcher.spec.keys import SECTIONS, base_config, method_has_field, set_dotted, valid_dotted_keys
 from launcher.spec.schema import METHOD_NAMES, FreezeMethod, JobSpec, ResourcesSpec
+from launcher.spec.speed_options import check_speed_options
 from launcher.spec.trackers import missing_tracker_packages
 from launcher.spec.yaml_source import KeyPath, Problems
 from launcher.spec.zero_offload import offload_conflicts
@@ -650,6 +651,7 @@ def check_spec(
     _check_eval_is_not_train(spec, spec_path.resolve().parent, problems)
     _check_logging(spec, problems)
     _check_quantization(spec, problems)
+    check_speed_options(spec, problems)
 
 
 def validate_spec(

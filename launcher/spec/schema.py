@@ -118,6 +118,12 @@ class TrainingSpec(StrictModel):
     (launcher/train/packing.py); a micro-batch is per_device_batch_size rows."""
     seed: Seed = 42
     precision: Precision = "bf16"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """auto: the fastest that is exact for the method (launcher/train/attention.py): flash_attention_2
+    on a GPU where flash-attn is installed (not for P-Tuning v2), else sdpa; a remote-code model keeps
+    its own."""
+    liger_kernel: bool = False
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) on GPU, where liger-kernel is installed."""
     gradient_checkpointing: bool | None = None
     """None: the resource policy decides (on for full training)."""
     logging_steps: int = Field(default=10, ge=1)

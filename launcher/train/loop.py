@@ -30,6 +30,7 @@ from launcher.rundir.run_config import RunConfig
 from launcher.rundir.startup import report_startup_phase
 from launcher.rundir.status import failure_reason, record_failure, update_status
 from launcher.train import checkpoint as ckpt
+from launcher.train.attention import apply_liger_kernels, attention_kwargs
 from launcher.train.distributed import DistEnv, all_reduce_sum, barrier, device_for
 from launcher.train.loggers import open_metric_loggers
 from launcher.train.memory import combine_peaks, peak_memory_all_ranks, reset_peak_memory
@@ -124,13 +125,17 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> torch.nn.Module:
     dtype = _DTYPES[cfg.model.dtype or cfg.training.precision]
     quantized = quantized_loading(cfg.model, _DTYPES[cfg.training.precision])  # QLoRA; {} otherwise
     report_startup_phase("loading weights")
+    attention = attention_kwargs(cfg, on_cuda=torch.cuda.is_available())
     with zero3_partitioned_loading(ds_config):
         model = AutoModelForCausalLM.from_pretrained(
             str(resolve_model_dir(cfg.model)),
             dtype=dtype,
             trust_remote_code=cfg.model.trust_remote_code,
             **quantized,
+            **attention,
         )
+    if cfg.training.liger_kernel:
+        apply_liger_kernels(model)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training (generation turns it on per call)
     params = list(model.parameters())
