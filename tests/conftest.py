@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from launcher.builtins.ops_cache import use_environment_ops_dir
+
 # One thread per process: the CI box is small and shared, and one thread keeps CPU results reproducible.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# DeepSpeed ops built in-process by the tests go where the ranks' go: one directory per environment.
+use_environment_ops_dir()
 
 
 @pytest.fixture(scope="session")

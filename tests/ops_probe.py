@@ -1,5 +1,5 @@
 """One start-up of a process that JIT-builds an op, as a rank does (tests/test_ops_cache.py runs it in
-two venvs alternately): imports launcher (which picks the ops directory), then builds or reuses a tiny
+two venvs alternately): picks the ops directory as a rank does, then builds or reuses a tiny
 extension with torch's own JIT loader, the one DeepSpeed's op builders use. Prints one JSON line."""
 
 from __future__ import annotations
@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-
-import launcher  # noqa: F401  (sets TORCH_EXTENSIONS_DIR for this environment)
 
 SOURCE = r"""
 #include <Python.h>

@@ -14,7 +14,8 @@ from test_packing import GLM, METHODS, _examples, _token_losses
 
 from launcher.errors import SpecError
 from launcher.plan.planner import load_and_plan
-from launcher.spec.schema import MethodSpec, RunConfig
+from launcher.rundir.run_config import RunConfig
+from launcher.spec.schema import MethodSpec
 from launcher.train.attention import resolve_attn_implementation
 from launcher.train.data import IGNORE_INDEX
 from launcher.train.packing import collate_packed, pack_rows, virtual_tokens

@@ -7,9 +7,8 @@ interpreter's include and library paths. Two environments then rebuild each othe
 start (50-200 s each on a loaded 2-core box). Keyed by Python, torch and DeepSpeed versions and the
 install paths, each environment builds an op once and every later run reuses it.
 
-Torch-free on purpose: ``launcher/__init__.py`` calls ``use_environment_ops_dir`` so that every
-process that imports launcher (a rank, the CLI, the tests, the benches) has it set before DeepSpeed
-builds anything.
+Torch-free on purpose: every process that may build an op sets it first (a rank's entrypoint, the
+prebuild, the tests' conftest); a bench's ranks run the entrypoint.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import inspect
 import logging
 from typing import Any
 
-from launcher.spec.schema import RunConfig
+from launcher.rundir.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 

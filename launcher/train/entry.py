@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from launcher.builtins.ops_cache import use_environment_ops_dir
 from launcher.errors import UserError
 from launcher.rundir.attempts import record_attempt_end, record_attempt_start
 from launcher.rundir.paths import RunPaths, RunState, read_json
@@ -119,6 +120,9 @@ def train_run(run_dir: Path) -> str:
     from launcher.train.loop import run_training
 
     startup.begin_run()
+    # Before anything in this rank can JIT-build a DeepSpeed op: one build directory per environment
+    # (launcher/builtins/ops_cache.py), so no two venvs or containers rebuild each other's ops.
+    use_environment_ops_dir()
 
     try:
         env = detect_dist_env()
