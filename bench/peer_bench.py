@@ -6,6 +6,8 @@ and hyperparameters.
 
 LLaMA-Factory (pinned: ``LLAMAFACTORY_VERSION``) goes into its own venv, created by the bench under
 ``--work`` (with the CPU build of torch): its pins on transformers, peft and datasets differ from ours.
+It imports torchaudio at start-up, and no torchaudio on PyPI loads with torch 2.13: the bench puts an
+empty ``torchaudio`` module in that venv (text training never uses it).
 Model: a tiny Qwen2 (hidden 128, 2 layers, 4 heads / 2 KV heads) built from a config with random
 weights, saved with the built-in model's character tokenizer. Data: the bundled dialogues as an
 alpaca file (instruction = the dialogue so far, output = the answer; lengths vary ~3x). Both sides
@@ -214,6 +216,21 @@ def ensure_llamafactory(work: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, TORCH_CPU, f"llamafactory=={LLAMAFACTORY_VERSION}"], check=True)
+    # pip pairs the CPU torch with PyPI's torchvision/torchaudio, built against another torch: importing
+    # transformers then fails (operator torchvision::nms does not exist), and PyPI's newest torchaudio
+    # (2.11.1) does not load with torch 2.13. Text training needs neither, but llamafactory imports
+    # torchaudio at start-up (data/mm_plugin.py, for audio inputs): an empty module stands in for it.
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio"], check=True)
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    stand_in = Path(site) / "torchaudio" / "__init__.py"
+    stand_in.parent.mkdir(exist_ok=True)
+    stand_in.write_text('"""Stand-in (bench/peer_bench.py): no torchaudio loads with torch 2.13."""\n')
     return cli
 
 
