@@ -89,6 +89,7 @@ def test_tensorboard_events_hold_every_metric_of_the_run(logged_run) -> None:
         step = record["step"]
         assert scalars["train/loss"][step] == pytest.approx(record["loss"], rel=1e-6)
         assert scalars["train/lr"][step] == pytest.approx(record["lr"], rel=1e-6)
+        assert scalars["train/grad_norm"][step] == pytest.approx(record["grad_norm"], rel=1e-6)
         assert scalars["train/tokens_per_s"][step] == pytest.approx(record["tokens_per_s"], rel=1e-6)
         assert scalars["memory/rank0_peak_gib"][step] > 0
     result = read_json(paths.result_json)

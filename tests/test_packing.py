@@ -189,15 +189,17 @@ def _varied_lengths(path: Path, count: int = 64) -> dict[str, Any]:
 
 def _expected_tokens(paths: Any, world_size: int, steps: int) -> list[int]:
     """Real tokens after each optimizer step, from the packed order every rank builds (accumulation 1)."""
+    from launcher.data.templates import chat_format
     from launcher.rundir.run_config import RunConfig
     from launcher.train.distributed import DistEnv
-    from launcher.train.loop import build_data, load_tokenizer
+    from launcher.train.setup import build_data, load_tokenizer
 
     cfg = RunConfig.from_yaml_file(paths.run_yaml)
     tokenizer = load_tokenizer(cfg)
+    chat = chat_format(cfg.template, tokenizer)
     per_step = [0] * steps
     for rank in range(world_size):
-        data = build_data(cfg, tokenizer, DistEnv(rank, rank, world_size, "localhost", 0, "single"))
+        data = build_data(cfg, tokenizer, DistEnv(rank, rank, world_size, "localhost", 0, "single"), chat)
         assert data.order.num_batches >= steps
         assert len(data.order.rows) < len(data.train_features)  # rows really hold several examples
         for step, rows in enumerate(data.order.batches(0)[:steps]):

@@ -275,7 +275,7 @@ def test_a_model_directory_without_a_tokenizer_names_tokenizer_path(
 
     from launcher.errors import UserError
     from launcher.spec.schema import ModelSpec
-    from launcher.train.loop import load_tokenizer
+    from launcher.train.setup import load_tokenizer
 
     run = make_run("bare").model_copy(update={"model": ModelSpec(path=str(bare))})
     with pytest.raises(UserError, match=r"set tokenizer\.path to the directory"):

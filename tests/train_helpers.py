@@ -252,3 +252,31 @@ def resumed_from_steps(paths: RunPaths) -> list[int]:
 
     text = paths.rank_log(0).read_text(errors="replace") if paths.rank_log(0).exists() else ""
     return [int(m) for m in re.findall(r"resumed from step (\d+)", text)]
+
+
+# --- several runs in one process per rank ---------------------------------------------------------
+
+RUNS_WORKER = Path(__file__).with_name("family_worker.py")
+
+
+def start_runs_in_one_process(
+    runs: list[RunPaths], world_size: int, out_json: Path
+) -> list[subprocess.Popen[bytes]]:
+    """Train ``runs`` one after another through the real entrypoint in ONE process per rank
+    (tests/family_worker.py): the imports and the process group are paid once, not once per run. Returns
+    without waiting (``wait_all``); each rank's output goes to ``out_json`` with ``.rank{N}.log``."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        log = open(out_json.with_suffix(f".rank{rank}.log"), "wb")  # noqa: SIM115 - closed below
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(RUNS_WORKER), str(out_json), *(str(r.root) for r in runs)],
+                cwd=REPO,
+                env=rank_env(rank, world_size, port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        log.close()
+    return procs

@@ -453,10 +453,13 @@ def load_datasets(data: DataSpec) -> DataSets:
     return DataSets(train, held_out, train_format, eval_format, overlapping, same)
 
 
-def encode_examples(examples: Sequence[Example], fmt: str, cfg: RunConfig, tokenizer: Any) -> list[Encoded]:
-    """The training sequences of a run's examples (``fmt``: their file's format, for ``train_on``)."""
+def encode_examples(
+    examples: Sequence[Example], fmt: str, cfg: RunConfig, tokenizer: Any, *, chat: ChatFormat | None = None
+) -> list[Encoded]:
+    """The training sequences of a run's examples (``fmt``: their file's format, for ``train_on``).
+    ``chat``: the run's chat format when the caller has built it (once per run), else built here."""
     train_on = train_on_for(cfg.data.train_on, fmt)
-    chat = chat_format(cfg.template, tokenizer)
+    chat = chat or chat_format(cfg.template, tokenizer)
     t = cfg.training
     return [
         enc

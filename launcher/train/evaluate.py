@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from launcher.data.templates import ChatFormat
 from launcher.rundir.run_config import RunConfig
-from launcher.train.data import IGNORE_INDEX
 from launcher.train.distributed import all_reduce_sum
 from launcher.train.export import is_zero3_partitioned, unwrap
-from launcher.train.target_loss import TargetOnlyLoss
+from launcher.train.target_loss import TargetOnlyLoss, target_count
 
 # --- distributed helpers -----------------------------------------------------------------------
 
@@ -105,11 +105,13 @@ def eval_loss(
                 batch = {
                     k: v.to(device) for k, v in collate([features[i] for i in indices], pad_token_id).items()
                 }
-                loss = loss_fn.loss(target, batch) if loss_fn is not None else target(**batch).loss
-                if real:
-                    # the loss is the mean over shifted target tokens; weight it by their count
-                    count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
-                    loss_sum += float(loss.float().item()) * count
+                count = target_count(batch)
+                if loss_fn is not None:
+                    summed = loss_fn.loss_sum(target, batch)
+                else:  # the model's own loss: the mean over the shifted target tokens
+                    summed = target(**batch).loss.float() * count
+                if real and count:  # no targets: nothing to add (the model's own mean is NaN there)
+                    loss_sum += float(summed.item())
                     tokens += count
     finally:
         target.train(was_training)
@@ -196,12 +198,20 @@ def _embeds_with_virtual_tokens(
 
 
 def generate_samples(
-    model: Any, tokenizer: Any, examples: Sequence[Any], cfg: RunConfig, rank: int, world_size: int
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    cfg: RunConfig,
+    rank: int,
+    world_size: int,
+    *,
+    chat: ChatFormat | None = None,
 ) -> list[dict[str, Any]]:
     """Generate a prediction for the first ``eval.num_samples`` eval examples (all ranks call).
 
     Returns ``{id, prompt, reference, prediction}`` dicts in example order on rank 0, ``[]`` elsewhere.
     Greedy unless ``eval.do_sample``; sampling is seeded per batch, so it too is reproducible.
+    ``chat``: the run's chat format (built once per run), else built here from ``cfg.template``.
     """
     from transformers import GenerationConfig
 
@@ -212,8 +222,9 @@ def generate_samples(
     module = unwrap(model)
     limit = cfg.eval.num_samples
     chosen = list(examples[:limit] if limit is not None else examples)
+    chat = chat or chat_format(cfg.template, tokenizer)
     prompts = [
-        encode_prompt(ex, tokenizer, cfg.template, cfg.training.max_source_length, cfg.data.query_truncation)
+        encode_prompt(ex, tokenizer, chat, cfg.training.max_source_length, cfg.data.query_truncation)
         for ex in chosen
     ]
     device = _device_of(model, module)
@@ -222,7 +233,7 @@ def generate_samples(
     rounds = _rounds(len(mine), total, world_size, zero3)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # the template's end-of-turn token (<|im_end|>...) ends an answer too
-    eos_ids = _eos_ids(tokenizer, module, chat_format(cfg.template, tokenizer).stop_ids)
+    eos_ids = _eos_ids(tokenizer, module, chat.stop_ids)
     prompt_type = _prompt_learning_type(module)
     prompt_model: Any = module if prompt_type == "P_TUNING" else None
     prefix_model: Any = module if prompt_type == "PREFIX_TUNING" else None

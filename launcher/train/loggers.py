@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 TRAIN_TAGS: dict[str, str] = {
     "loss": "train/loss",
     "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
     "tokens_per_s": "train/tokens_per_s",
     "epoch": "train/epoch",
 }

@@ -6,8 +6,9 @@ and throws most of them away: in dialogue fine-tuning the prompt (history + quer
 sequence. For ChatGLM-6B (vocab 130,528) at micro-batch 4 x 768 tokens those logits are 0.4 G
 floats, 1.6 GB per fp32 copy. Here the LM head gets only the hidden states of positions whose next
 token is a target (a forward pre-hook on the output embeddings), so logits exist for those rows
-alone, and the cross-entropy is taken over them: the same mean over target tokens as Hugging Face's
-``ForCausalLMLoss``, at a fraction of the head's compute and memory.
+alone, and the cross-entropy is taken over them: the same sum (and mean) over target tokens as Hugging
+Face's ``ForCausalLMLoss``, at a fraction of the head's compute and memory. The training loop takes the
+sum and divides it by the target tokens of the whole global batch (launcher/train/step.py).
 
 The head's input may be batch-first (transformers) or seq-first (ChatGLM-6B's remote code); both are
 handled. A model may also post-process logits in ways that assume their full shape, so ``verify``
@@ -32,6 +33,12 @@ Batch = dict[str, torch.Tensor]
 AGREEMENT_RTOL = 5e-3
 """How close the two losses must be for the target-only path to be used. Loose enough for bf16 logits
 computed over fewer rows (another matmul kernel), tight enough to catch a head that saw the wrong rows."""
+
+
+def target_count(batch: Batch) -> int:
+    """Target tokens of a batch: labelled positions after the first (the shifted labels a causal LM
+    predicts). On the host for a CPU batch; a device batch costs a sync."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 class TargetOnlyLoss:
@@ -92,18 +99,25 @@ class TargetOnlyLoss:
             return None
         logits = logits.reshape(-1, logits.shape[-1])
         # The sum over no targets is a zero that still carries a graph, where a mean would be NaN.
-        return nn.functional.cross_entropy(logits.float(), wanted.to(logits.device), reduction="sum") / max(
-            1, wanted.numel()
-        )
+        return nn.functional.cross_entropy(logits.float(), wanted.to(logits.device), reduction="sum")
 
-    def loss(self, forward: Callable[..., Any], batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy over target tokens; ``forward`` is the engine or the model."""
+    def loss_sum(self, forward: Callable[..., Any], batch: Batch) -> torch.Tensor:
+        """Summed cross-entropy over the batch's target tokens (fp32); ``forward`` is the engine or the
+        model. A sum, not a mean, so that the caller can divide by the target tokens of the whole global
+        batch: a mean per micro-batch would weigh a short micro-batch's tokens more."""
         if not self.enabled:
-            return forward(**batch).loss
+            # the model's own loss is the mean over its shifted targets: back to their sum
+            return forward(**batch).loss.float() * (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         value = self._target_only(forward, batch)
         if value is None:
             raise RuntimeError("the LM head's input changed layout after the target-only loss was verified")
         return value
+
+    def loss(self, forward: Callable[..., Any], batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy over the batch's target tokens; ``forward`` is the engine or the model."""
+        if not self.enabled:
+            return forward(**batch).loss
+        return self.loss_sum(forward, batch) / max(1, target_count(batch))
 
     def verify(
         self,
@@ -119,6 +133,8 @@ class TargetOnlyLoss:
             with torch.no_grad():
                 reference = forward(**batch).loss
                 ours = self._target_only(forward, batch)
+                if ours is not None:
+                    ours = ours / max(1, target_count(batch))
             # equal_nan: a broken model (NaN weights) is the loop's to report, not a reason to switch
             ok = ours is not None and torch.allclose(
                 ours.float(), reference.float(), rtol=AGREEMENT_RTOL, atol=AGREEMENT_RTOL, equal_nan=True
