@@ -135,8 +135,8 @@ def test_metrics_lines_and_values(lora_run) -> None:
     assert len(lines) == STEPS // LOGGING_STEPS
     assert [m["step"] for m in lines] == list(range(LOGGING_STEPS, STEPS + 1, LOGGING_STEPS))
     for m in lines:
-        assert set(m) == {"step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s"}
-        assert math.isfinite(m["loss"]) and m["tokens_per_s"] > 0
+        assert set(m) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
+        assert math.isfinite(m["loss"]) and m["tokens_per_s"] > 0 and m["grad_norm"] > 0
     tokens = [m["tokens"] for m in lines]
     assert tokens == sorted(tokens) and tokens[0] > 0
     # epochs: 12 steps x 2 micro-batches of 4 examples over 96 examples = 1 epoch
