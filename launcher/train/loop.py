@@ -81,7 +81,6 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any], paths: RunPaths, env: DistE
     groups, lr_multipliers = optimizer_param_groups(model, cfg.method, t.learning_rate)  # LoRA+: 2 groups
     ds = scale_group_lrs(ds, lr_multipliers)
     report_startup_phase("starting the DeepSpeed engine")
-    report_startup_phase("starting the DeepSpeed engine")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
     return TrainingRun(
         cfg=cfg,
