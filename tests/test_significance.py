@@ -151,3 +151,33 @@ def test_many_systems_share_one_baseline_pass() -> None:
     alone = compare_to_baseline(base, {"s2": systems["s2"]}, refs)["s2"]
     assert results["s2"].p_bootstrap == alone.p_bootstrap and results["s2"].delta == alone.delta
     assert results["s1"].delta > results["s2"].delta > results["s3"].delta
+
+
+def test_several_references_per_example_are_scored_against_all_of_them(tmp_path: Path) -> None:
+    """An eval set with several references per example: the paired test's BLEU is sacrebleu's
+    multi-reference corpus BLEU (as the rank's result.json BLEU is), read from samples.jsonl."""
+    from sacrebleu.metrics import BLEU
+
+    first = references(40, seed=21)
+    second = perturb(first, 0.5, seed=22)
+    base, system = perturb(second, 0.3, seed=23), perturb(second, 0.1, seed=24)
+    for name, preds in (("base", base), ("sys", system)):
+        rows = [
+            {"id": str(i), "prompt": "", "reference": a, "references": [a, b], "prediction": p}
+            for i, (a, b, p) in enumerate(zip(first, second, preds, strict=True))
+        ]
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
+    base_samples, sys_samples = load_samples(tmp_path / "base.jsonl"), load_samples(tmp_path / "sys.jsonl")
+    aligned = align(base_samples, sys_samples, "sys")
+    ours = compare_to_baseline(base_samples.predictions, {"sys": aligned}, base_samples.reference_sets)["sys"]
+    both = BLEU(tokenize="zh").corpus_score(system, [first, second]).score
+    only_first = BLEU(tokenize="zh").corpus_score(system, [first]).score
+    assert ours.system_bleu == pytest.approx(both, abs=1e-9)
+    assert abs(both - only_first) > 5  # the second reference matters here
+    changed = [*sys_samples.reference_sets[:-1], (first[-1], "另一个参考")]
+    with pytest.raises(SamplesMismatch, match="reference"):
+        align(
+            base_samples, sys_samples.__class__(**{**sys_samples.__dict__, "reference_sets": changed}), "sys"
+        )

@@ -217,7 +217,7 @@ def _apply_significance(
         fingerprints[row.name] = fp
         notes[row.name] = row.warnings[first_note:]
     if systems:
-        results = compare_to_baseline(base.predictions, systems, base.references, tokenize=tokenize)
+        results = compare_to_baseline(base.predictions, systems, base.reference_sets, tokenize=tokenize)
         for name, res in results.items():
             new_cache[name] = _cache_entry(res, fingerprints[name], notes[name])
     _write_deltas(new_cache, rows_by_name, base_row, tokenize)

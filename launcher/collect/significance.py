@@ -30,6 +30,7 @@ from sacrebleu.metrics import BLEU
 from sacrebleu.significance import PairedTest, Result
 
 from launcher.rundir.paths import iter_jsonl
+from launcher.rundir.samples import reference_streams, sample_references
 
 # sacrebleu's own default seed (SACREBLEU_SEED): the CLI and this module draw the same resamples.
 DEFAULT_SEED = 12345
@@ -49,8 +50,11 @@ class Samples:
 
     ids: list[str]
     references: list[str]
+    """The first reference of each example (what a reviewer is shown)."""
     predictions: list[str]
     skipped: list[str]
+    reference_sets: list[tuple[str, ...]]
+    """Every reference of each example: BLEU and its tests score against all of them."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -62,6 +66,7 @@ def load_samples(path: Path) -> Samples:
     ids: list[str] = []
     refs: list[str] = []
     preds: list[str] = []
+    ref_sets: list[tuple[str, ...]] = []
     seen: set[str] = set()
     for number, record in enumerate(iter_jsonl(path, skipped), start=1):
         ex_id, ref, pred = record.get("id"), record.get("reference"), record.get("prediction")
@@ -75,7 +80,8 @@ def load_samples(path: Path) -> Samples:
         ids.append(key)
         refs.append(ref)
         preds.append(pred)
-    return Samples(ids, refs, preds, skipped)
+        ref_sets.append(tuple(sample_references(record)))
+    return Samples(ids, refs, preds, skipped, ref_sets)
 
 
 def align(baseline: Samples, system: Samples, system_name: str) -> list[str]:
@@ -91,10 +97,10 @@ def align(baseline: Samples, system: Samples, system_name: str) -> list[str]:
         raise SamplesMismatch(
             f"{system_name}: samples cover other examples than the baseline's: " + ", ".join(parts)
         )
-    by_id = dict(zip(system.ids, zip(system.references, system.predictions, strict=True), strict=True))
+    by_id = dict(zip(system.ids, zip(system.reference_sets, system.predictions, strict=True), strict=True))
     predictions: list[str] = []
     differing: list[str] = []
-    for ex_id, ref in zip(baseline.ids, baseline.references, strict=True):
+    for ex_id, ref in zip(baseline.ids, baseline.reference_sets, strict=True):
         sys_ref, pred = by_id[ex_id]
         if sys_ref != ref:
             differing.append(ex_id)
@@ -187,14 +193,15 @@ def _as_result(value: object) -> Result:
 def compare_to_baseline(
     baseline: Sequence[str],
     systems: Mapping[str, Sequence[str]],
-    references: Sequence[str],
+    references: Sequence[str | Sequence[str]],
     *,
     tokenize: str = "zh",
     n_bootstrap: int = N_BOOTSTRAP,
     n_approx_randomization: int = N_APPROX_RANDOMIZATION,
     seed: int = DEFAULT_SEED,
 ) -> dict[str, PairedComparison]:
-    """Paired tests of every system against the baseline on the same references (sentence-aligned).
+    """Paired tests of every system against the baseline on the same references (sentence-aligned; an
+    example's references are a string or a sequence of several, all scored as sacrebleu does).
 
     Deterministic: fixed seed (must be non-zero: sacrebleu treats 0 as "unseeded").
     """
@@ -207,7 +214,8 @@ def compare_to_baseline(
         raise SamplesMismatch("every system needs one prediction per reference")
     if n == 0:
         raise SamplesMismatch("no examples to compare")
-    metric = _MemoBLEU(tokenize=tokenize, references=[list(references)])
+    per_example = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
+    metric = _MemoBLEU(tokenize=tokenize, references=reference_streams(per_example))
     named: list[tuple[str, Sequence[str]]] = [("__baseline__", list(baseline))]
     named += [(name, list(h)) for name, h in systems.items()]
     with _sacrebleu_seed(seed):

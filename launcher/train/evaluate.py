@@ -22,6 +22,7 @@ from torch import nn
 
 from launcher.data.templates import ChatFormat
 from launcher.rundir.run_config import RunConfig
+from launcher.rundir.samples import reference_streams, sample_references
 from launcher.train.distributed import all_reduce_sum
 from launcher.train.export import is_zero3_partitioned, unwrap
 from launcher.train.target_loss import TargetOnlyLoss, target_count
@@ -323,20 +324,6 @@ def _gather_to_rank0(results: list[tuple[int, str]], rank: int, world_size: int)
 # --- scores ------------------------------------------------------------------------------------
 
 
-def sample_references(sample: dict[str, Any]) -> list[str]:
-    """Every reference of a sample: ``references`` (an eval record with several), else ``reference``."""
-    refs = sample.get("references")
-    return [str(r) for r in refs] if isinstance(refs, list) and refs else [str(sample["reference"])]
-
-
-def reference_streams(samples: Sequence[dict[str, Any]]) -> list[list[str | None]]:
-    """sacrebleu's multi-reference layout: stream k holds every sample's k-th reference (None where a
-    sample has fewer, which sacrebleu skips)."""
-    per_sample = [sample_references(s) for s in samples]
-    width = max(len(refs) for refs in per_sample)
-    return [[refs[k] if k < len(refs) else None for refs in per_sample] for k in range(width)]
-
-
 def bleu_scores(
     samples: Sequence[dict[str, Any]], tokenize: str = "zh", *, chatglm_bleu4: bool = True
 ) -> dict[str, Any]:
@@ -352,8 +339,8 @@ def bleu_scores(
     if not samples:
         return {"bleu": None, "chrf": None, "bleu4_chatglm": None, **dict.fromkeys(ROUGE_KEYS)}
     hyps = [str(s["prediction"]) for s in samples]
-    streams: Any = reference_streams(samples)
     refs = [sample_references(s) for s in samples]
+    streams: Any = reference_streams(refs)
     chatglm: dict[str, float | None] = dict.fromkeys(("bleu4_chatglm", *ROUGE_KEYS))
     if chatglm_bleu4:
         chatglm = {"bleu4_chatglm": bleu4_chatglm(hyps, refs), **rouge_chatglm(hyps, refs)}
