@@ -43,6 +43,18 @@ def linear_modules(model: Any) -> Iterator[tuple[str, int, int]]:
             yield name, int(fan_in), int(fan_out)
 
 
+def transposed_module_names(model: Any) -> list[str]:
+    """Full names of the Conv1D modules among them (weight stored (in, out): peft's ``fan_in_fan_out``)."""
+    from torch import nn
+
+    types = lora_module_types()
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, types) and not isinstance(module, nn.Linear)
+    ]
+
+
 def linear_module_names(model: Any) -> list[str]:
     """Full names of the modules LoRA can wrap (the one list the planner and training both use)."""
     return [name for name, _, _ in linear_modules(model)]

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from launcher.builtins import tiny
-from launcher.model.modules import LAYER_RE, layer_list_prefix, linear_modules, param_numel
+from launcher.model.modules import (
+    LAYER_RE,
+    layer_list_prefix,
+    linear_modules,
+    param_numel,
+    transposed_module_names,
+)
 
 ARCH_DIR = Path(__file__).parent / "arch_configs"
 
@@ -30,6 +36,8 @@ class Linear:
     """Module name relative to its transformer layer (``self_attn.q_proj``)."""
     in_features: int
     out_features: int
+    transposed: bool = False
+    """A Conv1D (GPT-2): weight stored (in, out), which peft wraps with ``fan_in_fan_out``."""
 
 
 @dataclass(frozen=True)
@@ -284,8 +292,9 @@ def arch_from_model(model: Any, name: str, source: str = "") -> ArchInfo:
             if not layer_ids:
                 leading += 1
     first_layer = f"{prefix}.0."
+    transposed = set(transposed_module_names(model))
     linears = [
-        Linear(mname[len(first_layer) :], fan_in, fan_out)
+        Linear(mname[len(first_layer) :], fan_in, fan_out, mname in transposed)
         for mname, fan_in, fan_out in linear_modules(model)
         if mname.startswith(first_layer)
     ]

@@ -8,17 +8,22 @@
   of tensor a (0)").
 - A quantized base (QLoRA) holds its weights as bitsandbytes blocks: only LoRA trains on it, ZeRO-3
   cannot partition them, and PiSSA/OLoRA cannot write a residual into them.
+- OLoRA on a Conv1D layer (GPT-2, weight stored (in, out)): peft 0.21's QR initialisation ignores
+  ``fan_in_fan_out`` and training fails with "mat1 and mat2 shapes cannot be multiplied".
 """
 
 from __future__ import annotations
 
+from launcher.plan.archs import ArchInfo
 from launcher.plan.resources import ResourceProblem
 from launcher.rundir.run_config import ResolvedResources
 from launcher.spec.schema import MUTATING_LORA_INITS as MUTATING_INITS
 from launcher.spec.schema import LoraMethod, MethodSpec, ModelSpec
 
 
-def check_lora_variant(method: MethodSpec, resources: ResolvedResources, model: ModelSpec) -> None:
+def check_lora_variant(
+    method: MethodSpec, resources: ResolvedResources, model: ModelSpec, arch: ArchInfo
+) -> None:
     """Raise ResourceProblem (dotted key + fix) for a combination the trainer cannot run."""
     quantized = model.quantization
     if quantized is not None and not isinstance(method, LoraMethod):
@@ -54,4 +59,12 @@ def check_lora_variant(method: MethodSpec, resources: ResolvedResources, model: 
             "model.quantization",
             f"init_lora_weights: {init} writes a residual into the base weights, which a {quantized} base "
             "cannot hold exactly; use init_lora_weights: true with model.quantization",
+        )
+    conv1d = [lin.name for lin in arch.lora_linears(method.target_modules) if lin.transposed]
+    if init == "olora" and conv1d:
+        raise ResourceProblem(
+            "init_lora_weights",
+            f"init_lora_weights: olora cannot initialise {arch.name}'s Conv1D layers ({', '.join(conv1d)}): "
+            "peft's QR initialisation does not handle their transposed (in, out) weight; "
+            "use init_lora_weights: pissa or true, or target_modules without them",
         )

@@ -343,7 +343,7 @@ def _resources_of(
             arch=arch,
             layout=layout,
         )
-        check_lora_variant(plan.method, resources, sections.model)  # LoRA variants, QLoRA
+        check_lora_variant(plan.method, resources, sections.model, arch)  # LoRA variants, QLoRA
         if user_ds_path is not None:
             resources.deepspeed = str(user_ds_path)
         return resources
