@@ -5,6 +5,7 @@ local`, every export reloaded with peft on the original base to the run's own ev
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -127,6 +128,22 @@ def test_combinations_that_cannot_run_are_refused_at_plan(
     assert not (tmp_path / "runs").exists()
 
 
+def test_olora_on_conv1d_layers_is_refused_at_plan(tmp_path: Path, family_dirs: dict[str, Path]) -> None:
+    """peft's OLoRA initialisation ignores fan_in_fan_out: on GPT-2's Conv1D layers it trains a wrongly
+    shaped adapter ("mat1 and mat2 shapes cannot be multiplied"). PiSSA handles them and is planned."""
+    gpt2 = {"model": {"builtin": None, "path": str(family_dirs["gpt2"])}}
+    spec = _spec(tmp_path, {"method": "lora", "init_lora_weights": "olora"}, **gpt2)
+    with pytest.raises(UserError, match=re.escape("init_lora_weights: olora cannot initialise")) as info:
+        load_and_plan(spec)
+    assert "attn.c_attn" in str(info.value) and "spec.yaml:" in str(info.value)
+    assert not (tmp_path / "runs").exists()
+    plan = load_and_plan(_spec(tmp_path, {"method": "lora", "init_lora_weights": "pissa"}, **gpt2))
+    assert len(plan.runs) == 1
+    qwen2 = {"model": {"builtin": None, "path": str(family_dirs["qwen2"])}}
+    olora = {"method": "lora", "init_lora_weights": "olora"}
+    assert len(load_and_plan(_spec(tmp_path, olora, **qwen2)).runs) == 1  # Linear layers: planned
+
+
 def test_loraplus_trains_b_at_ratio_times_the_rate(tiny_model_dir: Path) -> None:
     from deepspeed.runtime.lr_schedules import WarmupDecayLR, WarmupLR
     from transformers import AutoModelForCausalLM
@@ -171,7 +188,9 @@ def _eval_loss_of(model: Any, paths: RunPaths) -> float:
         encode_for_training(ex, tokenizer, cfg.template, t.max_source_length, t.max_target_length)
         for ex in examples
     ]
-    return float(eval_loss(model, features, tokenizer.pad_token_id, t.per_device_batch_size))
+    pad_id = tokenizer.pad_token_id  # the trainer pads with eos where the tokenizer has no pad
+    pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
+    return float(eval_loss(model, features, pad_id, t.per_device_batch_size))
 
 
 def _eval_loss_of_export(paths: RunPaths, model_dir: Path) -> tuple[float, float | None]:
@@ -321,3 +340,73 @@ def test_qlora_4bit_trains_on_cpu_and_its_export_reloads(tiny_model_dir: Path, t
     assert keep_training_layout(base) > 0  # the kernels training used (CPU inference repacks: ~1e-3 off)
     model = PeftModel.from_pretrained(base, str(paths.final))
     assert _eval_loss_of(model, paths) == pytest.approx(result["eval_loss"], rel=1e-3)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "dora": {"use_dora": True},
+    "rslora": {"use_rslora": True},
+    "pissa": {"init_lora_weights": "pissa"},
+    "olora": {"init_lora_weights": "olora"},
+    "loraplus": {"loraplus_lr_ratio": 4},
+}
+PACKED = ("dora", "rslora")  # training.packing: true
+
+
+@pytest.mark.slow
+def test_variants_train_on_other_families_with_packing_and_zero3(
+    family_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Each variant through the real entrypoint (tests/family_worker.py: one process trains them all) on
+    Qwen2, Llama 3 and GPT-2 (Conv1D; OLoRA refused there), DoRA and rsLoRA with packing; rsLoRA (the one
+    variant ZeRO-3 takes) once more under ZeRO-3 on 2 ranks, packed. Each completes with a finite loss
+    and its export reloads with peft on the original base to the run's own eval loss."""
+    from test_families_train import run_worker
+    from train_helpers import make_run_dir, rank_output
+
+    common: dict[str, Any] = {
+        "max_steps": 2,
+        "save_steps": 100,
+        "train_examples": 16,
+        "eval_examples": 4,
+        "micro_batch": 4,
+        "accumulation": 1,
+        "learning_rate": 1e-2,
+        "eval_settings": {"num_samples": 2, "max_new_tokens": 4},
+    }
+    families = ("qwen2", "llama3", "gpt2")
+    single = {
+        (family, name): make_run_dir(
+            tmp_path / family,
+            name=name,
+            method_spec={"method": "lora", "r": 4, **variant},
+            model_path=family_dirs[family],
+            packing=name in PACKED,
+            **common,
+        )
+        for family in families
+        for name, variant in VARIANTS.items()
+        if (family, name) != ("gpt2", "olora")  # refused at plan (test above)
+    }
+    zero3 = make_run_dir(
+        tmp_path / "qwen2",
+        name="rslora-zero3",
+        method_spec={"method": "lora", "r": 4, "use_rslora": True},
+        model_path=family_dirs["qwen2"],
+        world_size=2,
+        zero_stage=3,
+        packing=True,
+        **common,
+    )
+    run_worker(list(single.values()), 1, tmp_path / "single.json")
+    run_worker([zero3], 2, tmp_path / "zero3.json")
+    runs = {**single, ("qwen2", "rslora-zero3"): zero3}
+    for (family, name), paths in runs.items():
+        assert paths.result_json.is_file(), f"{family}/{name}:\n{rank_output(paths)}"
+        result = read_json(paths.result_json)
+        why = f"{family}/{name}: {result.get('reason')}\n{rank_output(paths)}"
+        assert result["state"] == "COMPLETED", why
+        assert result["steps"] == 2 and math.isfinite(result["eval_loss"]), (family, name)
+        reloaded, merged = _eval_loss_of_export(paths, family_dirs[family])
+        assert reloaded == pytest.approx(result["eval_loss"], rel=1e-4), (family, name)
+        if merged is not None:
+            assert merged == pytest.approx(result["eval_loss"], rel=1e-4), (family, name)
