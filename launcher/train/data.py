@@ -477,32 +477,6 @@ def encode_examples(
     ]
 
 
-def load_and_encode(
-    path: Path, cfg: RunConfig, tokenizer: Any, limit: int | None = None
-) -> tuple[list[Example], list[Encoded]]:
-    """A run's examples from one data file (the first ``limit``) and their training sequences."""
-    examples, fmt = load_data(path, cfg.data.format, cfg.data.columns)
-    examples = examples[:limit]
-    train_on = train_on_for(cfg.data.train_on, fmt)
-    chat = chat_format(cfg.template, tokenizer)
-    t = cfg.training
-    features = [
-        enc
-        for ex in examples
-        for enc in encode_example(
-            ex,
-            tokenizer,
-            chat,
-            t.max_source_length,
-            t.max_target_length,
-            max_length=t.max_length,
-            train_on=train_on,
-            query_truncation=cfg.data.query_truncation,
-        )
-    ]
-    return examples, features
-
-
 def truncated_fraction(encoded: Sequence[Encoded]) -> float:
     """Share of examples whose source was cut (history dropped or query shortened)."""
     return sum(e.truncated for e in encoded) / len(encoded) if encoded else 0.0
