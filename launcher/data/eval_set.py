@@ -16,7 +16,6 @@ import hashlib
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.data.formats import Example
@@ -84,24 +83,6 @@ def eval_set_hash(examples: Sequence[Example]) -> str:
         key = [ex.system, [list(t) for t in ex.history], ex.query, references_of(ex)]
         digest.update(json.dumps(key, ensure_ascii=False).encode("utf-8") + b"\n")
     return digest.hexdigest()[:HASH_CHARS]
-
-
-@dataclass(frozen=True)
-class EvalOverlap:
-    """How much of the eval set the training set holds."""
-
-    overlapping: int
-    eval_total: int
-    same_file: bool
-
-    def describe(self) -> str:
-        share = self.overlapping / self.eval_total if self.eval_total else 0.0
-        what = "is the training file" if self.same_file else "overlaps the training set"
-        return (
-            f"the eval set {what}: {self.overlapping} of {self.eval_total} eval examples ({share:.0%}) "
-            "also in data.train_file (same prompt and response), so eval loss and BLEU measure memory, "
-            "not generalisation"
-        )
 
 
 def same_file(train: Path, eval_path: Path) -> bool:
