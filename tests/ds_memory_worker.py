@@ -196,9 +196,12 @@ def measure(case: dict[str, Any], world_size: int) -> dict[str, Any]:
 def main() -> None:
     import deepspeed
 
+    from launcher.train.distributed import skip_inference_shm_op
+
     torch.set_num_threads(1)
     cases = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
+    skip_inference_shm_op()  # as a rank does: no JIT build of an op training never uses
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     results = [measure(case, world_size) for case in cases]

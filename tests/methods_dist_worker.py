@@ -78,8 +78,11 @@ def export(model_dir: str, eval_file: str, out: Path, rank: int, world_size: int
 def main() -> None:
     import deepspeed
 
+    from launcher.train.distributed import skip_inference_shm_op
+
     torch.set_num_threads(1)
     mode, model_dir, eval_file, out_dir = sys.argv[1:5]
+    skip_inference_shm_op()  # as a rank does: no JIT build of an op training never uses
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     out = Path(out_dir)

@@ -25,7 +25,7 @@ from launcher.train.distributed import DIST_TIMEOUT_ENV, detect_dist_env, dist_t
 from launcher.train.entry import PREEMPTED_EXIT_CODE, exit_code_for, train_run
 from launcher.train.memory import PeakMemory, combine_peaks, peak_memory, peak_rss_gib
 from launcher.train.result import RESULT_KEYS
-from launcher.train.schedule import fill_ds_config, total_optimizer_steps
+from launcher.train.schedule import cpu_optimizer_op, fill_ds_config, total_optimizer_steps
 from launcher.train.signals import PreemptionFlag
 
 # The result.json keys of the run-dir contract (docs/run_directory.md), spelled out so a rename breaks this.
@@ -340,19 +340,29 @@ def test_fill_ds_config() -> None:
     assert filled["scheduler"]["params"]["warmup_num_steps"] == 10
     assert filled["train_batch_size"] == 8  # planned for 2 ranks, running on 1
     assert ds["scheduler"]["params"]["total_num_steps"] == "auto"  # the input is not modified
-    # on CPU torch's AdamW replaces DeepSpeed's FusedAdam fallback (exact resume), unless offloaded
+    # on CPU torch's AdamW replaces DeepSpeed's FusedAdam (exact resume) and cpu_adam (no JIT build)
     adamw = {"type": "AdamW", "params": {"lr": 1e-3}}
     on_cpu = fill_ds_config(
         {**ds, "optimizer": adamw}, total_steps=10, warmup_ratio=0, world_size=2, on_cpu=True
     )
     assert on_cpu["optimizer"]["params"]["torch_adam"] is True
+    assert cpu_optimizer_op(on_cpu) is None
     offloaded = {
         **ds,
         "optimizer": adamw,
         "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
     }
     filled = fill_ds_config(offloaded, total_steps=10, warmup_ratio=0, world_size=2, on_cpu=True)
-    assert "torch_adam" not in filled["optimizer"]["params"]
+    assert filled["optimizer"]["params"]["torch_adam"] is True
+    assert cpu_optimizer_op(offloaded) is None
+    # the config's own choice wins: DeepSpeed's optimizers, and the op they build
+    asked = {**offloaded, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": False}}}
+    filled = fill_ds_config(asked, total_steps=10, warmup_ratio=0, world_size=2, on_cpu=True)
+    assert filled["optimizer"]["params"]["torch_adam"] is False
+    assert cpu_optimizer_op(asked) == "cpu_adam"
+    assert cpu_optimizer_op({**asked, "zero_optimization": {"stage": 2}}) == "fused_adam"
+    on_gpu = fill_ds_config(offloaded, total_steps=10, warmup_ratio=0, world_size=2, on_cpu=False)
+    assert "torch_adam" not in on_gpu["optimizer"]["params"]
     with pytest.raises(ValueError, match=r"optimizer\.params\.lr"):
         fill_ds_config(
             {**ds, "optimizer": {"params": {"lr": "auto"}}}, total_steps=1, warmup_ratio=0, world_size=2

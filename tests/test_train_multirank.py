@@ -67,17 +67,28 @@ FULL_SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[RunPaths, float]:
+def full_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[RunPaths, float, Path]:
     """2-rank full fine-tuning, ZeRO-3 + offload, uninterrupted: checked below and the reference for the
-    2-rank kill-and-resume test."""
+    2-rank kill-and-resume test. Its ops directory starts empty (what a fresh environment has)."""
     paths = make_run_dir(tmp_path_factory.mktemp("full"), name="full-reference", **FULL_SETTINGS)
+    ops_dir = tmp_path_factory.mktemp("fresh-ops")
     started = time.monotonic()
-    assert run_ranks(paths, 2, timeout_s=400) == [0, 0], rank_output(paths)
-    return paths, time.monotonic() - started
+    codes = run_ranks(paths, 2, timeout_s=400, extra_env={"TORCH_EXTENSIONS_DIR": str(ops_dir)})
+    assert codes == [0, 0], rank_output(paths)
+    return paths, time.monotonic() - started, ops_dir
 
 
-def test_full_zero3_offload_two_ranks(full_run: tuple[RunPaths, float]) -> None:
-    paths, wall_s = full_run
+def test_cpu_run_builds_no_deepspeed_op(full_run: tuple[RunPaths, float, Path]) -> None:
+    """On a CPU host a run JIT-builds nothing, even in a fresh environment: Adam with offload runs as
+    torch's AdamW (not cpu_adam) and DeepSpeed's inference-only shm all-reduce op is skipped."""
+    paths, _, ops_dir = full_run
+    assert sorted(p.name for p in ops_dir.rglob("*.so")) == []
+    assert sorted(p.name for p in ops_dir.iterdir()) == []
+    assert read_json(paths.result_json)["state"] == "COMPLETED"
+
+
+def test_full_zero3_offload_two_ranks(full_run: tuple[RunPaths, float, Path]) -> None:
+    paths, wall_s, _ = full_run
     result = _check_completed(paths, steps=12, zero_stage=3, offload=True)
     print(f"\n2-rank full ZeRO-3 offload: {wall_s:.1f}s wall, {result}")
     assert result["gradient_checkpointing"] is True
@@ -91,7 +102,7 @@ def test_full_zero3_offload_two_ranks(full_run: tuple[RunPaths, float]) -> None:
 
 
 def test_sigkill_both_ranks_then_resume_zero3_offload(
-    full_run: tuple[RunPaths, float], tmp_path: Path
+    full_run: tuple[RunPaths, float, Path], tmp_path: Path
 ) -> None:
     """Both ranks SIGKILLed after a checkpoint was published and training moved past it; the restart
     resumes from it and reproduces the uninterrupted losses (ZeRO-3 shards + per-rank RNG restored)."""

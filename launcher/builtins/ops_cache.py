@@ -19,7 +19,6 @@ import os
 import sys
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
 
 TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
 """Read by torch.utils.cpp_extension (and so by DeepSpeed's JIT builds) at build time."""
@@ -31,8 +30,10 @@ CPU_OP_BUILDERS = {
     "fused_adam": "FusedAdamBuilder",
     "deepspeed_shm_comm": "ShareMemCommBuilder",
 }
-"""The ops a CPU run builds (op name -> DeepSpeed builder class): cpu_adam (optimizer offload),
-fused_adam (Adam without offload), deepspeed_shm_comm (shared-memory collectives, at init_distributed)."""
+"""DeepSpeed's CPU ops (op name -> builder class): cpu_adam (Adam with optimizer offload), fused_adam
+(Adam without), deepspeed_shm_comm (shared-memory all-reduce for inference tensor parallelism). A CPU
+run builds none by default (Adam runs as torch's AdamW: launcher.train.schedule.cpu_optimizer_op;
+the shm op is skipped: launcher.train.distributed); ``prebuild --ops`` builds them on request."""
 
 
 def _version(name: str) -> str:
@@ -91,10 +92,3 @@ def op_is_built(op_name: str, environ: MutableMapping[str, str] | None = None) -
     """Whether ``op_name`` (e.g. "cpu_adam") has a compiled library in this environment's directory."""
     root = use_environment_ops_dir(environ)
     return (root / op_name / f"{op_name}.so").is_file()
-
-
-def cpu_ops_for(ds_config: dict[str, Any]) -> list[str]:
-    """The ops a CPU run with this DeepSpeed config JIT-builds (GPU ops are not built on CPU)."""
-    offload = (ds_config.get("zero_optimization", {}) or {}).get("offload_optimizer", {}) or {}
-    optimizer_op = "cpu_adam" if offload.get("device") == "cpu" else "fused_adam"
-    return ["deepspeed_shm_comm", optimizer_op]

@@ -1,6 +1,8 @@
 """Build DeepSpeed's CPU ops into this environment's ops directory, safely, and ``python -m
 launcher.builtins.prebuild`` (run by ``make install``): build once what the default paths need, so
-that no run waits for it later (the built-in tiny model, cpu_adam, fused_adam, deepspeed_shm_comm).
+that no run waits for it later. On a CPU host that is the built-in tiny model only: the default runs
+JIT-build no op (launcher/builtins/ops_cache.py says why); ``--ops`` builds DeepSpeed's CPU ops too,
+for configs that ask for DeepSpeed's own optimizers (``torch_adam: false``).
 
 Running it again builds nothing: the model is cached, and torch's ninja build finds every op up to date.
 
@@ -58,17 +60,23 @@ def build_under_lock(root: Path, name: str, load: Callable[[], T]) -> T:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.builtins.prebuild", description=__doc__)
     parser.add_argument("--no-model", action="store_true", help="skip the built-in tiny model")
-    parser.add_argument("--no-ops", action="store_true", help="skip DeepSpeed's CPU ops")
+    parser.add_argument(
+        "--ops",
+        nargs="*",
+        choices=sorted(CPU_OP_BUILDERS),
+        default=None,
+        help="also build these DeepSpeed CPU ops (all of them when none is named)",
+    )
     args = parser.parse_args(argv)
-    print(f"prebuild: ops directory {use_environment_ops_dir()}")
     if not args.no_model:
         from launcher.builtins.tiny import ensure_tiny_model
 
         started = time.perf_counter()
         path = ensure_tiny_model()
         print(f"prebuild: built-in model ready at {path} ({time.perf_counter() - started:.1f} s)")
-    if not args.no_ops:
-        for name in CPU_OP_BUILDERS:
+    if args.ops is not None:
+        print(f"prebuild: ops directory {use_environment_ops_dir()}")
+        for name in args.ops or CPU_OP_BUILDERS:
             started = time.perf_counter()
             was_built = op_is_built(name)
             if build_ops([name]):

@@ -172,6 +172,7 @@ def init_distributed(env: DistEnv) -> None:
         }
     )
     create_process_group(env)
+    skip_inference_shm_op()
     deepspeed.init_distributed(
         dist_backend=backend_name(),
         auto_mpi_discovery=False,
@@ -179,6 +180,21 @@ def init_distributed(env: DistEnv) -> None:
         rank=env.rank,
         world_size=env.world_size,
     )
+
+
+def skip_inference_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building its shared-memory all-reduce op on CPU hosts.
+
+    On the CPU accelerator, DeepSpeed builds deepspeed_shm_comm whenever it wraps a process group
+    (20-60 s once per environment, ~1.5 s to load after that), yet only inference's tensor-parallel
+    all-reduce uses it: training's collectives go through gloo either way. DeepSpeed consults
+    ``deepspeed.ops.__compatible_ops__`` (a dict it keeps for edits) before building the op.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def shutdown_distributed() -> None:

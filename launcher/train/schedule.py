@@ -26,26 +26,41 @@ def total_optimizer_steps(
     return max(1, micro_batches // (accumulation or training.gradient_accumulation_steps))
 
 
+def _is_adam(ds_config: dict[str, Any]) -> bool:
+    optimizer = ds_config.get("optimizer")
+    return isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() in ("adam", "adamw")
+
+
+def cpu_optimizer_op(ds_config: dict[str, Any]) -> str | None:
+    """The DeepSpeed op a CPU run's optimizer JIT-builds: None when Adam runs as torch's AdamW.
+
+    On a CPU host Adam runs as torch's AdamW, offloaded or not, unless the config sets ``torch_adam:
+    false``. DeepSpeed's CPU ops (cpu_adam with offload, FusedAdam without) must first be compiled
+    for each environment (1-3 min on 2 cores), for no gain on the CPU hosts this runs on (no GPU to
+    hide the optimizer step behind); and FusedAdam's first step after a checkpoint load differs from
+    an uninterrupted run in the last bits (measured ~3e-6 in the loss), which breaks exact resume.
+    GPU hosts keep DeepSpeed's optimizers (cpu_adam for offload).
+    """
+    if not _is_adam(ds_config):
+        return None
+    if (ds_config["optimizer"].get("params") or {}).get("torch_adam", True):
+        return None
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return "cpu_adam" if offload.get("device") in ("cpu", "nvme") else "fused_adam"
+
+
 def fill_ds_config(
     ds_config: dict[str, Any], *, total_steps: int, warmup_ratio: float, world_size: int, on_cpu: bool = False
 ) -> dict[str, Any]:
     """A copy of ``ds_config`` with the scheduler's "auto" step counts filled in (the plan's own rule,
     ``launcher.rundir.ds_config.fill_scheduler_auto``) and the global batch matching the real world size.
 
-    ``on_cpu``: use torch's AdamW instead of DeepSpeed's FusedAdam fallback (when the optimizer is not
-    offloaded): on CPU the latter's first step after a checkpoint load differs from an uninterrupted
-    run in the last bits (measured ~3e-6 in the loss), which breaks exact resume.
+    ``on_cpu``: Adam runs as torch's AdamW (``cpu_optimizer_uses_torch``) unless the config says
+    ``torch_adam: false``.
     """
     filled = fill_scheduler_auto(ds_config, total_steps, warmup_ratio)
-    optimizer = filled.get("optimizer")
-    offloaded = bool(filled.get("zero_optimization", {}).get("offload_optimizer"))
-    if (
-        isinstance(optimizer, dict)
-        and str(optimizer.get("type", "")).lower() in ("adam", "adamw")
-        and on_cpu
-        and not offloaded
-    ):
-        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+    if on_cpu and _is_adam(filled):
+        filled["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
     micro = int(filled["train_micro_batch_size_per_gpu"])
     accumulation = int(filled.get("gradient_accumulation_steps", 1))
     planned = filled.get("train_batch_size")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from launcher.builtins.ops_cache import cpu_ops_for, op_is_built
+from launcher.builtins.ops_cache import op_is_built
 from launcher.builtins.prebuild import build_ops
 from launcher.rundir.startup import process_started_at, report_startup_phase
+from launcher.train.schedule import cpu_optimizer_op
 
 _started_at: float | None = None
 _first_step_at: float | None = None
@@ -23,15 +24,15 @@ def begin_run() -> None:
 
 
 def prepare_ops(ds_config: dict[str, Any], on_cpu: bool) -> None:
-    """Before the process group and the engine: the CPU ops this run JIT-builds, each built once per
-    environment under a lock that a killed builder cannot leave held (launcher/builtins/prebuild.py)."""
-    if not on_cpu:
+    """Before the process group and the engine: the CPU op this run's optimizer JIT-builds (none by
+    default: ``cpu_optimizer_op``), built once per environment under a lock that a killed builder
+    cannot leave held (launcher/builtins/prebuild.py)."""
+    op = cpu_optimizer_op(ds_config) if on_cpu else None
+    if op is None:
         return
-    needed = cpu_ops_for(ds_config)
-    missing = [op for op in needed if not op_is_built(op)]
-    if missing:
-        report_startup_phase(f"building DeepSpeed ops ({', '.join(missing)}; once per environment)")
-    build_ops(needed)
+    if not op_is_built(op):
+        report_startup_phase(f"building DeepSpeed ops ({op}; once per environment)")
+    build_ops([op])
 
 
 def report_rendezvous_phase(world_size: int) -> None:
