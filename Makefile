@@ -2,27 +2,35 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test lint install tiny clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The installer: uv (pinned) from the indexes pip is configured with, pip where uv cannot be had.
+INSTALL := $(BIN)/python -m launcher.builtins.install
+
+# What the demo needs. The CPU build of torch first: an unpinned torch would pull GBs of CUDA packages.
+# constraints.txt: the tested versions of everything else (see its header). Then, once per
+# environment, the built-in model, so that no run waits for it.
+$(RUN_STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU build of torch; an unpinned torch would pull GBs of CUDA packages.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	# constraints.txt: the tested versions of everything else (see its header).
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	# Once per environment, so no run waits for it: the built-in model and DeepSpeed's CPU ops.
+	$(INSTALL) torch==2.13.0
+	$(INSTALL) -c constraints.txt -e .
 	$(BIN)/python -m launcher.builtins.prebuild
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+# What the tests and linters need on top (pytest, ruff, mypy, the tracker and QLoRA extras).
+$(DEV_STAMP): $(RUN_STAMP)
+	$(INSTALL) -c constraints.txt -e '.[dev]'
+	touch $@
 
-demo: $(STAMP)
+install: $(RUN_STAMP)
+
+demo: $(RUN_STAMP)
 	$(BIN)/launcher submit jobs/demo.yaml --backend local
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy launcher

@@ -44,6 +44,7 @@ def test_two_concurrent_runs_of_two_ranks_complete(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
+    monkeypatch.setattr("launcher.backends.local._usable_cores", lambda: 4)  # 2 runs x 2 ranks fit
     runs = [make_run(n, world_size=2, max_steps=6, max_concurrent=2) for n in ("a", "b")]
     exp = write_runs(tmp_path / "exp", runs)
     backend = _backend()
@@ -84,6 +85,30 @@ def test_concurrency_limit_and_distinct_gpus(tmp_path: Path, monkeypatch: pytest
     # c waited for a free slot: it started after a or b had finished.
     ends = [_env(exp, n, 0)["start"] for n in "ab"]
     assert _env(exp, "c", 0)["start"] > min(ends) + 8 * 0.05 * 0.8
+
+
+def test_runs_side_by_side_on_cpu_never_share_a_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPUs, 2 cores, 2 runs at once allowed: two 1-rank runs start together; a 2-rank run waits
+    until both cores are free, and the run behind it until it gives them back."""
+    monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
+    monkeypatch.setattr("launcher.backends.local._usable_cores", lambda: 2)
+    monkeypatch.setenv("STAND_IN_STEP_S", "0.1")
+    runs = [
+        make_run("one-a", max_steps=8, max_concurrent=2),
+        make_run("one-b", max_steps=8, max_concurrent=2),
+        make_run("two", world_size=2, max_steps=8, max_concurrent=2),
+        make_run("one-c", max_steps=8, max_concurrent=2),
+    ]
+    exp = write_runs(tmp_path / "exp", runs)
+    backend = _backend()
+    backend.submit(exp, runs, dry_run=False)
+    assert set(backend.wait(exp).values()) == {"COMPLETED"}
+    start = {name: _env(exp, name, 0)["start"] for name in ("one-a", "one-b", "two", "one-c")}
+    run_s = 8 * 0.1 * 0.8  # at least this long: 8 steps of 0.1 s
+    assert abs(start["one-a"] - start["one-b"]) < run_s  # side by side, one core each
+    assert start["two"] > max(start["one-a"], start["one-b"]) + run_s  # waited for both cores
+    assert start["one-c"] > start["two"] + run_s  # waited for the 2-rank run to give a core back
+    assert {_env(exp, name, 0)["OMP_NUM_THREADS"] for name in start} == {"1"}
 
 
 def test_run_needing_more_gpus_than_the_machine_has_is_refused(

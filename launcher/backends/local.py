@@ -75,6 +75,15 @@ def visible_gpus() -> list[str]:
         return []
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity: a cgroup or taskset may allow fewer than the
+    machine has)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -191,6 +200,8 @@ class ActiveRun:
     procs: list[RankProcess]
     gpus: list[str]
     started_at: float
+    cpu_cores: int = 0
+    """Cores this run holds on a machine without GPUs (``cpu_cores_needed``), given back at its end."""
     first_exit_at: float | None = None
     failure: str | None = None
     exit_codes: dict[int, int] = field(default_factory=dict)
@@ -263,6 +274,15 @@ class SupervisedBackend(ABC):
     @abstractmethod
     def max_concurrent_runs(self, queue: list[QueuedRun]) -> int:
         """How many runs of ``queue`` may run at once."""
+
+    def cpu_core_pool(self) -> int:
+        """Cores runs share on a machine that hands out no GPUs; 0: no core accounting (the default:
+        the hosts, not this machine, run the ranks)."""
+        return 0
+
+    def cpu_cores_needed(self, run: RunConfig) -> int:
+        """Cores one run holds while it runs (counted against ``cpu_core_pool``)."""
+        return 0
 
     # --- Backend protocol --------------------------------------------------------------------------
 
@@ -337,6 +357,7 @@ class SupervisedBackend(ABC):
             return states
         max_concurrent = self.max_concurrent_runs(queue)
         free_gpus = list(self.gpu_pool())
+        free_cores = [self.cpu_core_pool()]  # one mutable count, shared with _start_next
         active: list[ActiveRun] = []
         progress = self.progress_view([q.paths for q in queue], console=self.console, live=self.show_progress)
         previous_sigterm = _raise_on_sigterm()
@@ -344,7 +365,7 @@ class SupervisedBackend(ABC):
             with progress:
                 while queue or active:
                     while queue and len(active) < max_concurrent:
-                        started = self._start_next(queue, free_gpus, states)
+                        started = self._start_next(queue, free_gpus, free_cores, states)
                         if started is None:
                             break  # the next run waits for a running one to give its GPUs back
                         if started is not False:
@@ -353,6 +374,7 @@ class SupervisedBackend(ABC):
                         if self._poll(item):
                             active.remove(item)
                             free_gpus.extend(item.gpus)
+                            free_cores[0] += item.cpu_cores
                             states[item.run.name] = self._finalize(item, interrupted=False)
                     progress.update()
                     if queue or active:
@@ -366,10 +388,10 @@ class SupervisedBackend(ABC):
         return states
 
     def _start_next(
-        self, queue: list[QueuedRun], free_gpus: list[str], states: dict[str, str]
+        self, queue: list[QueuedRun], free_gpus: list[str], free_cores: list[int], states: dict[str, str]
     ) -> ActiveRun | Literal[False] | None:
-        """Start the head of the queue: its ActiveRun; None if it must wait for GPUs; False if it
-        ended without starting (cancelled meanwhile, or its ranks could not be spawned)."""
+        """Start the head of the queue: its ActiveRun; None if it must wait for GPUs or cores; False if
+        it ended without starting (cancelled meanwhile, or its ranks could not be spawned)."""
         head = queue[0]
         if cancel_requested(head.paths):
             queue.pop(0)
@@ -378,10 +400,12 @@ class SupervisedBackend(ABC):
             )
             return False
         need = head.run.resources.world_size if self.gpu_pool() else 0
-        if need > len(free_gpus):
+        cores = self.cpu_cores_needed(head.run)
+        if need > len(free_gpus) or cores > free_cores[0]:
             return None
         gpus = free_gpus[:need]
         del free_gpus[:need]
+        free_cores[0] -= cores
         queue.pop(0)
         # Before the ranks exist: rank 0 writes RUNNING once its engine is ready, and must not be undone.
         self._record(head.paths, RunState.STARTING, None)
@@ -389,10 +413,11 @@ class SupervisedBackend(ABC):
             procs = self.launch(head, gpus)
         except OSError as exc:  # e.g. the train command is missing: this run fails, the others go on
             free_gpus.extend(gpus)
+            free_cores[0] += cores
             reason = f"could not start its ranks: {exc}"
             states[head.run.name] = self._record(head.paths, RunState.FAILED, reason)
             return False
-        return ActiveRun(head.run, head.paths, procs, gpus, time.monotonic())
+        return ActiveRun(head.run, head.paths, procs, gpus, time.monotonic(), cpu_cores=cores)
 
     def _poll(self, item: ActiveRun) -> bool:
         """Advance one run's bookkeeping; True when all its ranks have exited."""
@@ -540,13 +565,27 @@ class LocalBackend(SupervisedBackend):
                 )
         return {run.name: self.describe_command(exp.run(run.name), run) for run in runs}
 
-    def rank_env(self, run: RunConfig, rank: int, port: int, gpus: list[str]) -> dict[str, str]:
-        world_size = run.resources.world_size
-        threads = run.local.cpu_threads_per_rank or max(
-            1, (os.cpu_count() or 1) // max(1, world_size * run.local.max_concurrent_runs)
+    def threads_per_rank(self, run: RunConfig) -> int:
+        """``local.cpu_threads_per_rank``, else this machine's cores shared by the ranks of as many runs
+        as may run at once."""
+        return run.local.cpu_threads_per_rank or max(
+            1, _usable_cores() // max(1, run.resources.world_size * run.local.max_concurrent_runs)
         )
-        env = torchrun_env(rank, world_size, port)
-        env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
+
+    def cpu_core_pool(self) -> int:
+        return 0 if self.gpu_pool() else _usable_cores()
+
+    def cpu_cores_needed(self, run: RunConfig) -> int:
+        """Ranks x threads per rank: a run starts when that many cores are free, so runs side by side
+        never share a core (their throughput is then comparable). A run bigger than the machine takes
+        all of it, alone."""
+        if self.gpu_pool():
+            return 0
+        return min(self.cpu_core_pool(), run.resources.world_size * self.threads_per_rank(run))
+
+    def rank_env(self, run: RunConfig, rank: int, port: int, gpus: list[str]) -> dict[str, str]:
+        env = torchrun_env(rank, run.resources.world_size, port)
+        env.update({"OMP_NUM_THREADS": str(self.threads_per_rank(run)), "PYTHONUNBUFFERED": "1"})
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         return env

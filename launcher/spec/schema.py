@@ -275,7 +275,11 @@ class ClusterSpec(StrictModel):
 
 class LocalSpec(StrictModel):
     max_concurrent_runs: int = Field(default=1, ge=1)
+    """Runs at once on this machine. With GPUs each rank holds one; without, each rank holds
+    cpu_threads_per_rank cores and a run starts only when its cores are free (runs never share a core)."""
     cpu_threads_per_rank: int | None = Field(default=None, ge=1)
+    """Torch threads (and cores held) per rank on a machine without GPUs; default: the cores shared
+    by the ranks of max_concurrent_runs runs."""
 
 
 class WandbSpec(StrictModel):
