@@ -4,6 +4,7 @@ fresh-clone `make demo` in the README runs the real one)."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def test_pip_settings_take_the_value_pip_uses() -> None:
 
 def test_uv_gets_every_index_constraint_and_certificate() -> None:
     flags, env = install.uv_arguments(install.pip_settings(PIP_CONFIG_LIST))
-    pairs = set(zip(flags, flags[1:], strict=False))  # each flag next to its value
+    pairs = set(itertools.pairwise(flags))  # each flag next to its value
     assert ("--index-url", "https://mirror.example/simple") in pairs
     assert ("--extra-index-url", "file:///opt/pypi/simple") in pairs
     assert ("--extra-index-url", "file:///opt/pypi-more/simple") in pairs
