@@ -1,24 +1,40 @@
-"""Side by side with LLaMA-Factory: our entrypoint vs ``llamafactory-cli train`` on the same model, data
-and hyperparameters.
+"""Side by side with LLaMA-Factory: our entrypoint vs ``llamafactory-cli train`` on the same model, data,
+token sequences and hyperparameters.
 
     .venv/bin/python bench/peer_bench.py --quick        # LoRA and full, 1 repeat, 600 examples
-    .venv/bin/python bench/peer_bench.py                # 3 interleaved repeats, the whole data set
+    .venv/bin/python bench/peer_bench.py                # 3 interleaved repeats, 3000 examples
 
 LLaMA-Factory (pinned: ``LLAMAFACTORY_VERSION``) goes into its own venv, created by the bench under
 ``--work`` (with the CPU build of torch): its pins on transformers, peft and datasets differ from ours.
 It imports torchaudio at start-up, and no torchaudio on PyPI loads with torch 2.13: the bench puts an
 empty ``torchaudio`` module in that venv (text training never uses it).
+
 Model: a tiny Qwen2 (hidden 128, 2 layers, 4 heads / 2 KV heads) built from a config with random
-weights, saved with the built-in model's character tokenizer. Data: the bundled dialogues as an
-alpaca file (instruction = the dialogue so far, output = the answer; lengths vary ~3x). Both sides
-get the alpaca template, one epoch, the same micro-batch, accumulation, learning rate, sequence cap
-and seed, fp32 on CPU, no checkpoints, one process.
+weights, with a byte-level BPE tokenizer trained on the training file (Qwen2's own pre-tokenizer, so
+both venvs' transformers load it as the same ``Qwen2Tokenizer``). Data: the bundled dialogues as an
+alpaca file (instruction = the dialogue so far, output = the answer; lengths vary ~3x).
+
+Same token sequences: LLaMA-Factory's ``vicuna`` template with its default system text switched off
+(``default_system: ""``) renders ``USER: {query} ASSISTANT:`` + answer + eos, and our side gets that
+custom template. Before training, the bench tokenizes every train and eval example through both
+sides' own code (LLaMA-Factory's ``get_dataset`` in its venv, our ``encode_examples``) and stops if
+any input id or label differs. Both learn the answer and eos only (the prompt is masked).
+
+Same settings: one epoch, micro-batch, accumulation, learning rate, linear decay to 0 without warm-up,
+AdamW, clipping 1.0, no weight decay, batches grouped by length, fp32 on CPU, no checkpoints, one
+process; each repeat uses seed ``seed + repeat`` on both sides (their spread is the noise). Both
+normalise the loss per target token over the accumulated batch, both log every step, and the bench
+computes the train loss from those per-step logs the same way for both (mean of the last
+``LOSS_WINDOW`` steps). Eval loss: per target token over the whole eval file on both sides (ours
+does that; LLaMA-Factory's Trainer averages per-batch means, so it gets the whole eval file as one
+batch).
 
 Recorded per run: real (non-pad) tokens/s (ours: result.json; LLaMA-Factory: the Trainer's
-``num_input_tokens_seen``, which counts attention-mask tokens, over its ``train_runtime``), peak RSS of
-the process tree, final train loss, eval loss, and wall time from process start to exit (start-up,
-data, training, eval, saving). The last line: ``ours vs LLaMA-Factory: tokens/s X.XXx, wall Y.YYx (lora)``.
-Not part of the test suite (tests/test_peer_bench.py runs its pieces that need no LLaMA-Factory).
+``num_input_tokens_seen`` counted as ``non_padding`` over its ``train_runtime``), peak RSS of the process
+tree, train loss, eval loss, wall time from process start to exit, and the part of it outside the
+training loop (start-up, data, eval, saving). The last line: ``ours vs LLaMA-Factory: tokens/s X.XXx,
+wall Y.YYx (lora)``. Not part of the test suite (tests/test_peer_bench.py runs its pieces that need no
+LLaMA-Factory).
 """
 
 from __future__ import annotations
@@ -39,7 +55,7 @@ import yaml
 
 LLAMAFACTORY_VERSION = "0.9.5"
 TORCH_CPU = "torch==2.13.0"
-QWEN2_CONFIG = {
+QWEN2_CONFIG: dict[str, Any] = {
     "hidden_size": 128,
     "intermediate_size": 352,
     "num_hidden_layers": 2,
@@ -49,6 +65,23 @@ QWEN2_CONFIG = {
     "tie_word_embeddings": False,
 }
 METHODS = ("lora", "full")
+MODEL_DIR_NAME = "qwen2-tiny-bpe1024"
+"""Named after its tokenizer: a model directory of an earlier bench version is never reused."""
+VOCAB_SIZE = 1024
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+QWEN2_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+"""transformers' Qwen2Tokenizer pre-tokenizer: it rebuilds the pipeline around a tokenizer.json's vocab
+for any ``model_type: qwen2`` model (transformers 5.24 does so even for another ``tokenizer_class``), so
+the bench's tokenizer uses the same one and loads alike in both venvs."""
+LF_TEMPLATE = "vicuna"
+"""``USER: {{content}} ASSISTANT:``, then the answer and eos (LLaMA-Factory's template.py); its default
+system text is switched off with ``default_system: ""``."""
+OUR_TEMPLATE = "USER: {query} ASSISTANT:"
+LOSS_WINDOW = 10
+"""Train loss = mean of the last this many optimizer steps' losses, from each side's per-step log."""
 
 
 @dataclass(frozen=True)
@@ -83,30 +116,70 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     return args, Settings(examples=examples, eval_examples=100, repeats=repeats)
 
 
-def build_qwen2(dest: Path) -> Path:
-    """The tiny Qwen2 both sides train, with the built-in model's tokenizer (built once)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _bundled_records(which: str) -> list[dict[str, Any]]:
+    from launcher.builtins.demo_data import ensure_builtin_data
 
-    from launcher.builtins.tiny import BOS_ID, EOS_ID, PAD_ID, ensure_tiny_model
+    train_src, eval_src = ensure_builtin_data("dialogue")
+    src = train_src if which == "train" else eval_src
+    return [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def build_tokenizer(dest: Path) -> None:
+    """A byte-level BPE (``VOCAB_SIZE``) trained on the bundled training dialogues and the template's
+    text, with Qwen2's normaliser, pre-tokenizer and decoder, saved for ``Qwen2Tokenizer``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [_alpaca(r)["instruction"] + _alpaca(r)["output"] for r in _bundled_records("train")]
+    tokenizer.train_from_iterator([*texts, OUR_TEMPLATE], trainer)
+    tokenizer.save(str(dest / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": None,
+        "bos_token": None,
+        "model_max_length": QWEN2_CONFIG["max_position_embeddings"],
+    }
+    (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+
+
+def build_qwen2(dest: Path) -> Path:
+    """The tiny Qwen2 both sides train, with its own tokenizer (built once)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     if (dest / "config.json").is_file():
         return dest
-    tokenizer_dir = ensure_tiny_model()
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
-    config = Qwen2Config(
-        **QWEN2_CONFIG, vocab_size=vocab, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for path in tokenizer_dir.iterdir():
-        if path.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(path, tmp / path.name)
+    tmp.mkdir(parents=True)
+    build_tokenizer(tmp)
+    (tmp / "config.json").write_text(json.dumps({"model_type": "qwen2"}), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp))
+    config = Qwen2Config(
+        **QWEN2_CONFIG,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp)  # writes the real config.json over the stub
     os.replace(tmp, dest)
     return dest
 
@@ -120,26 +193,22 @@ def _alpaca(record: dict[str, Any]) -> dict[str, str]:
 
 def write_data(work: Path, settings: Settings) -> tuple[Path, Path]:
     """(train.json, eval.json) in alpaca format, plus LLaMA-Factory's dataset_info.json next to them."""
-    from launcher.builtins.demo_data import ensure_builtin_data
-
-    train_src, eval_src = ensure_builtin_data("dialogue")
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     out = []
-    for src, name, limit in (
-        (train_src, "train", settings.examples),
-        (eval_src, "eval", settings.eval_examples),
-    ):
-        lines = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for name, limit in (("train", settings.examples), ("eval", settings.eval_examples)):
+        records = _bundled_records(name)[:limit]
         path = data_dir / f"{name}.json"
-        path.write_text(json.dumps([_alpaca(r) for r in lines[:limit]], ensure_ascii=False), encoding="utf-8")
+        path.write_text(json.dumps([_alpaca(r) for r in records], ensure_ascii=False), encoding="utf-8")
         out.append(path)
     info = {name: {"file_name": f"{name}.json"} for name in ("train", "eval")}
     (data_dir / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return out[0], out[1]
 
 
-def llamafactory_config(settings: Settings, method: str, model_dir: Path, data_dir: Path, out: Path) -> dict:
+def llamafactory_config(
+    settings: Settings, method: str, model_dir: Path, data_dir: Path, out: Path, seed: int | None = None
+) -> dict:
     config: dict[str, Any] = {
         "model_name_or_path": str(model_dir),
         "stage": "sft",
@@ -148,25 +217,31 @@ def llamafactory_config(settings: Settings, method: str, model_dir: Path, data_d
         "dataset": "train",
         "eval_dataset": "eval",
         "dataset_dir": str(data_dir),
-        "template": "alpaca",
+        "template": LF_TEMPLATE,
+        "default_system": "",
         "cutoff_len": settings.cutoff_len,
         "overwrite_cache": True,
         "preprocessing_num_workers": 1,
         "output_dir": str(out),
         "overwrite_output_dir": True,
-        "logging_steps": 10,
+        "logging_steps": 1,
         "save_strategy": "no",
         "per_device_train_batch_size": settings.micro_batch,
-        "per_device_eval_batch_size": settings.micro_batch,
+        # the whole eval file in one batch: the Trainer's eval loss is then per target token, as ours
+        "per_device_eval_batch_size": settings.eval_examples,
         "gradient_accumulation_steps": settings.accumulation,
         "learning_rate": settings.learning_rate(method),
         "num_train_epochs": 1.0,
         "lr_scheduler_type": "linear",
         "warmup_ratio": 0.0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "optim": "adamw_torch",
+        "train_sampling_strategy": "group_by_length",
         "eval_strategy": "no",
         "do_eval": True,
-        "seed": settings.seed,
-        "include_num_input_tokens_seen": True,
+        "seed": settings.seed if seed is None else seed,
+        "include_num_input_tokens_seen": "non_padding",  # True would count the padding too
         "report_to": "none",
         "use_cpu": True,
         "dataloader_num_workers": 0,
@@ -178,7 +253,15 @@ def llamafactory_config(settings: Settings, method: str, model_dir: Path, data_d
     return config
 
 
-def our_spec(settings: Settings, method: str, model_dir: Path, train: Path, eval_: Path, out: Path) -> dict:
+def our_spec(
+    settings: Settings,
+    method: str,
+    model_dir: Path,
+    train: Path,
+    eval_: Path,
+    out: Path,
+    seed: int | None = None,
+) -> dict:
     lora = {"r": settings.lora_rank, "lora_alpha": 2 * settings.lora_rank, "target_modules": "all-linear"}
     return {
         "experiment": f"peer-{method}",
@@ -186,10 +269,14 @@ def our_spec(settings: Settings, method: str, model_dir: Path, train: Path, eval
         "backend": "local",
         "model": {"path": str(model_dir)},
         "data": {"format": "alpaca", "train_file": str(train), "eval_file": str(eval_)},
-        "template": "alpaca",
+        "template": OUR_TEMPLATE,
         "training": {
             "precision": "fp32",
             "learning_rate": settings.learning_rate(method),
+            "lr_scheduler": "linear",
+            "warmup_ratio": 0.0,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
             "num_epochs": 1,
             "per_device_batch_size": settings.micro_batch,
             "gradient_accumulation_steps": settings.accumulation,
@@ -197,14 +284,130 @@ def our_spec(settings: Settings, method: str, model_dir: Path, train: Path, eval
             "max_source_length": settings.cutoff_len,
             "max_target_length": settings.cutoff_len,
             "group_by_length": True,
-            "logging_steps": 10,
+            "logging_steps": 1,
             "save_steps": 1_000_000,
-            "seed": settings.seed,
+            "seed": settings.seed if seed is None else seed,
         },
         "eval": {"num_samples": 8, "max_new_tokens": 16},  # generation cannot be off: the least of it
         "methods": [{"method": method, "name": method, **(lora if method == "lora" else {})}],
         "resources": {"nodes": 1, "gpus_per_node": 1, "zero_stage": 0, "gradient_checkpointing": False},
     }
+
+
+Sequences = dict[str, list[tuple[list[int], list[int]]]]
+"""split ("train", "eval") -> [(input_ids, labels)], in file order."""
+
+
+def our_sequences(spec_path: Path) -> Sequences:
+    """What our entrypoint trains and evaluates on: its tokenizer loading and ``encode_examples``."""
+    from launcher.plan.planner import load_and_plan
+    from launcher.train.data import encode_examples, load_datasets
+    from launcher.train.setup import load_tokenizer
+
+    cfg = load_and_plan(spec_path).runs[0]
+    tokenizer = load_tokenizer(cfg)
+    sets = load_datasets(cfg.data)
+    return {
+        split: [(list(e.input_ids), list(e.labels)) for e in encode_examples(examples, fmt, cfg, tokenizer)]
+        for split, examples, fmt in (
+            ("train", sets.train, sets.train_format),
+            ("eval", sets.eval, sets.eval_format),
+        )
+    }
+
+
+LF_SEQUENCES_SCRIPT = """
+import json, sys, yaml
+from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+from llamafactory.hparams import get_train_args
+from llamafactory.model import load_tokenizer
+
+model_args, data_args, training_args, _, _ = get_train_args(yaml.safe_load(open(sys.argv[1])))
+module = load_tokenizer(model_args)
+template = get_template_and_fix_tokenizer(module["tokenizer"], data_args)
+data = get_dataset(template, model_args, data_args, training_args, stage="sft", **module)
+out = {split: [[row["input_ids"], row["labels"]] for row in data[key]]
+       for split, key in (("train", "train_dataset"), ("eval", "eval_dataset"))}
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def llamafactory_sequences(cli: Path, config: dict, out: Path) -> Sequences:
+    """What LLaMA-Factory trains and evaluates on: its own ``get_dataset`` (template, tokenizer, masks),
+    run in its venv on the training config."""
+    out.mkdir(parents=True, exist_ok=True)
+    config_path, dump = out / "sequences.yaml", out / "sequences.json"
+    config_path.write_text(yaml.safe_dump(config))
+    python = cli.parent / "python"
+    done = subprocess.run(
+        [str(python), "-c", LF_SEQUENCES_SCRIPT, str(config_path), str(dump)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"LLaMA-Factory could not tokenize the data:\n{done.stderr[-3000:]}")
+    raw = json.loads(dump.read_text())
+    return {split: [(ids, labels) for ids, labels in rows] for split, rows in raw.items()}
+
+
+def sequence_mismatch(ours: Sequences, theirs: Sequences, decode: Any = None) -> str | None:
+    """None when both sides tokenize every example to the same input ids and labels; else what differs
+    first, in words (``decode``: ids -> text, to show the two renderings)."""
+    for split in ("train", "eval"):
+        a, b = ours.get(split, []), theirs.get(split, [])
+        if len(a) != len(b):
+            return f"{split}: ours has {len(a)} sequences, LLaMA-Factory {len(b)}"
+        for index, ((ids_a, labels_a), (ids_b, labels_b)) in enumerate(zip(a, b, strict=True)):
+            what = "input ids" if ids_a != ids_b else "labels" if labels_a != labels_b else None
+            if what is None:
+                continue
+            shown = ""
+            if decode is not None:
+                shown = f"\n  ours:          {decode(ids_a)!r}\n  LLaMA-Factory: {decode(ids_b)!r}"
+            return (
+                f"{split} example {index}: the {what} differ (ours {len(ids_a)} tokens, "
+                f"{sum(x != -100 for x in labels_a)} learned; LLaMA-Factory {len(ids_b)} tokens, "
+                f"{sum(x != -100 for x in labels_b)} learned){shown}"
+            )
+    return None
+
+
+def check_same_sequences(
+    cli: Path, settings: Settings, model_dir: Path, data: tuple[Path, Path], work: Path
+) -> int:
+    """Stop the bench unless both sides train and evaluate on identical token sequences; the number of
+    training sequences when they do."""
+    from transformers import AutoTokenizer
+
+    out = work / "runs" / "sequences"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    spec_path = out / "ours.yaml"
+    spec_path.write_text(yaml.safe_dump(our_spec(settings, "lora", model_dir, *data, out / "runs")))
+    theirs_config = llamafactory_config(settings, "lora", model_dir, data[0].parent, out / "output")
+    ours, theirs = our_sequences(spec_path), llamafactory_sequences(cli, theirs_config, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    problem = sequence_mismatch(ours, theirs, tokenizer.decode)
+    if problem:
+        raise SystemExit(f"the two sides would train on different token sequences: {problem}")
+    longest = max(len(ids) for split in ours.values() for ids, _ in split)
+    if longest >= settings.cutoff_len:
+        raise SystemExit(
+            f"a sequence has {longest} tokens: raise cutoff_len above it (each side cuts its own way)"
+        )
+    print(
+        f"token sequences: identical on both sides ({len(ours['train'])} train, {len(ours['eval'])} eval, "
+        f"longest {longest} tokens)",
+        flush=True,
+    )
+    return len(ours["train"])
+
+
+def window_mean(losses: list[float], window: int = LOSS_WINDOW) -> float | None:
+    """Mean of the last ``window`` per-step losses (None without any)."""
+    tail = losses[-window:]
+    return sum(tail) / len(tail) if tail else None
 
 
 def ensure_llamafactory(work: Path) -> Path:
@@ -260,13 +463,15 @@ def _env() -> dict[str, str]:
     return keep | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def run_ours(settings: Settings, method: str, model_dir: Path, data: tuple[Path, Path], out: Path) -> dict:
+def run_ours(
+    settings: Settings, method: str, model_dir: Path, data: tuple[Path, Path], out: Path, seed: int
+) -> dict:
     from launcher.plan.planner import load_and_plan, write_run_dirs
-    from launcher.rundir.paths import read_json
+    from launcher.rundir.paths import iter_jsonl, read_json
 
     spec_path = out / f"{method}.yaml"
     out.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(yaml.safe_dump(our_spec(settings, method, model_dir, *data, out / "runs")))
+    spec_path.write_text(yaml.safe_dump(our_spec(settings, method, model_dir, *data, out / "runs", seed)))
     exp = write_run_dirs(load_and_plan(spec_path), force=True)
     run_dir = exp.run(method).root
     env = _env() | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -274,20 +479,28 @@ def run_ours(settings: Settings, method: str, model_dir: Path, data: tuple[Path,
         [sys.executable, "-m", "launcher.train", str(run_dir)], out / "ours.log", env
     )
     result = read_json(run_dir / "result.json") if code == 0 else {}
+    steps = list(iter_jsonl(run_dir / "metrics.jsonl")) if code == 0 else []
+    train_s = result.get("train_time_s")
     return {
         "state": result.get("state", f"exit {code}"),
         "tokens_per_s": result.get("tokens_per_s"),
-        "train_loss": result.get("train_loss_final"),
+        "train_loss": window_mean([float(m["loss"]) for m in steps if m.get("loss") is not None]),
         "eval_loss": result.get("eval_loss"),
         "peak_rss_gib": rss,
         "wall_s": wall,
+        "train_s": train_s,
+        "outside_train_s": wall - train_s if train_s else None,
         "startup_s": result.get("startup_s"),
+        "steps": len(steps),
+        "lrs": [float(m["lr"]) for m in steps if m.get("lr") is not None],
     }
 
 
-def run_llamafactory(cli: Path, settings: Settings, method: str, model_dir: Path, out: Path) -> dict:
+def run_llamafactory(
+    cli: Path, settings: Settings, method: str, model_dir: Path, out: Path, seed: int
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    config = llamafactory_config(settings, method, model_dir, model_dir.parent / "data", out / "output")
+    config = llamafactory_config(settings, method, model_dir, model_dir.parent / "data", out / "output", seed)
     config_path = out / f"{method}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     code, wall, rss = run_measured([str(cli), "train", str(config_path)], out / "llamafactory.log", _env())
@@ -296,18 +509,31 @@ def run_llamafactory(cli: Path, settings: Settings, method: str, model_dir: Path
         path = out / "output" / name
         if path.is_file():
             results.update(json.loads(path.read_text()))
-    losses = [h["loss"] for h in results.get("log_history", []) if "loss" in h]
+    logged = [h for h in results.get("log_history", []) if "loss" in h]
     tokens = results.get("num_input_tokens_seen")
     runtime = results.get("train_runtime")
     return {
         "state": "COMPLETED" if code == 0 else f"exit {code}",
         "tokens_per_s": tokens / runtime if tokens and runtime else None,
-        "train_loss": losses[-1] if losses else None,
+        "train_loss": window_mean([float(h["loss"]) for h in logged]),
         "eval_loss": results.get("eval_loss"),
         "peak_rss_gib": rss,
         "wall_s": wall,
+        "train_s": runtime,
+        "outside_train_s": wall - runtime if runtime else None,
         "startup_s": None,
+        "steps": len(logged),
+        "lrs": [float(h["learning_rate"]) for h in logged if "learning_rate" in h],
     }
+
+
+def lr_gap(ours: dict, theirs: dict) -> float | None:
+    """Largest difference between the two sides' per-step learning rates, relative to the peak rate
+    (None when the step counts differ)."""
+    a, b = ours.get("lrs") or [], theirs.get("lrs") or []
+    if not a or len(a) != len(b):
+        return None
+    return max(abs(x - y) for x, y in zip(a, b, strict=True)) / max(max(a), max(b))
 
 
 def ratio(ours: list[dict], theirs: list[dict], key: str, higher_is_better: bool) -> float | None:
@@ -322,42 +548,69 @@ def ratio(ours: list[dict], theirs: list[dict], key: str, higher_is_better: bool
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, settings = parse_args(argv)
-    work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"load average at start: {os.getloadavg()}", flush=True)
-    cli = ensure_llamafactory(work)
-    model_dir = build_qwen2(work / "qwen2-tiny")
-    data = write_data(work, settings)
-    rows: list[dict[str, Any]] = []
-    for repeat in range(settings.repeats):  # interleaved: ours, theirs, ours, theirs...
-        for method in args.methods:
-            for runner in ("ours", "llamafactory"):
-                out = work / "runs" / f"{method}-{runner}-{repeat}"
-                shutil.rmtree(out, ignore_errors=True)
-                if runner == "ours":
-                    row = run_ours(settings, method, model_dir, data, out)
-                else:
-                    row = run_llamafactory(cli, settings, method, model_dir, out)
-                row |= {"method": method, "runner": runner, "repeat": repeat}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    print(f"load average at end: {os.getloadavg()}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def summarise(rows: list[dict], methods: list[str]) -> str:
+    """Prints the per-method ratios; returns the LoRA line (the bench's last line)."""
     last = ""
-    for method in args.methods:
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    for method in methods:
         ours = [r for r in rows if r["method"] == method and r["runner"] == "ours"]
         theirs = [r for r in rows if r["method"] == method and r["runner"] == "llamafactory"]
         tps = ratio(ours, theirs, "tokens_per_s", True)
         wall = ratio(ours, theirs, "wall_s", False)
         rss = ratio(ours, theirs, "peak_rss_gib", False)
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
         line = f"ours vs LLaMA-Factory: tokens/s {fmt(tps)}, wall {fmt(wall)} ({method})"
         print(f"{line}; peak RSS {fmt(rss)} (smaller is better, as ratio theirs/ours)")
+        for key in ("train_loss", "eval_loss"):
+            a = [r[key] for r in ours if r.get(key) is not None]
+            b = [r[key] for r in theirs if r.get(key) is not None]
+            spread = lambda v: f"{statistics.mean(v):.4f} [{min(v):.4f}-{max(v):.4f}]" if v else "n/a"  # noqa: E731
+            print(
+                f"  {method} {key}: ours {spread(a)}, LLaMA-Factory {spread(b)} (mean [min-max] over repeats)"
+            )
+        gaps = [lr_gap(a, b) for a, b in zip(ours, theirs, strict=False)]
+        known = [g for g in gaps if g is not None]
+        print(
+            f"  {method} learning rate per step: largest gap {max(known):.2%} of the peak"
+            if known
+            else f"  {method} learning rate per step: not comparable (step counts differ)"
+        )
         if method == "lora":
             last = line
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, settings = parse_args(argv)
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"load at start: {_uptime()}", flush=True)
+    started = time.perf_counter()
+    cli = ensure_llamafactory(work)
+    model_dir = build_qwen2(work / MODEL_DIR_NAME)
+    data = write_data(work, settings)
+    check_same_sequences(cli, settings, model_dir, data, work)
+    rows: list[dict[str, Any]] = []
+    for repeat in range(settings.repeats):  # interleaved: ours, theirs, ours, theirs...
+        seed = settings.seed + repeat
+        for method in args.methods:
+            for runner in ("ours", "llamafactory"):
+                out = work / "runs" / f"{method}-{runner}-{repeat}"
+                shutil.rmtree(out, ignore_errors=True)
+                if runner == "ours":
+                    row = run_ours(settings, method, model_dir, data, out, seed)
+                else:
+                    row = run_llamafactory(cli, settings, method, model_dir, out, seed)
+                row |= {"method": method, "runner": runner, "repeat": repeat, "seed": seed}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "lrs"}), flush=True)
+    print(f"load at end: {_uptime()}; bench took {time.perf_counter() - started:.0f} s", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    last = summarise(rows, args.methods)
     if last:
         print(last)
     return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
