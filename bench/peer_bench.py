@@ -1,8 +1,8 @@
 """Side by side with LLaMA-Factory: our entrypoint vs ``llamafactory-cli train`` on the same model, data,
 token sequences and hyperparameters.
 
-    .venv/bin/python bench/peer_bench.py --quick        # LoRA and full, 1 repeat, 600 examples
-    .venv/bin/python bench/peer_bench.py                # 3 interleaved repeats, 3000 examples
+    .venv/bin/python bench/peer_bench.py --quick        # LoRA and full, 1 repeat, 592 examples
+    .venv/bin/python bench/peer_bench.py                # 3 interleaved repeats, 2992 examples
 
 LLaMA-Factory (pinned: ``LLAMAFACTORY_VERSION``) goes into its own venv, created by the bench under
 ``--work`` (with the CPU build of torch): its pins on transformers, peft and datasets differ from ours.
@@ -103,7 +103,7 @@ class Settings:
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="600 examples, 1 repeat (under 15 min)")
+    parser.add_argument("--quick", action="store_true", help="592 examples, 1 repeat (under 15 min)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3, quick 1)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/peer-bench"), help="venv, model, data, runs")
@@ -112,7 +112,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if repeats < 1:
         parser.error("--repeats must be >= 1")
-    examples = 600 if args.quick else 3000
+    wanted = 600 if args.quick else 3000
+    step = Settings.micro_batch * Settings.accumulation
+    # whole optimizer steps only: the Trainer runs a last step on a partial window, our entrypoint drops it
+    examples = wanted - wanted % step
     return args, Settings(examples=examples, eval_examples=100, repeats=repeats)
 
 
@@ -491,6 +494,10 @@ def run_ours(
         "train_s": train_s,
         "outside_train_s": wall - train_s if train_s else None,
         "startup_s": result.get("startup_s"),
+        # after the last step: final checkpoint, export, eval loss, generation of eval.num_samples answers
+        "after_train_s": wall - result["startup_s"] - train_s
+        if train_s and result.get("startup_s")
+        else None,
         "steps": len(steps),
         "lrs": [float(m["lr"]) for m in steps if m.get("lr") is not None],
     }
@@ -521,6 +528,7 @@ def run_llamafactory(
         "wall_s": wall,
         "train_s": runtime,
         "outside_train_s": wall - runtime if runtime else None,
+        "eval_s": results.get("eval_runtime"),
         "startup_s": None,
         "steps": len(logged),
         "lrs": [float(h["learning_rate"]) for h in logged if "learning_rate" in h],
@@ -529,11 +537,12 @@ def run_llamafactory(
 
 def lr_gap(ours: dict, theirs: dict) -> float | None:
     """Largest difference between the two sides' per-step learning rates, relative to the peak rate
-    (None when the step counts differ)."""
+    (None when the step counts differ). Our metrics.jsonl logs the rate after the step's scheduler update
+    (the rate of the next step), the Trainer the rate the step ran at: ours[s] pairs with theirs[s + 1]."""
     a, b = ours.get("lrs") or [], theirs.get("lrs") or []
-    if not a or len(a) != len(b):
+    if len(a) < 2 or len(a) != len(b):
         return None
-    return max(abs(x - y) for x, y in zip(a, b, strict=True)) / max(max(a), max(b))
+    return max(abs(x - y) for x, y in zip(a[:-1], b[1:], strict=True)) / max(b)
 
 
 def ratio(ours: list[dict], theirs: list[dict], key: str, higher_is_better: bool) -> float | None:

@@ -26,9 +26,9 @@ def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_arguments() -> None:
     args, settings = peer_bench.parse_args(["--quick"])
-    assert settings.repeats == 1 and settings.examples == 600 and args.methods == ["lora", "full"]
+    assert settings.repeats == 1 and settings.examples == 592 and args.methods == ["lora", "full"]
     _, full = peer_bench.parse_args(["--methods", "lora"])
-    assert full.repeats == 3 and full.examples == 3000
+    assert full.repeats == 3 and full.examples == 2992
     with pytest.raises(SystemExit):
         peer_bench.parse_args(["--repeats", "0"])
 
@@ -130,5 +130,8 @@ def test_loss_window_and_lr_gap() -> None:
     losses = [float(x) for x in range(1, 21)]
     assert peer_bench.window_mean(losses) == sum(range(11, 21)) / 10
     assert peer_bench.window_mean([3.0]) == 3.0 and peer_bench.window_mean([]) is None
-    assert peer_bench.lr_gap({"lrs": [1.0, 0.5]}, {"lrs": [1.0, 0.4]}) == pytest.approx(0.1)
+    # ours logs the next step's rate: [0.5, 0.0] after steps of 1.0 and 0.5, as theirs [1.0, 0.5]
+    assert peer_bench.lr_gap({"lrs": [0.5, 0.0]}, {"lrs": [1.0, 0.5]}) == 0.0
+    assert peer_bench.lr_gap({"lrs": [0.4, 0.0]}, {"lrs": [1.0, 0.5]}) == pytest.approx(0.1)
+    assert peer_bench.lr_gap({"lrs": [1.0, 1.0]}, {"lrs": [1.0, 0.5]}) == pytest.approx(0.5)  # no decay
     assert peer_bench.lr_gap({"lrs": [1.0]}, {"lrs": [1.0, 0.5]}) is None
