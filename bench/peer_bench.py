@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -54,6 +55,8 @@ from typing import Any
 import yaml
 
 LLAMAFACTORY_VERSION = "0.9.5"
+AXOLOTL_VERSION = "0.19.0"
+"""The newest axolotl for Python 3.11 (0.20 and later need 3.12)."""
 TORCH_CPU = "torch==2.13.0"
 QWEN2_CONFIG: dict[str, Any] = {
     "hidden_size": 128,
@@ -80,6 +83,8 @@ LF_TEMPLATE = "vicuna"
 """``USER: {{content}} ASSISTANT:``, then the answer and eos (LLaMA-Factory's template.py); its default
 system text is switched off with ``default_system: ""``."""
 OUR_TEMPLATE = "USER: {query} ASSISTANT:"
+AXOLOTL_FORMAT = "USER: {instruction} ASSISTANT:"
+"""axolotl's custom instruction format for the same layout (it adds eos after the output)."""
 LOSS_WINDOW = 10
 """Train loss = mean of the last this many optimizer steps' losses, from each side's per-step log."""
 
@@ -95,6 +100,7 @@ class Settings:
     lora_lr: float = 2e-3
     full_lr: float = 5e-4
     lora_rank: int = 8
+    lora_dropout: float = 0.0
     seed: int = 42
 
     def learning_rate(self, method: str) -> float:
@@ -108,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/peer-bench"), help="venv, model, data, runs")
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
+    parser.add_argument("--no-axolotl", action="store_true", help="LLaMA-Factory only")
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if repeats < 1:
@@ -251,7 +258,12 @@ def llamafactory_config(
     }
     if method == "lora":
         config.update(
-            {"lora_rank": settings.lora_rank, "lora_alpha": 2 * settings.lora_rank, "lora_target": "all"}
+            {
+                "lora_rank": settings.lora_rank,
+                "lora_alpha": 2 * settings.lora_rank,
+                "lora_dropout": settings.lora_dropout,
+                "lora_target": "all",
+            }
         )
     return config
 
@@ -265,7 +277,12 @@ def our_spec(
     out: Path,
     seed: int | None = None,
 ) -> dict:
-    lora = {"r": settings.lora_rank, "lora_alpha": 2 * settings.lora_rank, "target_modules": "all-linear"}
+    lora = {
+        "r": settings.lora_rank,
+        "lora_alpha": 2 * settings.lora_rank,
+        "lora_dropout": settings.lora_dropout,  # ours defaults to 0.05, the peers to 0
+        "target_modules": "all-linear",
+    }
     return {
         "experiment": f"peer-{method}",
         "output_dir": str(out),
@@ -354,33 +371,46 @@ def llamafactory_sequences(cli: Path, config: dict, out: Path) -> Sequences:
     return {split: [(ids, labels) for ids, labels in rows] for split, rows in raw.items()}
 
 
-def sequence_mismatch(ours: Sequences, theirs: Sequences, decode: Any = None) -> str | None:
+def sequence_mismatch(
+    ours: Sequences, theirs: Sequences, decode: Any = None, peer: str = "LLaMA-Factory", ordered: bool = True
+) -> str | None:
     """None when both sides tokenize every example to the same input ids and labels; else what differs
-    first, in words (``decode``: ids -> text, to show the two renderings)."""
+    first, in words (``decode``: ids -> text, to show the two renderings). ``ordered=False``: compare as
+    sorted lists (a peer that shuffles the file while preparing it)."""
     for split in ("train", "eval"):
         a, b = ours.get(split, []), theirs.get(split, [])
         if len(a) != len(b):
-            return f"{split}: ours has {len(a)} sequences, LLaMA-Factory {len(b)}"
+            return f"{split}: ours has {len(a)} sequences, {peer} {len(b)}"
+        if not ordered:
+            a, b = sorted(a), sorted(b)
         for index, ((ids_a, labels_a), (ids_b, labels_b)) in enumerate(zip(a, b, strict=True)):
             what = "input ids" if ids_a != ids_b else "labels" if labels_a != labels_b else None
             if what is None:
                 continue
             shown = ""
             if decode is not None:
-                shown = f"\n  ours:          {decode(ids_a)!r}\n  LLaMA-Factory: {decode(ids_b)!r}"
+                shown = (
+                    f"\n  ours:{' ' * max(1, len(peer) - 3)}{decode(ids_a)!r}\n  {peer}: {decode(ids_b)!r}"
+                )
+            where = f"{split} example {index}" if ordered else f"{split} sequence {index} (sorted)"
             return (
-                f"{split} example {index}: the {what} differ (ours {len(ids_a)} tokens, "
-                f"{sum(x != -100 for x in labels_a)} learned; LLaMA-Factory {len(ids_b)} tokens, "
+                f"{where}: the {what} differ (ours {len(ids_a)} tokens, "
+                f"{sum(x != -100 for x in labels_a)} learned; {peer} {len(ids_b)} tokens, "
                 f"{sum(x != -100 for x in labels_b)} learned){shown}"
             )
     return None
 
 
 def check_same_sequences(
-    cli: Path, settings: Settings, model_dir: Path, data: tuple[Path, Path], work: Path
+    cli: Path,
+    settings: Settings,
+    model_dir: Path,
+    data: tuple[Path, Path],
+    work: Path,
+    axolotl_cli: Path | None = None,
 ) -> int:
-    """Stop the bench unless both sides train and evaluate on identical token sequences; the number of
-    training sequences when they do."""
+    """Stop the bench unless every side trains and evaluates on identical token sequences; the real
+    tokens of the training sequences when they do."""
     from transformers import AutoTokenizer
 
     out = work / "runs" / "sequences"
@@ -391,20 +421,26 @@ def check_same_sequences(
     theirs_config = llamafactory_config(settings, "lora", model_dir, data[0].parent, out / "output")
     ours, theirs = our_sequences(spec_path), llamafactory_sequences(cli, theirs_config, out)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    problem = sequence_mismatch(ours, theirs, tokenizer.decode)
-    if problem:
-        raise SystemExit(f"the two sides would train on different token sequences: {problem}")
+    problems = [sequence_mismatch(ours, theirs, tokenizer.decode)]
+    if axolotl_cli is not None:
+        axo_config = axolotl_config(settings, "lora", model_dir, data[0].parent, out / "axolotl")
+        axo = axolotl_sequences(axolotl_cli, axo_config, out / "axolotl")
+        problems.append(sequence_mismatch(ours, axo, tokenizer.decode, "axolotl", ordered=False))
+    for problem in problems:
+        if problem:
+            raise SystemExit(f"the sides would train on different token sequences: {problem}")
     longest = max(len(ids) for split in ours.values() for ids, _ in split)
     if longest >= settings.cutoff_len:
         raise SystemExit(
             f"a sequence has {longest} tokens: raise cutoff_len above it (each side cuts its own way)"
         )
+    sides = "ours, LLaMA-Factory" + (" and axolotl" if axolotl_cli else "")
     print(
-        f"token sequences: identical on both sides ({len(ours['train'])} train, {len(ours['eval'])} eval, "
+        f"token sequences: identical for {sides} ({len(ours['train'])} train, {len(ours['eval'])} eval, "
         f"longest {longest} tokens)",
         flush=True,
     )
-    return len(ours["train"])
+    return sum(len(ids) for ids, _ in ours["train"])
 
 
 def window_mean(losses: list[float], window: int = LOSS_WINDOW) -> float | None:
@@ -535,6 +571,162 @@ def run_llamafactory(
     }
 
 
+def axolotl_config(
+    settings: Settings, method: str, model_dir: Path, data_dir: Path, out: Path, seed: int | None = None
+) -> dict:
+    def dataset(name: str) -> dict[str, Any]:
+        fields = {"field_instruction": "instruction", "field_output": "output"}
+        layout = {"format": AXOLOTL_FORMAT, "no_input_format": AXOLOTL_FORMAT}
+        return {
+            "path": str(data_dir / f"{name}.json"),
+            "ds_type": "json",
+            "split": "train",
+            "type": fields | layout,
+        }
+
+    config: dict[str, Any] = {
+        "base_model": str(model_dir),
+        "datasets": [dataset("train")],
+        "test_datasets": [dataset("eval")],
+        "val_set_size": 0,
+        "skip_prepare_dataset": True,  # saving the prepared set hangs in datasets' process pool here
+        "dataset_num_proc": 1,
+        "output_dir": str(out),
+        "sequence_len": settings.cutoff_len,
+        "micro_batch_size": settings.micro_batch,
+        "eval_batch_size": settings.eval_examples,  # one batch: the eval loss per token, as ours
+        "gradient_accumulation_steps": settings.accumulation,
+        "num_epochs": 1,
+        "learning_rate": settings.learning_rate(method),
+        "lr_scheduler": "linear",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "optimizer": "adamw_torch",
+        "group_by_length": True,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        # evals_per_epoch: 1 with one epoch gives no eval at all; an epoch strategy also evals at the start
+        "eval_strategy": "epoch",
+        "seed": settings.seed if seed is None else seed,
+    }
+    if method == "lora":
+        config |= {
+            "adapter": "lora",
+            "lora_r": settings.lora_rank,
+            "lora_alpha": 2 * settings.lora_rank,
+            "lora_dropout": settings.lora_dropout,
+            "lora_target_linear": True,
+            # axolotl turns its Triton LoRA kernels on by itself; they allocate on "cuda"
+            **{f"lora_{part}_kernel": False for part in ("mlp", "qkv", "o", "embedding")},
+        }
+    return config
+
+
+AXOLOTL_SEQUENCES_SCRIPT = """
+import json, sys
+from axolotl.cli.config import load_cfg
+from axolotl.common.datasets import load_datasets
+
+meta = load_datasets(cfg=load_cfg(sys.argv[1]))
+out = {split: [[list(row["input_ids"]), list(row["labels"])] for row in data]
+       for split, data in (("train", meta.train_dataset), ("eval", meta.eval_dataset))}
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def _axolotl_env(cli: Path) -> dict[str, str]:
+    # its launcher looks for `accelerate` on PATH; no telemetry (no network here: it retries and waits)
+    path = f"{cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return _env() | {"PATH": path, "AXOLOTL_DO_NOT_TRACK": "1"}
+
+
+def axolotl_sequences(cli: Path, config: dict, out: Path) -> Sequences:
+    """What axolotl trains and evaluates on: its own dataset loading, in its venv."""
+    out.mkdir(parents=True, exist_ok=True)
+    config_path, dump = out / "sequences.yaml", out / "sequences.json"
+    config_path.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [str(cli.parent / "python"), "-c", AXOLOTL_SEQUENCES_SCRIPT, str(config_path), str(dump)],
+        env=_axolotl_env(cli),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"axolotl could not tokenize the data:\n{done.stderr[-3000:]}")
+    raw = json.loads(dump.read_text())
+    return {split: [(ids, labels) for ids, labels in rows] for split, rows in raw.items()}
+
+
+def ensure_axolotl(work: Path) -> Path:
+    """axolotl's own venv (created once): the path of its ``axolotl`` command."""
+    venv = work / f"axolotl-{AXOLOTL_VERSION}"
+    cli = venv / "bin" / "axolotl"
+    if cli.is_file():
+        return cli
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, TORCH_CPU, f"axolotl=={AXOLOTL_VERSION}"], check=True)
+    return cli
+
+
+def _logged_dicts(text: str, first_key: str) -> list[dict[str, float]]:
+    """The Trainer's log dicts that axolotl prints (values as strings), e.g. ``{'loss': '6.02', ...}``."""
+    import ast
+
+    found = []
+    for match in re.finditer(r"\{'" + first_key + r"'[^{}]*\}", text):
+        raw = ast.literal_eval(match.group(0))
+        found.append({k: float(v) for k, v in raw.items() if _is_number(v)})
+    return found
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def run_axolotl(
+    cli: Path, settings: Settings, method: str, model_dir: Path, out: Path, seed: int, train_tokens: int
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    config = axolotl_config(settings, method, model_dir, model_dir.parent / "data", out / "output", seed)
+    config_path = out / f"{method}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log = out / "axolotl.log"
+    code, wall, rss = run_measured([str(cli), "train", str(config_path)], log, _axolotl_env(cli))
+    text = log.read_text(errors="replace")
+    steps = _logged_dicts(text, "loss")
+    summary = (_logged_dicts(text, "train_runtime") or [{}])[-1]
+    evals = _logged_dicts(text, "eval_loss")
+    # the Trainer's train_runtime includes the evals it ran inside train() (at the start and the end)
+    runtime = summary.get("train_runtime")
+    if runtime:
+        runtime -= sum(e.get("eval_runtime", 0.0) for e in evals)
+    return {
+        "state": "COMPLETED" if code == 0 and runtime else f"exit {code}",
+        # the same sequences as ours (checked): their real tokens over the Trainer's training time
+        "tokens_per_s": train_tokens / runtime if runtime else None,
+        "train_loss": window_mean([h["loss"] for h in steps]),
+        "eval_loss": evals[-1].get("eval_loss") if evals else None,
+        "peak_rss_gib": rss,
+        "wall_s": wall,
+        "train_s": runtime,
+        "outside_train_s": wall - runtime if runtime else None,
+        "eval_s": evals[-1].get("eval_runtime") if evals else None,
+        "startup_s": None,
+        "steps": len(steps),
+        "lrs": [h["learning_rate"] for h in steps if "learning_rate" in h],
+    }
+
+
 def lr_gap(ours: dict, theirs: dict) -> float | None:
     """Largest difference between the two sides' per-step learning rates, relative to the peak rate
     (None when the step counts differ). Our metrics.jsonl logs the rate after the step's scheduler update
@@ -561,34 +753,38 @@ def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+PEER_NAMES = {"llamafactory": "LLaMA-Factory", "axolotl": "axolotl"}
+
+
 def summarise(rows: list[dict], methods: list[str]) -> str:
-    """Prints the per-method ratios; returns the LoRA line (the bench's last line)."""
+    """Prints the per-method ratios against each peer; returns the LoRA line against LLaMA-Factory (the
+    bench's last line)."""
     last = ""
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    spread = lambda v: f"{statistics.mean(v):.4f} [{min(v):.4f}-{max(v):.4f}]" if v else "n/a"  # noqa: E731
     for method in methods:
         ours = [r for r in rows if r["method"] == method and r["runner"] == "ours"]
-        theirs = [r for r in rows if r["method"] == method and r["runner"] == "llamafactory"]
-        tps = ratio(ours, theirs, "tokens_per_s", True)
-        wall = ratio(ours, theirs, "wall_s", False)
-        rss = ratio(ours, theirs, "peak_rss_gib", False)
-        line = f"ours vs LLaMA-Factory: tokens/s {fmt(tps)}, wall {fmt(wall)} ({method})"
-        print(f"{line}; peak RSS {fmt(rss)} (smaller is better, as ratio theirs/ours)")
-        for key in ("train_loss", "eval_loss"):
-            a = [r[key] for r in ours if r.get(key) is not None]
-            b = [r[key] for r in theirs if r.get(key) is not None]
-            spread = lambda v: f"{statistics.mean(v):.4f} [{min(v):.4f}-{max(v):.4f}]" if v else "n/a"  # noqa: E731
+        for runner, name in PEER_NAMES.items():
+            theirs = [r for r in rows if r["method"] == method and r["runner"] == runner]
+            if not theirs:
+                continue
+            tps = ratio(ours, theirs, "tokens_per_s", True)
+            wall = ratio(ours, theirs, "wall_s", False)
+            rss = ratio(ours, theirs, "peak_rss_gib", False)
+            line = f"ours vs {name}: tokens/s {fmt(tps)}, wall {fmt(wall)} ({method})"
+            print(f"{line}; peak RSS {fmt(rss)} (smaller is better, as ratio theirs/ours)")
+            for key in ("train_loss", "eval_loss"):
+                a = [r[key] for r in ours if r.get(key) is not None]
+                b = [r[key] for r in theirs if r.get(key) is not None]
+                print(f"  {method} {key}: ours {spread(a)}, {name} {spread(b)} (mean [min-max] over repeats)")
+            gaps = [g for g in (lr_gap(a, b) for a, b in zip(ours, theirs, strict=False)) if g is not None]
             print(
-                f"  {method} {key}: ours {spread(a)}, LLaMA-Factory {spread(b)} (mean [min-max] over repeats)"
+                f"  {method} learning rate per step vs {name}: largest gap {max(gaps):.2%} of the peak"
+                if gaps
+                else f"  {method} learning rate per step vs {name}: not comparable (step counts differ)"
             )
-        gaps = [lr_gap(a, b) for a, b in zip(ours, theirs, strict=False)]
-        known = [g for g in gaps if g is not None]
-        print(
-            f"  {method} learning rate per step: largest gap {max(known):.2%} of the peak"
-            if known
-            else f"  {method} learning rate per step: not comparable (step counts differ)"
-        )
-        if method == "lora":
-            last = line
+            if method == "lora" and runner == "llamafactory":
+                last = line
     return last
 
 
@@ -599,20 +795,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load at start: {_uptime()}", flush=True)
     started = time.perf_counter()
     cli = ensure_llamafactory(work)
+    axolotl_cli = None if args.no_axolotl else ensure_axolotl(work)
     model_dir = build_qwen2(work / MODEL_DIR_NAME)
     data = write_data(work, settings)
-    check_same_sequences(cli, settings, model_dir, data, work)
+    train_tokens = check_same_sequences(cli, settings, model_dir, data, work, axolotl_cli)
+    runners = ["ours", "llamafactory"] + ([] if axolotl_cli is None else ["axolotl"])
     rows: list[dict[str, Any]] = []
     for repeat in range(settings.repeats):  # interleaved: ours, theirs, ours, theirs...
         seed = settings.seed + repeat
         for method in args.methods:
-            for runner in ("ours", "llamafactory"):
+            for runner in runners:
                 out = work / "runs" / f"{method}-{runner}-{repeat}"
                 shutil.rmtree(out, ignore_errors=True)
                 if runner == "ours":
                     row = run_ours(settings, method, model_dir, data, out, seed)
-                else:
+                elif runner == "llamafactory":
                     row = run_llamafactory(cli, settings, method, model_dir, out, seed)
+                else:
+                    assert axolotl_cli is not None
+                    row = run_axolotl(axolotl_cli, settings, method, model_dir, out, seed, train_tokens)
                 row |= {"method": method, "runner": runner, "repeat": repeat, "seed": seed}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "lrs"}), flush=True)

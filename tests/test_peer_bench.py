@@ -88,8 +88,23 @@ def test_data_and_configs(tmp_path: Path, qwen2_dir: Path) -> None:
         assert theirs["template"] == "vicuna" and theirs["default_system"] == ""
         assert theirs["per_device_eval_batch_size"] == SMALL.eval_examples
         assert theirs["include_num_input_tokens_seen"] == "non_padding"
+        axo = peer_bench.axolotl_config(SMALL, method, qwen2_dir, tmp_path / "data", tmp_path / "a", 7)
+        assert axo["micro_batch_size"] == t["per_device_batch_size"] and axo["seed"] == 7
+        assert axo["gradient_accumulation_steps"] == t["gradient_accumulation_steps"]
+        assert axo["learning_rate"] == t["learning_rate"] and axo["lr_scheduler"] == "linear"
+        assert axo["warmup_steps"] == 0 and axo["group_by_length"] and axo["logging_steps"] == 1
+        assert axo["eval_batch_size"] == SMALL.eval_examples and axo["sequence_len"] == t["max_length"]
+        assert axo["datasets"][0]["type"]["format"] == "USER: {instruction} ASSISTANT:"
+        assert ("adapter" in axo) == (method == "lora")
+        if method == "lora":
+            lora = ours["methods"][0]
+            assert theirs["lora_rank"] == axo["lora_r"] == lora["r"]
+            assert theirs["lora_alpha"] == axo["lora_alpha"] == lora["lora_alpha"]
+            assert theirs["lora_dropout"] == axo["lora_dropout"] == lora["lora_dropout"] == 0.0
+            assert axo["lora_mlp_kernel"] is False  # axolotl's Triton kernels allocate on cuda
         plan = load_and_plan(spec)  # the spec we would train is valid for the real planner
         assert [r.name for r in plan.runs] == [method]
+        assert (plan.runs[0].method.lora_dropout == 0.0) if method == "lora" else True
 
 
 def test_our_sequences_are_llamafactory_vicuna_layout(tmp_path: Path, qwen2_dir: Path) -> None:
@@ -124,6 +139,29 @@ def test_sequence_mismatch_says_what_differs() -> None:
     assert "eval: ours has 0" in str(
         peer_bench.sequence_mismatch(same, {"train": same["train"], "eval": [([1], [1])]})
     )
+
+
+def test_unordered_mismatch_for_a_peer_that_shuffles() -> None:
+    ours = {"train": [([1, 2], [-100, 2]), ([3, 4], [-100, 4])], "eval": []}
+    shuffled = {"train": [([3, 4], [-100, 4]), ([1, 2], [-100, 2])], "eval": []}
+    assert peer_bench.sequence_mismatch(ours, shuffled, peer="axolotl", ordered=False) is None
+    assert "example 0" in str(peer_bench.sequence_mismatch(ours, shuffled, peer="axolotl"))
+    changed = {"train": [([3, 4], [-100, -100]), ([1, 2], [-100, 2])], "eval": []}
+    message = str(peer_bench.sequence_mismatch(ours, changed, peer="axolotl", ordered=False))
+    assert "the labels differ" in message and "axolotl" in message
+
+
+def test_axolotl_log_parsing() -> None:
+    log = (
+        " 50%|##| 1/2 {'loss': '6.02', 'grad_norm': '0.4448', 'learning_rate': '0.002', 'epoch': '0.5'}\n"
+        "{'eval_loss': '6.974', 'eval_runtime': '0.57', 'epoch': 0}\n"
+        "{'loss': '5.5', 'learning_rate': '0.001', 'epoch': '1'}\n"
+        "{'train_runtime': '32.19', 'train_loss': '6.18'}"
+    )
+    steps = peer_bench._logged_dicts(log, "loss")
+    assert [h["loss"] for h in steps] == [6.02, 5.5] and steps[0]["learning_rate"] == 0.002
+    assert peer_bench._logged_dicts(log, "train_runtime") == [{"train_runtime": 32.19, "train_loss": 6.18}]
+    assert peer_bench._logged_dicts(log, "eval_loss")[0]["eval_loss"] == 6.974
 
 
 def test_loss_window_and_lr_gap() -> None:
