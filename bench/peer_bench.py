@@ -1,5 +1,5 @@
-"""Side by side with LLaMA-Factory: our entrypoint vs ``llamafactory-cli train`` on the same model, data,
-token sequences and hyperparameters.
+"""Side by side with LLaMA-Factory and axolotl: our entrypoint vs ``llamafactory-cli train`` and
+``axolotl train`` on the same model, data, token sequences and hyperparameters.
 
     .venv/bin/python bench/peer_bench.py --quick        # LoRA and full, 1 repeat, 592 examples
     .venv/bin/python bench/peer_bench.py                # 3 interleaved repeats, 2992 examples
@@ -7,7 +7,10 @@ token sequences and hyperparameters.
 LLaMA-Factory (pinned: ``LLAMAFACTORY_VERSION``) goes into its own venv, created by the bench under
 ``--work`` (with the CPU build of torch): its pins on transformers, peft and datasets differ from ours.
 It imports torchaudio at start-up, and no torchaudio on PyPI loads with torch 2.13: the bench puts an
-empty ``torchaudio`` module in that venv (text training never uses it).
+empty ``torchaudio`` module in that venv (text training never uses it). axolotl (``AXOLOTL_VERSION``,
+the newest for Python 3.11) gets its own venv the same way (``--no-axolotl`` leaves it out); on CPU its
+Triton LoRA kernels are switched off, and it learns the same layout through its custom ``format``.
+It shuffles the file while preparing it, so its sequences are compared with ours as a set.
 
 Model: a tiny Qwen2 (hidden 128, 2 layers, 4 heads / 2 KV heads) built from a config with random
 weights, with a byte-level BPE tokenizer trained on the training file (Qwen2's own pre-tokenizer, so
