@@ -595,6 +595,7 @@ def axolotl_config(
         "skip_prepare_dataset": True,  # saving the prepared set hangs in datasets' process pool here
         "dataset_num_proc": 1,
         "output_dir": str(out),
+        "dataset_prepared_path": str(out / "prepared"),  # else last_run_prepared/ in the working directory
         "sequence_len": settings.cutoff_len,
         "micro_batch_size": settings.micro_batch,
         "eval_batch_size": settings.eval_examples,  # one batch: the eval loss per token, as ours
@@ -658,6 +659,7 @@ def axolotl_sequences(cli: Path, config: dict, out: Path) -> Sequences:
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=out,
     )
     if done.returncode != 0:
         raise SystemExit(f"axolotl could not tokenize the data:\n{done.stderr[-3000:]}")
@@ -704,7 +706,7 @@ def run_axolotl(
     config_path = out / f"{method}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log = out / "axolotl.log"
-    code, wall, rss = run_measured([str(cli), "train", str(config_path)], log, _axolotl_env(cli))
+    code, wall, rss = run_measured([str(cli), "train", str(config_path)], log, _axolotl_env(cli), cwd=out)
     text = log.read_text(errors="replace")
     steps = _logged_dicts(text, "loss")
     summary = (_logged_dicts(text, "train_runtime") or [{}])[-1]
