@@ -734,12 +734,11 @@ def run_axolotl(
 
 def lr_gap(ours: dict, theirs: dict) -> float | None:
     """Largest difference between the two sides' per-step learning rates, relative to the peak rate
-    (None when the step counts differ). Our metrics.jsonl logs the rate after the step's scheduler update
-    (the rate of the next step), the Trainer the rate the step ran at: ours[s] pairs with theirs[s + 1]."""
+    (None when the step counts differ). Both sides log the rate each step ran at."""
     a, b = ours.get("lrs") or [], theirs.get("lrs") or []
-    if len(a) < 2 or len(a) != len(b):
+    if not a or len(a) != len(b):
         return None
-    return max(abs(x - y) for x, y in zip(a[:-1], b[1:], strict=True)) / max(b)
+    return max(abs(x - y) for x, y in zip(a, b, strict=True)) / max(b)
 
 
 def ratio(ours: list[dict], theirs: list[dict], key: str, higher_is_better: bool) -> float | None:

@@ -9,7 +9,7 @@ import torch
 from launcher.rundir.ds_config import fill_scheduler_auto
 
 
-def _rates(make_scheduler, steps: int, peak: float) -> list[float]:
+def rates_per_step(make_scheduler, steps: int, peak: float) -> list[float]:
     """The rate each optimizer step runs at (optimizer.step, then scheduler.step, as the engine does)."""
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=peak)
@@ -40,8 +40,8 @@ def test_linear_without_warmup_decays_like_transformers(total: int) -> None:
 
     peak = 5e-4
     params = fill_scheduler_auto(_planned(peak), total, 0.0)["scheduler"]["params"]
-    ours = _rates(lambda opt: WarmupDecayLR(opt, **params), total, peak)
-    reference = _rates(lambda opt: get_linear_schedule_with_warmup(opt, 0, total), total, peak)
+    ours = rates_per_step(lambda opt: WarmupDecayLR(opt, **params), total, peak)
+    reference = rates_per_step(lambda opt: get_linear_schedule_with_warmup(opt, 0, total), total, peak)
     assert ours == pytest.approx(reference, rel=1e-9, abs=1e-15)
     assert ours[0] == peak and ours[-1] == pytest.approx(peak / total)
 

