@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,18 @@ def test_crashed_rank_kills_siblings_and_other_runs_finish(
     assert not job_alive(str(_env(exp, "bad", 0)["pid"]))
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this process, as at a terminal: a runner that starts the tests
+    as a background job (`cmd &`, nohup) hands them SIGINT ignored, and Python keeps that."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_checkpoints_and_resubmit_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("launcher.backends.local.visible_gpus", lambda: [])
     monkeypatch.setenv("STAND_IN_STEP_S", "0.2")
