@@ -221,11 +221,16 @@ def worker_trainer(run_dir: Path, variant: str, warmup: int) -> dict[str, Any]:
     from launcher.rundir.paths import RunPaths, read_json
     from launcher.rundir.run_config import RunConfig
     from launcher.train.data import encode_for_training, load_examples, resolve_data_files, resolve_model_dir
+    from launcher.train.distributed import skip_inference_shm_op
+    from launcher.train.schedule import adam_as_torch_adamw
 
     paths = RunPaths(run_dir)
     cfg = RunConfig.from_yaml_file(paths.run_yaml)
     ds_config = read_json(paths.ds_config)
     t = cfg.training
+    if not torch.cuda.is_available():  # the optimizer our entrypoint runs on CPU, and no JIT-built op
+        adam_as_torch_adamw(ds_config)
+        skip_inference_shm_op()
     # The scheduler's step counts are "auto" in our template; HF's integration fills the same keys.
     ds_config["scheduler"]["params"] = {
         k: ("auto" if k in ("total_num_steps", "warmup_num_steps", "warmup_max_lr", "warmup_min_lr") else v)

@@ -49,6 +49,13 @@ def cpu_optimizer_op(ds_config: dict[str, Any]) -> str | None:
     return "cpu_adam" if offload.get("device") in ("cpu", "nvme") else "fused_adam"
 
 
+def adam_as_torch_adamw(ds_config: dict[str, Any]) -> None:
+    """In place: Adam runs as torch's AdamW unless the config says ``torch_adam: false`` (what a CPU
+    run uses: ``cpu_optimizer_op``)."""
+    if _is_adam(ds_config):
+        ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+
+
 def fill_ds_config(
     ds_config: dict[str, Any], *, total_steps: int, warmup_ratio: float, world_size: int, on_cpu: bool = False
 ) -> dict[str, Any]:
@@ -59,8 +66,8 @@ def fill_ds_config(
     ``torch_adam: false``.
     """
     filled = fill_scheduler_auto(ds_config, total_steps, warmup_ratio)
-    if on_cpu and _is_adam(filled):
-        filled["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    if on_cpu:
+        adam_as_torch_adamw(filled)
     micro = int(filled["train_micro_batch_size_per_gpu"])
     accumulation = int(filled.get("gradient_accumulation_steps", 1))
     planned = filled.get("train_batch_size")
