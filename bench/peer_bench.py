@@ -452,15 +452,25 @@ def window_mean(losses: list[float], window: int = LOSS_WINDOW) -> float | None:
     return sum(tail) / len(tail) if tail else None
 
 
-def ensure_llamafactory(work: Path) -> Path:
-    """LLaMA-Factory's own venv (created once): the path of its ``llamafactory-cli``."""
-    venv = work / f"llamafactory-{LLAMAFACTORY_VERSION}"
-    cli = venv / "bin" / "llamafactory-cli"
+def install_peer(work: Path, package: str, version: str, command: str) -> tuple[Path, bool]:
+    """A peer's own venv under ``work`` with the CPU torch and ``package==version``: (the path of its
+    ``command``, whether it was installed just now)."""
+    venv = work / f"{package}-{version}"
+    cli = venv / "bin" / command
     if cli.is_file():
-        return cli
+        return cli, False
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, TORCH_CPU, f"llamafactory=={LLAMAFACTORY_VERSION}"], check=True)
+    subprocess.run([*pip, TORCH_CPU, f"{package}=={version}"], check=True)
+    return cli, True
+
+
+def ensure_llamafactory(work: Path) -> Path:
+    """LLaMA-Factory's own venv (created once): the path of its ``llamafactory-cli``."""
+    cli, installed = install_peer(work, "llamafactory", LLAMAFACTORY_VERSION, "llamafactory-cli")
+    if not installed:
+        return cli
+    venv = cli.parent.parent
     # pip pairs the CPU torch with PyPI's torchvision/torchaudio, built against another torch: importing
     # transformers then fails (operator torchvision::nms does not exist), and PyPI's newest torchaudio
     # (2.11.1) does not load with torch 2.13. Text training needs neither, but llamafactory imports
@@ -669,14 +679,7 @@ def axolotl_sequences(cli: Path, config: dict, out: Path) -> Sequences:
 
 def ensure_axolotl(work: Path) -> Path:
     """axolotl's own venv (created once): the path of its ``axolotl`` command."""
-    venv = work / f"axolotl-{AXOLOTL_VERSION}"
-    cli = venv / "bin" / "axolotl"
-    if cli.is_file():
-        return cli
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, TORCH_CPU, f"axolotl=={AXOLOTL_VERSION}"], check=True)
-    return cli
+    return install_peer(work, "axolotl", AXOLOTL_VERSION, "axolotl")[0]
 
 
 def _logged_dicts(text: str, first_key: str) -> list[dict[str, float]]:
