@@ -357,7 +357,6 @@ class SupervisedBackend(ABC):
             return states
         max_concurrent = self.max_concurrent_runs(queue)
         free_gpus = list(self.gpu_pool())
-        free_cores = [self.cpu_core_pool()]  # one mutable count, shared with _start_next
         active: list[ActiveRun] = []
         progress = self.progress_view([q.paths for q in queue], console=self.console, live=self.show_progress)
         previous_sigterm = _raise_on_sigterm()
@@ -365,6 +364,7 @@ class SupervisedBackend(ABC):
             with progress:
                 while queue or active:
                     while queue and len(active) < max_concurrent:
+                        free_cores = self.cpu_core_pool() - sum(item.cpu_cores for item in active)
                         started = self._start_next(queue, free_gpus, free_cores, states)
                         if started is None:
                             break  # the next run waits for a running one to give its GPUs back
@@ -374,7 +374,6 @@ class SupervisedBackend(ABC):
                         if self._poll(item):
                             active.remove(item)
                             free_gpus.extend(item.gpus)
-                            free_cores[0] += item.cpu_cores
                             states[item.run.name] = self._finalize(item, interrupted=False)
                     progress.update()
                     if queue or active:
@@ -388,7 +387,7 @@ class SupervisedBackend(ABC):
         return states
 
     def _start_next(
-        self, queue: list[QueuedRun], free_gpus: list[str], free_cores: list[int], states: dict[str, str]
+        self, queue: list[QueuedRun], free_gpus: list[str], free_cores: int, states: dict[str, str]
     ) -> ActiveRun | Literal[False] | None:
         """Start the head of the queue: its ActiveRun; None if it must wait for GPUs or cores; False if
         it ended without starting (cancelled meanwhile, or its ranks could not be spawned)."""
@@ -401,11 +400,10 @@ class SupervisedBackend(ABC):
             return False
         need = head.run.resources.world_size if self.gpu_pool() else 0
         cores = self.cpu_cores_needed(head.run)
-        if need > len(free_gpus) or cores > free_cores[0]:
+        if need > len(free_gpus) or cores > free_cores:
             return None
         gpus = free_gpus[:need]
         del free_gpus[:need]
-        free_cores[0] -= cores
         queue.pop(0)
         # Before the ranks exist: rank 0 writes RUNNING once its engine is ready, and must not be undone.
         self._record(head.paths, RunState.STARTING, None)
@@ -413,7 +411,6 @@ class SupervisedBackend(ABC):
             procs = self.launch(head, gpus)
         except OSError as exc:  # e.g. the train command is missing: this run fails, the others go on
             free_gpus.extend(gpus)
-            free_cores[0] += cores
             reason = f"could not start its ranks: {exc}"
             states[head.run.name] = self._record(head.paths, RunState.FAILED, reason)
             return False
@@ -579,9 +576,8 @@ class LocalBackend(SupervisedBackend):
         """Ranks x threads per rank: a run starts when that many cores are free, so runs side by side
         never share a core (their throughput is then comparable). A run bigger than the machine takes
         all of it, alone."""
-        if self.gpu_pool():
-            return 0
-        return min(self.cpu_core_pool(), run.resources.world_size * self.threads_per_rank(run))
+        pool = self.cpu_core_pool()
+        return min(pool, run.resources.world_size * self.threads_per_rank(run)) if pool else 0
 
     def rank_env(self, run: RunConfig, rank: int, port: int, gpus: list[str]) -> dict[str, str]:
         env = torchrun_env(rank, run.resources.world_size, port)

@@ -186,9 +186,10 @@ def skip_inference_shm_op() -> None:
     """Keep DeepSpeed from JIT-building its shared-memory all-reduce op on CPU hosts.
 
     On the CPU accelerator, DeepSpeed builds deepspeed_shm_comm whenever it wraps a process group
-    (20-60 s once per environment, ~1.5 s to load after that), yet only inference's tensor-parallel
-    all-reduce uses it: training's collectives go through gloo either way. DeepSpeed consults
-    ``deepspeed.ops.__compatible_ops__`` (a dict it keeps for edits) before building the op.
+    (28 s once per environment on a 2-core machine, then a load at every start), yet only
+    inference's tensor-parallel all-reduce uses it: training's collectives go through gloo either
+    way. DeepSpeed consults ``deepspeed.ops.__compatible_ops__`` (a dict it keeps for edits)
+    before building the op.
     """
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator

@@ -36,9 +36,10 @@ def cpu_optimizer_op(ds_config: dict[str, Any]) -> str | None:
 
     On a CPU host Adam runs as torch's AdamW, offloaded or not, unless the config sets ``torch_adam:
     false``. DeepSpeed's CPU ops (cpu_adam with offload, FusedAdam without) must first be compiled
-    for each environment (1-3 min on 2 cores), for no gain on the CPU hosts this runs on (no GPU to
-    hide the optimizer step behind); and FusedAdam's first step after a checkpoint load differs from
-    an uninterrupted run in the last bits (measured ~3e-6 in the loss), which breaks exact resume.
+    for each environment (130 s for the three CPU ops on a 2-core machine, 2026-12-06), for no gain
+    on the CPU hosts this runs on (no GPU to hide the optimizer step behind); and FusedAdam's first
+    step after a checkpoint load differs from an uninterrupted run in the last bits (measured ~3e-6
+    in the loss), which breaks exact resume.
     GPU hosts keep DeepSpeed's optimizers (cpu_adam for offload).
     """
     if not _is_adam(ds_config):
@@ -62,7 +63,7 @@ def fill_ds_config(
     """A copy of ``ds_config`` with the scheduler's "auto" step counts filled in (the plan's own rule,
     ``launcher.rundir.ds_config.fill_scheduler_auto``) and the global batch matching the real world size.
 
-    ``on_cpu``: Adam runs as torch's AdamW (``cpu_optimizer_uses_torch``) unless the config says
+    ``on_cpu``: Adam runs as torch's AdamW (``adam_as_torch_adamw``) unless the config says
     ``torch_adam: false``.
     """
     filled = fill_scheduler_auto(ds_config, total_steps, warmup_ratio)
